@@ -1,0 +1,126 @@
+"""Backends: the same few methods in every framework, found through entry points.
+
+Requirements of the design:
+
+- a backend's framework is imported only when the backend is first used, never by
+  ``import vitspec`` or ``vitspec --help``;
+- a framework may be missing (the error names the pip extra that installs it) or broken (the
+  error says so and keeps the framework's own message); other backends keep working;
+- our backends register exactly as a third party's would: an entry point in the group
+  ``vitspec.backends`` naming a zero-argument callable that returns the backend object.
+
+A backend object has, in this order::
+
+    name: str                     # "torch"
+    version: str                  # the framework's version
+    build(spec, weights=None, seed=0) -> model      # native model; weights None: vitspec.init_weights(spec, seed)
+    load(model, weights) -> model                   # canonical -> native; one error lists every mismatch
+    export(model) -> dict[str, np.ndarray]          # native -> canonical, bit for bit
+    forward(model, images, capture=()) -> dict      # NHWC NumPy in; {"output": ..., capture: ...} NumPy out
+
+and, for backends that can write a deployable artifact of their framework,
+``save_artifact(model, path, batch)``. The native model carries its spec as ``model.spec``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from vitspec.errors import BackendError
+from vitspec.spec import Spec
+
+GROUP = "vitspec.backends"
+
+# What to install for each of our backends when its framework is missing.
+EXTRAS = {"torch": "torch", "tensorflow": "tensorflow", "jax": "jax"}
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+    version: str
+
+    def build(self, spec: Spec, weights: Mapping[str, np.ndarray] | None = None, seed: int = 0) -> Any: ...
+
+    def load(self, model: Any, weights: Mapping[str, np.ndarray]) -> Any: ...
+
+    def export(self, model: Any) -> dict[str, np.ndarray]: ...
+
+    def forward(self, model: Any, images: np.ndarray, capture: Any = ()) -> dict[str, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What `vitspec backends` shows: a registered backend and whether it loads."""
+
+    name: str
+    target: str
+    distribution: str
+    status: str  # "ok", "missing", "broken"
+    version: str
+    detail: str
+
+
+def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=GROUP)}
+
+
+def registered() -> list[str]:
+    """Names of every registered backend (loaded or not)."""
+    return sorted(_entry_points())
+
+
+_CACHE: dict[str, Backend] = {}
+
+
+def get_backend(name: str) -> Backend:
+    """Load the backend registered as ``name``."""
+    if name in _CACHE:
+        return _CACHE[name]
+    eps = _entry_points()
+    if name not in eps:
+        known = ", ".join(sorted(eps)) or "none"
+        raise BackendError(f"no backend named {name!r}; registered backends: {known}")
+    ep = eps[name]
+    try:
+        factory = ep.load()
+        backend = factory()
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or str(exc)
+        extra = EXTRAS.get(name)
+        hint = f"; install it with: pip install 'vitspec[{extra}]'" if extra else ""
+        raise BackendError(f"backend {name!r} needs {missing}, which is not installed{hint}") from exc
+    except Exception as exc:
+        raise BackendError(f"backend {name!r} ({ep.value}) failed to load: {type(exc).__name__}: {exc}") from exc
+    for attr in ("name", "version", "build", "load", "export", "forward"):
+        if not hasattr(backend, attr):
+            raise BackendError(f"backend {name!r} ({ep.value}) has no {attr!r}; see docs/backend-authors.md")
+    _CACHE[name] = backend
+    return backend
+
+
+def describe(name: str) -> BackendInfo:
+    """Try to load one backend and say how it went."""
+    ep = _entry_points()[name]
+    dist = ep.dist.name if ep.dist else "?"
+    try:
+        b = get_backend(name)
+    except BackendError as exc:
+        status = "missing" if isinstance(exc.__cause__, ImportError) else "broken"
+        return BackendInfo(name, ep.value, dist, status, "", str(exc))
+    return BackendInfo(name, ep.value, dist, "ok", str(b.version), "")
+
+
+def resolve(names: list[str] | tuple[str, ...]) -> list[str]:
+    """Expand ``all`` to the installed, working backends (the reference-only ``numpy`` excluded)."""
+    if list(names) == ["all"]:
+        found = [n for n in registered() if n != "numpy" and describe(n).status == "ok"]
+        if not found:
+            raise BackendError("no working backend is installed; pip install 'vitspec[all]'")
+        return found
+    return list(names)

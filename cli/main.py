@@ -1,0 +1,105 @@
+"""The `vitspec` command.
+
+Subcommands live in their own modules and are imported only when run, so `vitspec --help`
+imports neither a framework nor pydantic. Bad input ends with one line per problem on stderr and
+a non-zero exit, never a traceback (set VITSPEC_DEBUG=1 to see one).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Any
+
+import click
+
+# name: (module, function, one-line help). The help is here so that listing costs no import.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "build": ("vitspec.cli.build", "build", "Build a spec natively in a framework, run it once and summarise it."),
+    "convert": ("vitspec.cli.convert", "convert", "Convert weights between frameworks and checkpoint layouts."),
+    "inspect": ("vitspec.cli.spec_commands", "inspect", "Show the spec and tensor table of a weights file."),
+    "conformance": ("vitspec.cli.conformance", "conformance", "Run the conformance suite against backends."),
+    "diff": ("vitspec.cli.conformance", "diff", "Layer-by-layer divergence between two backends."),
+    "validate": ("vitspec.cli.spec_commands", "validate", "Check spec files; print each problem found."),
+    "layout": ("vitspec.cli.spec_commands", "layout", "Print the canonical parameter table of a spec."),
+    "presets": ("vitspec.cli.spec_commands", "presets", "List the named presets (B/16, L/14, ...)."),
+    "schema": ("vitspec.cli.spec_commands", "schema", "Print the spec's JSON Schema (for editors)."),
+    "backends": ("vitspec.cli.build", "backends", "List registered backends, their versions and status."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module, attr, _ = COMMANDS[cmd_name]
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:
+                return _unavailable(cmd_name)
+            raise
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, help_) for name, (_, _, help_) in COMMANDS.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+def _unavailable(name: str) -> click.Command:
+    @click.command(name=name, help=COMMANDS[name][2])
+    def stub() -> None:
+        raise click.ClickException(f"`vitspec {name}` is not available in this installation")
+
+    return stub
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vitspec", prog_name="vitspec")
+def cli() -> None:
+    """One Vision Transformer spec, built natively in PyTorch, TensorFlow and JAX/Flax.
+
+    SPEC arguments take a YAML/JSON file or a preset name such as B/16.
+    """
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Entry point: run the CLI, turning vitspec's errors into one-line messages."""
+    try:
+        return cli.main(args=argv, prog_name="vitspec", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted; no output was left half-written", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        if os.environ.get("VITSPEC_DEBUG"):
+            raise
+        _report(exc)
+        sys.exit(1 if _is_user_error(exc) else 2)
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    from vitspec.errors import VitspecError
+
+    return isinstance(exc, VitspecError | FileNotFoundError | PermissionError | ValueError)
+
+
+def _report(exc: BaseException) -> None:
+    message = str(exc) or type(exc).__name__
+    if not _is_user_error(exc):
+        message = f"internal error: {type(exc).__name__}: {message} (set VITSPEC_DEBUG=1 for the traceback)"
+    for line in message.splitlines():
+        click.secho(f"error: {line}", err=True, fg="red")
+
+
+if __name__ == "__main__":
+    main()

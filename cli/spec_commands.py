@@ -1,0 +1,133 @@
+"""Spec commands: validate, schema, presets, layout, inspect."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import click
+from vitspec.cli._ui import console, human, shape_str, table
+
+
+@click.command()
+@click.argument("specs", nargs=-1, required=True)
+def validate(specs: tuple[str, ...]) -> None:
+    """Check each SPEC (file or preset); print every problem found.
+
+    Exits 1 if any spec is invalid.
+    """
+    from vitspec.errors import SpecError
+    from vitspec.spec import load_spec
+
+    out, failed = console(), 0
+    for source in specs:
+        try:
+            spec = load_spec(source)
+        except SpecError as exc:
+            failed += 1
+            for line in str(exc).splitlines():
+                click.secho(f"error: {line}" if line.startswith(source) else f"error: {source}: {line}", err=True, fg="red")
+            continue
+        out.print(
+            f"[green]ok[/] {source}: {human(spec.n_params)} parameters, {human(spec.flops)}FLOPs/image, "
+            f"{spec.seq_len} tokens of width {spec.hidden_dim}"
+        )
+    if failed:
+        raise SystemExit(1)
+
+
+@click.command()
+def schema() -> None:
+    """Print the JSON Schema of a spec (point your editor's YAML plugin at it)."""
+    from vitspec.spec import Spec
+
+    data = Spec.model_json_schema()
+    data["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    data["title"] = "vitspec Spec"
+    click.echo(json.dumps(data, indent=2))
+
+
+@click.command()
+def presets() -> None:
+    """List the named presets; any VARIANT/PATCH[@IMAGE] works, e.g. B/16@384."""
+    from vitspec.presets import LISTED_PATCHES, VARIANTS, preset
+
+    rows = []
+    for variant in VARIANTS:
+        spec = preset(f"{variant}/16")
+        counts = "  ".join(f"/{p}: {human(preset(f'{variant}/{p}').n_params)}" for p in LISTED_PATCHES)
+        rows.append((variant, spec.hidden_dim, spec.depth, spec.mlp_dim, spec.n_heads, counts))
+    console().print(
+        table(
+            "Presets (224x224, class token, 1000 classes; name them as VARIANT/PATCH, e.g. B/16)",
+            ["variant", "hidden_dim", "depth", "mlp_dim", "n_heads", "parameters by patch size"],
+            rows,
+            ["left", "right", "right", "right", "right", "left"],
+        )
+    )
+
+
+@click.command()
+@click.argument("spec")
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json"]), default="table", show_default=True)
+def layout(spec: str, fmt: str) -> None:
+    """Print the canonical parameter table of SPEC: name, shape, meaning."""
+    from vitspec.layout import param_table
+    from vitspec.spec import load_spec
+
+    s = load_spec(spec)
+    params = param_table(s)
+    if fmt == "json":
+        click.echo(json.dumps([{"name": p.name, "shape": list(p.shape), "meaning": p.meaning, "init": p.init} for p in params], indent=1))
+        return
+    rows = _collapse_blocks(params, s.depth)
+    if fmt == "markdown":
+        click.echo("| name | shape | parameters | meaning |\n|---|---|---:|---|")
+        for name, shape, n, meaning in rows:
+            click.echo(f"| `{name}` | `{shape}` | {n} | {meaning} |")
+        click.echo(f"\nTotal: {s.n_params:,} parameters.")
+        return
+    out = console()
+    out.print(table(f"Canonical layout of {spec}", ["name", "shape", "parameters", "meaning"], rows, ["left", "left", "right", "left"]))
+    out.print(f"total: [bold]{s.n_params:,}[/] parameters in {len(params)} tensors")
+
+
+def _collapse_blocks(params: list, depth: int) -> list[tuple[str, str, str, str]]:
+    """Show block 0's tensors once as ``blocks.{i}.…`` when every block is alike."""
+    rows, seen = [], set()
+    for p in params:
+        name, meaning = p.name, p.meaning
+        if name.startswith("blocks."):
+            _, _, rest = name.split(".", 2)
+            name = f"blocks.{{i}}.{rest}"
+            meaning = meaning.split(": ", 1)[1] if ": " in meaning else meaning
+            meaning = f"{meaning} (i = 0..{depth - 1})"
+            if name in seen:
+                continue
+            seen.add(name)
+        rows.append((name, shape_str(p.shape), f"{math.prod(p.shape):,}", meaning))
+    return rows
+
+
+@click.command()
+@click.argument("file", type=click.Path(path_type=Path))
+def inspect(file: Path) -> None:
+    """Show the spec and tensor table of a weights FILE."""
+    from vitspec.tensorfile import TensorFile
+    from vitspec.weights import spec_from_metadata
+
+    out = console()
+    with TensorFile(file) as tf:
+        spec = spec_from_metadata(tf.metadata, str(file))
+        rows = [(n, tf.info(n).dtype, shape_str(tf.info(n).shape), f"{math.prod(tf.info(n).shape):,}") for n in tf.names]
+        total = sum(math.prod(tf.info(n).shape) for n in tf.names)
+        meta = {k: v for k, v in tf.metadata.items() if k != "vitspec.spec"}
+    if spec is not None:
+        out.print(f"[bold]spec[/] (embedded in {file}):")
+        out.print(spec.to_yaml().rstrip())
+    else:
+        out.print(f"[yellow]{file} has no embedded spec[/]")
+    if meta:
+        out.print("[bold]metadata:[/] " + ", ".join(f"{k}={v}" for k, v in meta.items()))
+    out.print(table(f"{len(rows)} tensors, {total:,} values", ["name", "dtype", "shape", "values"], rows, ["left", "left", "left", "right"]))

@@ -1,0 +1,77 @@
+"""Writing outputs safely: atomically, never over an existing file without ``overwrite``.
+
+A file is written to a temporary sibling and renamed into place when complete, so an
+interrupted run (an exception, Ctrl-C) leaves the destination as it was and no partial file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from vitspec.errors import VitspecError
+
+
+class OutputExistsError(VitspecError, FileExistsError):
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"{path} already exists; pass --force (overwrite=True) to replace it")
+
+
+class OutputNotWritableError(VitspecError, PermissionError):
+    pass
+
+
+def _check_destination(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise OutputExistsError(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputNotWritableError(f"cannot write {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputNotWritableError(f"cannot write {path}: folder {parent} is not writable")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it to ``path`` only if the block succeeds."""
+    path = Path(path)
+    _check_destination(path, overwrite)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent or ".")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        if path.is_dir():
+            raise OutputExistsError(path)
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder next to ``path``; swap it into place only if the block succeeds."""
+    path = Path(path)
+    _check_destination(path, overwrite)
+    tmp_path = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent or "."))
+    try:
+        yield tmp_path
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp_path, path)
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()
+        else:
+            os.replace(tmp_path, path)
+    except BaseException:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+        raise

@@ -1,0 +1,423 @@
+"""The architecture spec: one frozen pydantic model that names every choice changing the numbers.
+
+A field that a framework would otherwise default silently (norm eps, GELU kind, where the final
+norm sits) is explicit here, with the default most checkpoints use. Derived values (patch grid,
+sequence length, head dim, parameter count, FLOPs) are properties, never fields.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from vitspec.errors import SpecError
+
+PositiveInt = Annotated[int, Strict(), Field(gt=0)]
+NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
+Rate = Annotated[float, Strict(), Field(ge=0.0, lt=1.0, allow_inf_nan=False)]
+
+Pooling = Literal["token", "avg"]
+PosEmbed = Literal["learned", "sincos2d", "none"]
+Gelu = Literal["exact", "tanh"]
+FinalNorm = Literal["before_pool", "after_pool"]
+
+MAX_SPEC_FILE_BYTES = 1 << 20
+
+
+def _pair(value: Any) -> Any:
+    """An int n means (n, n); anything else is left for the tuple validator to judge."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    return value
+
+
+class Spec(BaseModel):
+    """A Vision Transformer architecture. Every field that changes the numbers is here."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    image_size: tuple[PositiveInt, PositiveInt] = Field(
+        description="Input image (height, width) in pixels; a single integer means a square image.",
+    )
+    patch_size: tuple[PositiveInt, PositiveInt] = Field(
+        description="Patch (height, width) in pixels; a single integer means a square patch.",
+    )
+    hidden_dim: PositiveInt = Field(description="Token width D (the ViT paper's 'Hidden size D').")
+    mlp_ratio: Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)] = Field(
+        default=4.0,
+        description="MLP hidden width as a multiple of hidden_dim; hidden_dim * mlp_ratio must be a whole number.",
+    )
+    n_heads: PositiveInt = Field(description="Attention heads per block; must divide hidden_dim.")
+    depth: PositiveInt = Field(description="Number of encoder blocks (the paper's 'Layers').")
+    in_channels: PositiveInt = Field(default=3, description="Channels of the input image.")
+    n_classes: NonNegativeInt = Field(
+        default=1000, description="Classes of the linear head; 0 means no head (output = pooled features)."
+    )
+    pooling: Pooling = Field(
+        default="token",
+        description="'token': the class token's output; 'avg': mean over the patch tokens.",
+    )
+    class_token: Annotated[bool, Strict()] = Field(
+        default=True, description="Prepend a learned class token to the patch tokens."
+    )
+    pos_embed: PosEmbed = Field(
+        default="learned",
+        description="'learned': a trained table; 'sincos2d': fixed 2-D sine-cosine (big_vision); 'none'.",
+    )
+    pos_embed_class_slot: Annotated[bool, Strict()] | None = Field(
+        default=None,
+        description=(
+            "Whether a learned position embedding has a row for the class token (ViT paper, timm, HF) "
+            "or covers the patches only (timm no_embed_class). Default: true exactly when there is a "
+            "class token and the position embedding is learned."
+        ),
+    )
+    qkv_bias: Annotated[bool, Strict()] = Field(
+        default=True, description="Query, key and value projections have a bias."
+    )
+    norm_eps: Annotated[float, Strict(), Field(gt=0, lt=1, allow_inf_nan=False)] = Field(
+        default=1e-6, description="LayerNorm epsilon (timm, big_vision: 1e-6; HF transformers: 1e-12)."
+    )
+    gelu: Gelu = Field(
+        default="exact", description="GELU form: 'exact' (erf) or 'tanh' (the tanh approximation)."
+    )
+    final_norm: FinalNorm = Field(
+        default="before_pool",
+        description="Final LayerNorm on every token before pooling, or on the pooled vector (timm fc_norm).",
+    )
+    pre_logits_dim: NonNegativeInt = Field(
+        default=0,
+        description="Width of a dense + tanh layer between pooling and the head (ViT paper's representation layer); 0 = none.",
+    )
+    dropout: Rate = Field(
+        default=0.0,
+        description="Dropout after the position embedding, the attention output and each MLP layer (training only).",
+    )
+    attn_dropout: Rate = Field(default=0.0, description="Dropout on attention probabilities (training only).")
+    drop_path: Rate = Field(
+        default=0.0,
+        description="Stochastic depth: the last block's rate; block i uses drop_path * i / (depth - 1) (training only).",
+    )
+
+    @field_validator("image_size", "patch_size", mode="before")
+    @classmethod
+    def _square_from_int(cls, value: Any) -> Any:
+        return _pair(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_class_slot(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("pos_embed_class_slot") is None:
+            class_token = data.get("class_token", True)
+            learned = data.get("pos_embed", "learned") == "learned"
+            data = {**data, "pos_embed_class_slot": bool(class_token is True and learned)}
+        return data
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> Spec:
+        problems: list[str] = []
+        (ih, iw), (ph, pw) = self.image_size, self.patch_size
+        if ih % ph or iw % pw:
+            problems.append(
+                f"image_size {_fmt_pair(self.image_size)} is not divisible by patch_size {_fmt_pair(self.patch_size)}"
+            )
+        if self.hidden_dim % self.n_heads:
+            problems.append(f"hidden_dim {self.hidden_dim} is not divisible by n_heads {self.n_heads}")
+        mlp = self.hidden_dim * self.mlp_ratio
+        if abs(mlp - round(mlp)) > 1e-6 or round(mlp) < 1:
+            problems.append(
+                f"hidden_dim * mlp_ratio must be a whole number, found {self.hidden_dim} * {self.mlp_ratio} = {mlp:g}"
+            )
+        if self.pos_embed == "sincos2d" and (self.hidden_dim % 4 or self.hidden_dim < 8):
+            problems.append(
+                f"pos_embed 'sincos2d' needs hidden_dim divisible by 4 and at least 8, found {self.hidden_dim}"
+            )
+        if self.pooling == "token" and not self.class_token:
+            problems.append("pooling 'token' needs class_token true, found class_token false (use pooling 'avg')")
+        if self.pos_embed_class_slot and not (self.class_token and self.pos_embed == "learned"):
+            found = "class_token false" if not self.class_token else f"pos_embed {self.pos_embed!r}"
+            problems.append(
+                f"pos_embed_class_slot true needs class_token true and pos_embed 'learned', found {found}"
+            )
+        if problems:
+            raise PydanticCustomError("vitspec_rule", "\n".join(problems))
+        return self
+
+    # ---- derived values -------------------------------------------------------------------
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patch grid (rows, columns)."""
+        return self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1]
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def n_prefix_tokens(self) -> int:
+        """Tokens before the patches (the class token, if any)."""
+        return int(self.class_token)
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens seen by the encoder: patches plus the class token."""
+        return self.n_patches + self.n_prefix_tokens
+
+    @property
+    def n_positions(self) -> int:
+        """Rows of a learned position embedding (0 when it is not learned)."""
+        if self.pos_embed != "learned":
+            return 0
+        return self.n_patches + int(bool(self.pos_embed_class_slot))
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_dim // self.n_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return round(self.hidden_dim * self.mlp_ratio)
+
+    @property
+    def patch_dim(self) -> int:
+        """Values in one flattened patch: patch_h * patch_w * in_channels."""
+        return self.patch_size[0] * self.patch_size[1] * self.in_channels
+
+    @property
+    def features_dim(self) -> int:
+        """Width of the vector the head sees (pre-logits width if there is one)."""
+        return self.pre_logits_dim or self.hidden_dim
+
+    @property
+    def output_dim(self) -> int:
+        """Width of the model output: classes, or the features when there is no head."""
+        return self.n_classes or self.features_dim
+
+    @property
+    def n_params(self) -> int:
+        """Number of parameters (equals timm's count for the same architecture)."""
+        from vitspec.layout import param_table
+
+        return sum(math.prod(p.shape) for p in param_table(self))
+
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates of one forward pass on one image (matmuls only)."""
+        n, d, m = self.seq_len, self.hidden_dim, self.mlp_dim
+        patch = self.n_patches * self.patch_dim * d
+        block = n * d * 3 * d + 2 * n * n * d + n * d * d + 2 * n * d * m
+        tail = self.hidden_dim * self.pre_logits_dim + self.features_dim * self.n_classes
+        return patch + self.depth * block + tail
+
+    @property
+    def flops(self) -> int:
+        """Floating-point operations of one forward pass on one image: 2 * MACs (norms, softmax, GELU not counted)."""
+        return 2 * self.macs
+
+    # ---- serialisation --------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict; square sizes are written as one integer."""
+        data = self.model_dump()
+        for key in ("image_size", "patch_size"):
+            h, w = data[key]
+            data[key] = h if h == w else [h, w]
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=False)
+
+    def to_yaml(self) -> str:
+        """Block-style YAML, one field a line, in declaration order; pairs stay inline ([24, 40])."""
+        import yaml
+
+        class _Dumper(yaml.SafeDumper):
+            pass
+
+        _Dumper.add_representer(
+            list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True)
+        )
+        return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str | None = None) -> Spec:
+        """Validate a mapping; every problem is reported at once as a SpecError."""
+        if not isinstance(data, dict):
+            raise SpecError(
+                [f"a spec must be a mapping of field: value, found {_kind(data)}"], source
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise SpecError(_describe_errors(exc, data), source) from None
+
+    def replace(self, **changes: Any) -> Spec:
+        """A copy with some fields changed, validated again."""
+        return Spec.from_dict({**self.model_dump(), **changes})
+
+
+def _fmt_pair(pair: tuple[int, int]) -> str:
+    return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}x{pair[1]}"
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing (an empty document)"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, bool):
+        return f"a boolean ({value})"
+    if isinstance(value, str):
+        return f"a string ({value[:40]!r})"
+    if isinstance(value, float):
+        return f"a float ({value!r})"
+    if isinstance(value, int):
+        return f"an integer ({value!r})"
+    return type(value).__name__
+
+
+def _describe_errors(exc: ValidationError, data: dict[str, Any]) -> list[str]:
+    """One readable message per pydantic error: field, rule, value."""
+    known = list(Spec.model_fields)
+    problems: list[str] = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        field = loc[0] if loc else ""
+        value = err.get("input")
+        kind = err["type"]
+        ctx = err.get("ctx") or {}
+        if kind == "vitspec_rule":
+            problems.extend(err["msg"].splitlines())
+            continue
+        if kind == "extra_forbidden":
+            close = difflib.get_close_matches(field, known, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known fields: {', '.join(known)}"
+            problems.append(f"unknown field {field!r}{hint}")
+            continue
+        if kind == "missing":
+            problems.append(f"{field} is required (for example {_EXAMPLES.get(field, '...')})")
+            continue
+        if field in ("image_size", "patch_size") and kind in {"tuple_type", "too_long", "too_short"}:
+            problems.append(
+                f"{field} must be a positive integer or a pair [height, width], found {_kind(data.get(field))}"
+            )
+            continue
+        where = field if len(loc) == 1 else f"{field}[{loc[1]}]"
+        if kind in {"int_type", "int_parsing", "int_from_float"}:
+            problems.append(f"{where} must be an integer, found {_kind(value)}")
+        elif kind in {"float_type", "float_parsing"}:
+            problems.append(f"{where} must be a number, found {_kind(value)}")
+        elif kind in {"bool_type", "bool_parsing"}:
+            problems.append(f"{where} must be true or false, found {_kind(value)}")
+        elif kind == "greater_than":
+            problems.append(f"{where} must be greater than {ctx.get('gt')}, found {value!r}")
+        elif kind == "greater_than_equal":
+            problems.append(f"{where} must be at least {ctx.get('ge')}, found {value!r}")
+        elif kind == "less_than":
+            problems.append(f"{where} must be less than {ctx.get('lt')}, found {value!r}")
+        elif kind == "finite_number":
+            problems.append(f"{where} must be a finite number, found {value!r}")
+        elif kind == "literal_error":
+            problems.append(f"{where} must be one of {ctx.get('expected')}, found {value!r}")
+        else:
+            problems.append(f"{where}: {err['msg']} (found {value!r})")
+    return problems
+
+
+_EXAMPLES = {
+    "image_size": "image_size: 224",
+    "patch_size": "patch_size: 16",
+    "hidden_dim": "hidden_dim: 768",
+    "n_heads": "n_heads: 12",
+    "depth": "depth: 12",
+}
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+
+def load_spec(source: str | Path | dict[str, Any] | Spec) -> Spec:
+    """A Spec from a YAML/JSON path, a preset name such as "B/16", a mapping, or a Spec."""
+    if isinstance(source, Spec):
+        return source
+    if isinstance(source, dict):
+        return Spec.from_dict(source)
+    path = Path(source)
+    if path.is_file():
+        return Spec.from_dict(read_mapping(path), source=str(path))
+    from vitspec.presets import is_preset_name, preset
+
+    text = str(source)
+    if is_preset_name(text):
+        return preset(text)
+    if path.suffix.lower() in {".yaml", ".yml", ".json"}:
+        raise SpecError([f"no such spec file: {text}"])
+    raise SpecError(
+        [f"{text!r} is neither a spec file nor a preset name (presets look like 'B/16'; `vitspec presets` lists them)"]
+    )
+
+
+def read_mapping(path: Path) -> Any:
+    """Parse a YAML or JSON file safely: size-capped, no binary, no YAML aliases."""
+    name = str(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_SPEC_FILE_BYTES:
+            raise SpecError([f"file is {size} bytes; a spec file is at most {MAX_SPEC_FILE_BYTES} bytes"], name)
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SpecError([f"cannot read the file: {exc.strerror or exc}"], name) from None
+    if b"\x00" in raw:
+        raise SpecError(["is a binary file, expected a YAML or JSON spec"], name)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError([f"is not UTF-8 text (byte {exc.start}), expected a YAML or JSON spec"], name) from None
+    if not text.strip():
+        raise SpecError(["is empty, expected a YAML or JSON spec"], name)
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecError([f"line {exc.lineno} column {exc.colno}: invalid JSON: {exc.msg}"], name) from None
+    else:
+        data = _safe_yaml(text, name)
+    if not isinstance(data, dict):
+        raise SpecError([f"a spec must be a mapping of field: value, found {_kind(data)}"], name)
+    return data
+
+
+def _safe_yaml(text: str, name: str) -> Any:
+    import yaml
+
+    try:
+        # Aliases are refused before anything is built: an alias bomb costs nothing to reject.
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                mark = event.start_mark
+                raise SpecError(
+                    [f"line {mark.line + 1} column {mark.column + 1}: YAML anchors and aliases are not allowed in a spec"],
+                    name,
+                )
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
+        raise SpecError([f"{where}invalid YAML: {exc.problem or exc.context}"], name) from None
+    except yaml.YAMLError as exc:
+        raise SpecError([f"invalid YAML: {exc}"], name) from None

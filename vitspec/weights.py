@@ -1,0 +1,140 @@
+"""Canonical weight files: safetensors with the spec in the metadata, so a file describes itself."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+from vitspec.errors import SpecError, WeightsError
+from vitspec.layout import param_table
+from vitspec.spec import Spec
+from vitspec.tensorfile import TensorFile, write_tensors
+
+FORMAT = "vitspec"
+SPEC_KEY = "vitspec.spec"
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def check_weights(
+    spec: Spec,
+    weights: Mapping[str, object],
+    *,
+    source: str | None = None,
+    check_values: bool = False,
+) -> None:
+    """Raise one WeightsError listing every missing, unexpected, misshapen or non-float tensor."""
+    table = param_table(spec)
+    expected = {p.name: p.shape for p in table}
+    problems: list[str] = []
+    missing = [n for n in expected if n not in weights]
+    unexpected = [n for n in weights if n not in expected]
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected)}")
+    for name, shape in expected.items():
+        if name not in weights:
+            continue
+        value = weights[name]
+        got_shape = tuple(getattr(value, "shape", ()))
+        if got_shape != shape:
+            problems.append(f"{name}: expected shape {list(shape)}, found {list(got_shape)}")
+        dtype = str(getattr(value, "dtype", type(value).__name__))
+        if dtype not in FLOAT_DTYPES:
+            problems.append(f"{name}: expected a float dtype ({', '.join(FLOAT_DTYPES)}), found {dtype}")
+        elif check_values:
+            bad = _nonfinite(np.asarray(value))
+            if bad:
+                problems.append(f"{name}: {bad}")
+    if problems:
+        raise WeightsError(problems, source)
+
+
+def _nonfinite(array: np.ndarray) -> str:
+    as64 = array.astype(np.float64, copy=False)
+    n_nan, n_inf = int(np.isnan(as64).sum()), int(np.isinf(as64).sum())
+    if not (n_nan or n_inf):
+        return ""
+    first = tuple(int(i) for i in np.argwhere(~np.isfinite(as64))[0])
+    return f"{n_nan} NaN and {n_inf} Inf values (first at index {list(first)})"
+
+
+def save_weights(
+    path: str | os.PathLike[str],
+    weights: Mapping[str, np.ndarray],
+    spec: Spec,
+    *,
+    overwrite: bool = False,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write canonical weights with ``spec`` embedded in the safetensors metadata, atomically."""
+    check_weights(spec, weights, source=str(path))
+    meta = {"format": FORMAT, SPEC_KEY: spec.to_json(), **(metadata or {})}
+    from vitspec import __version__
+
+    meta["vitspec.version"] = __version__
+    ordered = [(p.name, np.asarray(weights[p.name])) for p in param_table(spec)]
+    write_tensors(path, ordered, meta, overwrite=overwrite)
+
+
+def spec_from_metadata(metadata: Mapping[str, str], source: str) -> Spec | None:
+    raw = metadata.get(SPEC_KEY)
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise SpecError([f"the embedded spec is not JSON ({exc.msg})"], source) from None
+    return Spec.from_dict(data, source=f"{source} (embedded spec)")
+
+
+def load_weights(
+    path: str | os.PathLike[str], spec: Spec | None = None, *, check_values: bool = True
+) -> tuple[dict[str, np.ndarray], Spec]:
+    """Read a canonical weights file; returns ``(weights, spec)``.
+
+    The file's embedded spec is used; ``spec`` is needed only for a file without one, and must
+    agree with the embedded one when both exist. Every mismatch is reported at once.
+    """
+    source = str(path)
+    with TensorFile(path) as tf:
+        embedded = spec_from_metadata(tf.metadata, source)
+        if embedded is None and spec is None:
+            raise SpecError(
+                ["has no embedded vitspec spec; pass a spec, or use `vitspec convert` to read a foreign checkpoint"],
+                source,
+            )
+        if embedded is not None and spec is not None and embedded != spec:
+            diff = [f"{k}: file {getattr(embedded, k)!r}, given {getattr(spec, k)!r}" for k in Spec.model_fields if getattr(embedded, k) != getattr(spec, k)]
+            raise SpecError([f"the given spec contradicts the embedded one ({'; '.join(diff)})"], source)
+        use = embedded or spec
+        assert use is not None
+        infos = {name: tf.info(name) for name in tf.names}
+        _check_infos(use, infos, source)
+        weights = {p.name: tf.get(p.name) for p in param_table(use)}
+    if check_values:
+        bad = [f"{n}: {msg}" for n, w in weights.items() if (msg := _nonfinite(w))]
+        if bad:
+            raise WeightsError(bad, source)
+    return weights, use
+
+
+class _Shaped:
+    """A stand-in with shape and dtype, to check a file's table before reading any data."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: str) -> None:
+        self.shape, self.dtype = shape, dtype
+
+
+_NUMPY_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+
+def _check_infos(spec: Spec, infos: Mapping[str, object], source: str) -> None:
+    shaped = {
+        name: _Shaped(info.shape, _NUMPY_NAMES.get(info.dtype, info.dtype))  # type: ignore[attr-defined]
+        for name, info in infos.items()
+    }
+    check_weights(spec, shaped, source=source)
