@@ -20,6 +20,16 @@ A backend object has, in this order::
 
 and, for backends that can write a deployable artifact of their framework,
 ``save_artifact(model, path, batch)``. The native model carries its spec as ``model.spec``.
+
+Our backends also expose, at module level and without importing their framework, the one place
+where canonical and native layouts meet (so converters can stream tensors without a model)::
+
+    native_layout(spec) -> list[tuple[str, tuple[int, ...]]]        # native name, shape, in order
+    to_native(spec, weights) -> Iterator[tuple[str, np.ndarray]]      # canonical -> native names/arrays
+    from_native(spec, native) -> Iterator[tuple[str, np.ndarray]]     # native -> canonical, table order
+
+``weights`` and ``native`` are mappings that may read lazily from a file; ``load`` and ``export``
+are built on these two functions, so ``export(load(w)) == w`` holds bit for bit.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 # Backends that implement the protocol (the contract tests run on each of these).
-BACKENDS = ["numpy"]
+BACKENDS = ["numpy", "torch", "tensorflow", "jax"]
 
 
 def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
