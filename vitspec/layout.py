@@ -19,7 +19,7 @@ from typing import Literal
 
 from vitspec.spec import Spec
 
-Init = Literal["lecun", "dense", "zeros", "ones", "tiny", "posemb", "head"]
+Init = Literal["lecun", "dense", "zeros", "ones", "tiny", "posemb"]
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def param_table(spec: Spec) -> list[Param]:
     if spec.n_classes:
         k = spec.n_classes
         table += [
-            Param("head.kernel", (spec.features_dim, k), "classifier head", "head"),
+            Param("head.kernel", (spec.features_dim, k), "classifier head", "dense"),
             Param("head.bias", (k,), "classifier head bias", "zeros"),
         ]
     return table

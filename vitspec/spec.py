@@ -264,7 +264,15 @@ class Spec(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise SpecError(_describe_errors(exc, data), source) from None
+            problems = _describe_errors(exc, data)
+            known = {k: v for k, v in data.items() if k in cls.model_fields}
+            if len(known) < len(data):
+                # Unknown keys stop pydantic before the cross-field rules: check the rest too.
+                try:
+                    cls.model_validate(known)
+                except ValidationError as rest:
+                    problems += [p for p in _describe_errors(rest, known) if p not in problems]
+            raise SpecError(problems, source) from None
 
     def replace(self, **changes: Any) -> Spec:
         """A copy with some fields changed, validated again."""

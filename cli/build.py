@@ -1,0 +1,154 @@
+"""`vitspec build` and `vitspec backends`."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import click
+
+from vitspec.cli._ui import console, human, shape_str, table
+
+
+@click.command()
+@click.argument("spec")
+@click.option("--backend", "backend_name", default="torch", show_default=True, help="Registered backend (see `vitspec backends`).")
+@click.option("--weights", type=click.Path(path_type=Path), help="Canonical weights to load (default: deterministic init).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Init seed when no --weights.")
+@click.option("--batch", type=click.IntRange(min=1), default=2, show_default=True, help="Images in the dummy batch.")
+@click.option("--out", type=click.Path(path_type=Path), help="Write the model's canonical weights (safetensors).")
+@click.option("--export", "export_path", type=click.Path(path_type=Path), help="Write the framework's deployable artifact.")
+@click.option("--check/--no-check", default=False, help="Compare the output with the float64 NumPy reference.")
+@click.option("--force", is_flag=True, help="Overwrite existing --out/--export paths.")
+def build(
+    spec: str,
+    backend_name: str,
+    weights: Path | None,
+    seed: int,
+    batch: int,
+    out: Path | None,
+    export_path: Path | None,
+    check: bool,
+    force: bool,
+) -> None:
+    """Build SPEC natively, run one forward pass on a dummy batch and print a summary.
+
+    SPEC is a YAML/JSON file or a preset name such as B/16.
+    """
+    import numpy as np
+
+    import vitspec
+    from vitspec.files import OutputExistsError
+
+    s = vitspec.load_spec(spec)
+    for path in (out, export_path):
+        if path is not None and path.exists() and not force:
+            raise OutputExistsError(path)
+    if weights is not None:
+        w, file_spec = vitspec.load_weights(weights)
+        if file_spec != s:
+            diff = ", ".join(f"{k} {getattr(file_spec, k)!r} (file) vs {getattr(s, k)!r} (spec)" for k in vitspec.Spec.model_fields if getattr(file_spec, k) != getattr(s, k))
+            raise vitspec.SpecError([f"the weights were made for another spec: {diff}"], str(weights))
+        source = str(weights)
+    else:
+        w = vitspec.init_weights(s, seed=seed)
+        source = f"vitspec.init_weights(seed={seed})"
+
+    ui = console()
+    t0 = time.perf_counter()
+    backend = vitspec.backend(backend_name)
+    t_import = time.perf_counter() - t0
+    if export_path is not None and not hasattr(backend, "save_artifact"):
+        raise vitspec.BackendError(f"backend {backend_name!r} cannot write a deployable artifact (it has no save_artifact)")
+
+    t0 = time.perf_counter()
+    model = backend.build(s, w)
+    t_build = time.perf_counter() - t0
+
+    images = np.random.default_rng(seed).standard_normal((batch, *s.image_size, s.in_channels)).astype(np.float32)
+    points = _summary_points(s)
+    t0 = time.perf_counter()
+    result = backend.forward(model, images, capture=points)
+    t_first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    backend.forward(model, images)
+    t_second = time.perf_counter() - t0
+
+    ui.print(f"[bold]{backend.name} {backend.version}[/]: {type(model).__module__}.{type(model).__qualname__}, weights from {source}")
+    ui.print(table(None, ["part", "output shape", "parameters"], _summary_rows(s, result), ["left", "left", "right"]))
+    ui.print(
+        f"total: [bold]{s.n_params:,}[/] parameters, {human(s.flops)}FLOPs per image ({human(s.macs)} MACs), "
+        f"{s.seq_len} tokens x {s.hidden_dim}"
+    )
+    ui.print(
+        f"time: import {t_import:.2f}s, build+load {t_build:.2f}s, first forward {t_first:.3f}s (batch {batch}, "
+        f"includes compilation), second forward {t_second:.3f}s"
+    )
+    if check:
+        ref = vitspec.reference.forward(s, w, images)["output"]
+        err = float(np.abs(result["output"] - ref).max() / (np.abs(ref).max() or 1.0))
+        ok = err <= 1e-5
+        ui.print(f"check: max|output - float64 reference| / max|reference| = {err:.2e} ({'ok' if ok else 'FAILED'}, limit 1e-05)")
+        if not ok:
+            raise SystemExit(1)
+    if out is not None:
+        vitspec.save_weights(out, backend.export(model), s, overwrite=force)
+        ui.print(f"wrote canonical weights: {out}")
+    if export_path is not None:
+        backend.save_artifact(model, export_path, batch)
+        ui.print(f"wrote {backend.name} artifact: {export_path}")
+
+
+def _summary_points(spec) -> list[str]:
+    points = ["patch_embed", "embed", *[f"blocks.{i}" for i in range(spec.depth)], "encoded", "pooled"]
+    if spec.pre_logits_dim:
+        points.append("pre_logits")
+    return points
+
+
+def _summary_rows(spec, result) -> list[tuple[str, str, str]]:
+    from vitspec.layout import param_table
+
+    counts: dict[str, int] = {}
+    for p in param_table(spec):
+        part = p.name.rsplit(".", 1)[0]
+        if p.name.startswith("blocks."):
+            part = ".".join(p.name.split(".")[:2])
+        elif p.name in ("class_token", "pos_embed"):
+            part = "embed"
+        elif p.name.startswith("norm."):
+            part = "encoded" if spec.final_norm == "before_pool" else "pooled"
+        elif p.name.startswith("head."):
+            part = "output"
+        counts[part] = counts.get(part, 0) + math.prod(p.shape)
+    labels = {
+        "embed": "embed (class token, position)",
+        "encoded": "encoded (final norm)" if spec.final_norm == "before_pool" else "encoded",
+        "pooled": f"pooled ({spec.pooling}{', final norm' if spec.final_norm == 'after_pool' else ''})",
+        "output": "output (head)" if spec.n_classes else "output (features)",
+    }
+    rows = []
+    for name in [*_summary_points(spec), "output"]:
+        rows.append((labels.get(name, name), shape_str(result[name].shape), f"{counts.get(name, 0):,}"))
+    return rows
+
+
+@click.command()
+def backends() -> None:
+    """List registered backends (entry-point group vitspec.backends) and whether they load."""
+    from vitspec.backends import describe, registered
+
+    rows, notes = [], []
+    for name in registered():
+        info = describe(name)
+        status = {"ok": "[green]ok[/]", "missing": "[yellow]not installed[/]"}.get(info.status, "[red]broken[/]")
+        rows.append((name, status, info.version or "-", info.target, info.distribution))
+        if info.detail:
+            notes.append(f"{name}: {info.detail}")
+    ui = console()
+    ui.print(table("Backends (entry-point group vitspec.backends)", ["name", "status", "version", "entry point", "from"], rows))
+    from rich.markup import escape
+
+    for note in notes:
+        ui.print(escape(note))
