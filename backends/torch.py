@@ -1,0 +1,515 @@
+"""The PyTorch backend: a plain ``nn.Module`` ViT with timm's parameter names, behind the protocol.
+
+The native model, ``VisionTransformer(spec)``, takes NCHW float tensors and works without vitspec:
+``state_dict``/``load_state_dict``, ``torch.compile`` and ``torch.export.export`` all apply. Its
+state_dict uses timm's ``VisionTransformer`` names and shapes (fused ``qkv``, ``(out, in)`` linears,
+an OIHW patch convolution), so timm code and checkpoints fit where timm has the concept.
+
+Importing this module does not import torch: ``native_layout``, ``to_native`` and ``from_native``
+(the one place canonical and native layouts meet) are NumPy only, so converters can stream
+tensors without a framework. The model classes are defined on first use (``VisionTransformer``,
+``Block``, ``Attention``, ``Mlp``, ``PatchEmbed`` are module attributes that import torch then).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from vitspec.init import init_weights
+from vitspec.layout import capture_points, check_capture, param_table
+from vitspec.reference import check_images, sincos2d
+from vitspec.spec import Spec
+from vitspec.weights import check_weights
+
+if TYPE_CHECKING:
+    import torch
+
+
+# ---- the layout mapping (NumPy only) -----------------------------------------------------------
+#
+# Each native tensor is canonical tensors rearranged by one kind of move (same, dense, conv, token,
+# posemb, qkv); every move is a transpose, reshape, concatenation or slice, so conversion is exact.
+
+def _entries(spec: Spec) -> list[tuple[str, tuple[int, ...], str, tuple[str, ...]]]:
+    """(native name, native shape, kind, canonical names) in the native model's state_dict order."""
+    d, m, c, (ph, pw) = spec.hidden_dim, spec.mlp_dim, spec.in_channels, spec.patch_size
+    out: list[tuple[str, tuple[int, ...], str, tuple[str, ...]]] = []
+    if spec.class_token:
+        out.append(("cls_token", (1, 1, d), "token", ("class_token",)))
+    if spec.pos_embed == "learned":
+        out.append(("pos_embed", (1, spec.n_positions, d), "posemb", ("pos_embed",)))
+    out += [
+        ("patch_embed.proj.weight", (d, c, ph, pw), "conv", ("patch_embed.kernel",)),
+        ("patch_embed.proj.bias", (d,), "same", ("patch_embed.bias",)),
+    ]
+    for i in range(spec.depth):
+        b = f"blocks.{i}"
+        qkv = tuple(f"{b}.attn.{part}" for part in ("query", "key", "value"))
+        out += [
+            (f"{b}.norm1.weight", (d,), "same", (f"{b}.norm1.scale",)),
+            (f"{b}.norm1.bias", (d,), "same", (f"{b}.norm1.bias",)),
+            (f"{b}.attn.qkv.weight", (3 * d, d), "qkv", tuple(f"{p}.kernel" for p in qkv)),
+        ]
+        if spec.qkv_bias:
+            out.append((f"{b}.attn.qkv.bias", (3 * d,), "qkv", tuple(f"{p}.bias" for p in qkv)))
+        out += [
+            (f"{b}.attn.proj.weight", (d, d), "dense", (f"{b}.attn.out.kernel",)),
+            (f"{b}.attn.proj.bias", (d,), "same", (f"{b}.attn.out.bias",)),
+            (f"{b}.norm2.weight", (d,), "same", (f"{b}.norm2.scale",)),
+            (f"{b}.norm2.bias", (d,), "same", (f"{b}.norm2.bias",)),
+            (f"{b}.mlp.fc1.weight", (m, d), "dense", (f"{b}.mlp.fc1.kernel",)),
+            (f"{b}.mlp.fc1.bias", (m,), "same", (f"{b}.mlp.fc1.bias",)),
+            (f"{b}.mlp.fc2.weight", (d, m), "dense", (f"{b}.mlp.fc2.kernel",)),
+            (f"{b}.mlp.fc2.bias", (d,), "same", (f"{b}.mlp.fc2.bias",)),
+        ]
+    # timm calls the final norm `norm` when it acts on every token and `fc_norm` after pooling.
+    final = "norm" if spec.final_norm == "before_pool" else "fc_norm"
+    out += [
+        (f"{final}.weight", (d,), "same", ("norm.scale",)),
+        (f"{final}.bias", (d,), "same", ("norm.bias",)),
+    ]
+    if spec.pre_logits_dim:
+        r = spec.pre_logits_dim
+        out += [
+            ("pre_logits.fc.weight", (r, d), "dense", ("pre_logits.kernel",)),
+            ("pre_logits.fc.bias", (r,), "same", ("pre_logits.bias",)),
+        ]
+    if spec.n_classes:
+        k = spec.n_classes
+        out += [
+            ("head.weight", (k, spec.features_dim), "dense", ("head.kernel",)),
+            ("head.bias", (k,), "same", ("head.bias",)),
+        ]
+    return out
+
+
+def native_layout(spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
+    """Every tensor of the native state_dict: (timm-style name, shape), in state_dict order."""
+    return [(name, shape) for name, shape, _, _ in _entries(spec)]
+
+
+def _to_native_array(kind: str, parts: list[np.ndarray]) -> np.ndarray:
+    if kind == "dense":
+        return parts[0].T
+    if kind == "conv":  # HWIO -> OIHW
+        return parts[0].transpose(3, 2, 0, 1)
+    if kind == "token":
+        return parts[0].reshape(1, 1, -1)
+    if kind == "posemb":
+        return parts[0][None]
+    if kind == "qkv":  # three (in, out) kernels -> one (3 * out, in) weight; biases concatenate
+        return np.concatenate([p.T for p in parts] if parts[0].ndim == 2 else parts, axis=0)
+    return parts[0]
+
+
+def to_native(spec: Spec, weights: Mapping[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
+    """Canonical weights -> (native name, array), one tensor at a time, in native_layout order.
+
+    ``weights`` may read lazily; each canonical tensor is read once. Shapes are not checked here
+    (``TorchBackend.load`` checks them first with ``vitspec.weights.check_weights``).
+    """
+    for name, _, kind, canonical in _entries(spec):
+        parts = [np.asarray(weights[c]) for c in canonical]
+        yield name, np.ascontiguousarray(_to_native_array(kind, parts))
+
+
+def from_native(spec: Spec, native: Mapping[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
+    """Native state_dict arrays -> (canonical name, array), one tensor at a time, in table order.
+
+    ``native`` may read lazily; the fused qkv tensor is read once for its three parts.
+    """
+    d = spec.hidden_dim
+    source: dict[str, tuple[str, str, int]] = {}
+    for name, _, kind, canonical in _entries(spec):
+        for j, c in enumerate(canonical):
+            source[c] = (name, kind, j)
+    cached: tuple[str, np.ndarray] | None = None
+    for param in param_table(spec):
+        name, kind, j = source[param.name]
+        if cached is None or cached[0] != name:
+            cached = (name, np.asarray(native[name]))
+        value = cached[1]
+        if kind == "dense":
+            value = value.T
+        elif kind == "conv":  # OIHW -> HWIO
+            value = value.transpose(2, 3, 1, 0)
+        elif kind in ("token", "posemb"):
+            value = value.reshape(param.shape)
+        elif kind == "qkv":
+            value = value[j * d : (j + 1) * d]
+            value = value.T if value.ndim == 2 else value
+        yield param.name, np.ascontiguousarray(value)
+
+
+def drop_path_rates(spec: Spec) -> list[float]:
+    """Stochastic-depth rate of each block: ``drop_path * i / (depth - 1)``; 0 for a single block (as timm)."""
+    if spec.depth == 1:
+        return [0.0]
+    return [spec.drop_path * i / (spec.depth - 1) for i in range(spec.depth)]
+
+
+# ---- the native model (torch, defined on first use) --------------------------------------------
+
+_MODEL_CLASSES = ("VisionTransformer", "Block", "Attention", "Mlp", "PatchEmbed")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MODEL_CLASSES:
+        return _model_classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _model_classes() -> dict[str, type]:
+    """The nn.Module classes, defined (and torch imported) once, on first use."""
+    if "VisionTransformer" not in globals():
+        globals().update(_define_model())
+    return {name: globals()[name] for name in _MODEL_CLASSES}
+
+
+class _Captures:
+    """The capture points asked for, and the tensors kept so far."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.wanted = set(names)
+        self.values: dict[str, torch.Tensor] = {}
+
+    def wants(self, name: str) -> bool:
+        return name in self.wanted
+
+    def keep(self, name: str, value: torch.Tensor) -> None:
+        if name in self.wanted:
+            self.values[name] = value
+
+
+def _define_model() -> dict[str, type]:
+    """Import torch and define the nn.Module classes (kept out of module import on purpose)."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+        """Stochastic depth: zero whole samples' residual branch, scale the rest by 1 / keep."""
+        if rate == 0.0 or not training:
+            return x
+        keep = 1.0 - rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    class PatchEmbed(nn.Module):
+        """Non-overlapping patches by a strided convolution: (B, C, H, W) -> (B, patches, D)."""
+
+        def __init__(self, spec: Spec) -> None:
+            super().__init__()
+            self.proj = nn.Conv2d(spec.in_channels, spec.hidden_dim, spec.patch_size, stride=spec.patch_size)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x).flatten(2).transpose(1, 2)
+
+    class Attention(nn.Module):
+        """Multi-head self-attention with a fused qkv projection (timm's names and layout)."""
+
+        def __init__(self, spec: Spec) -> None:
+            super().__init__()
+            d = spec.hidden_dim
+            self.n_heads, self.head_dim = spec.n_heads, spec.head_dim
+            self.scale = spec.head_dim**-0.5
+            self.attn_dropout, self.dropout = spec.attn_dropout, spec.dropout
+            self.qkv = nn.Linear(d, 3 * d, bias=spec.qkv_bias)
+            self.proj = nn.Linear(d, d)
+
+        def extra_repr(self) -> str:
+            return f"n_heads={self.n_heads}, attn_dropout={self.attn_dropout}, dropout={self.dropout}"
+
+        def forward(self, x: torch.Tensor, captures: _Captures | None = None, prefix: str = "") -> torch.Tensor:
+            b, n, d = x.shape
+            # One statement each, so every temporary is freed before the next matmul (as in timm).
+            x = self._heads(x, captures, prefix).transpose(1, 2).reshape(b, n, d)
+            x = self.proj(x)
+            return F.dropout(x, self.dropout, training=True) if self.dropout and self.training else x
+
+        def _heads(self, x: torch.Tensor, captures: _Captures | None, prefix: str) -> torch.Tensor:
+            """Each head's output, (B, heads, N, head_dim)."""
+            b, n, _ = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            p_attn = self.attn_dropout if self.training else 0.0
+            if captures is None or not (
+                captures.wants(f"{prefix}.attn_probs") or captures.wants(f"{prefix}.attn_heads")
+            ):
+                return F.scaled_dot_product_attention(q, k, v, dropout_p=p_attn)
+            # The fused kernel never materialises the probabilities; this path does, to keep them.
+            probs = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            captures.keep(f"{prefix}.attn_probs", probs)
+            heads = (F.dropout(probs, p_attn, training=True) if p_attn else probs) @ v
+            captures.keep(f"{prefix}.attn_heads", heads)
+            return heads
+
+    class Mlp(nn.Module):
+        """fc1 -> GELU -> dropout -> fc2 -> dropout, as timm's Mlp."""
+
+        def __init__(self, spec: Spec) -> None:
+            super().__init__()
+            self.fc1 = nn.Linear(spec.hidden_dim, spec.mlp_dim)
+            self.act = nn.GELU(approximate="tanh" if spec.gelu == "tanh" else "none")
+            self.fc2 = nn.Linear(spec.mlp_dim, spec.hidden_dim)
+            self.dropout = spec.dropout
+
+        def extra_repr(self) -> str:
+            return f"dropout={self.dropout}"
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.act(self.fc1(x))
+            if self.dropout and self.training:
+                x = F.dropout(x, self.dropout, training=True)
+            x = self.fc2(x)
+            return F.dropout(x, self.dropout, training=True) if self.dropout and self.training else x
+
+    class Block(nn.Module):
+        """Pre-norm encoder block: x + attn(norm1(x)), then x + mlp(norm2(x)), with stochastic depth."""
+
+        def __init__(self, spec: Spec, drop_path_rate: float = 0.0) -> None:
+            super().__init__()
+            self.norm1 = nn.LayerNorm(spec.hidden_dim, eps=spec.norm_eps)
+            self.attn = Attention(spec)
+            self.norm2 = nn.LayerNorm(spec.hidden_dim, eps=spec.norm_eps)
+            self.mlp = Mlp(spec)
+            self.drop_path = drop_path_rate
+
+        def extra_repr(self) -> str:
+            return f"drop_path={self.drop_path}"
+
+        def forward(self, x: torch.Tensor, captures: _Captures | None = None, prefix: str = "") -> torch.Tensor:
+            x = x + self._branch(self.attn(self.norm1(x), captures, prefix), captures, f"{prefix}.attn")
+            x = x + self._branch(self.mlp(self.norm2(x)), captures, f"{prefix}.mlp")
+            if captures is not None:
+                captures.keep(prefix, x)
+            return x
+
+        def _branch(self, y: torch.Tensor, captures: _Captures | None, name: str) -> torch.Tensor:
+            """A residual branch's output: kept if asked for, then stochastic depth."""
+            if captures is not None:
+                captures.keep(name, y)
+            return drop_path(y, self.drop_path, self.training)
+
+    class VisionTransformer(nn.Module):
+        """A ViT built from a vitspec Spec; NCHW float images in, logits (or features) out.
+
+        ``weights`` are canonical vitspec weights (``vitspec.init_weights(spec, seed)`` when None);
+        the state_dict has timm's names (see ``native_layout``).
+        """
+
+        def __init__(
+            self,
+            spec: Spec,
+            weights: Mapping[str, Any] | None = None,
+            seed: int = 0,
+            device: torch.device | str | None = None,
+        ) -> None:
+            super().__init__()
+            self.spec = spec
+            d = spec.hidden_dim
+            # Built on the meta device, then filled once from the canonical weights: no throw-away init.
+            with torch.device("meta"):
+                if spec.class_token:
+                    self.cls_token = nn.Parameter(torch.empty(1, 1, d))
+                if spec.pos_embed == "learned":
+                    self.pos_embed = nn.Parameter(torch.empty(1, spec.n_positions, d))
+                self.patch_embed = PatchEmbed(spec)
+                self.blocks = nn.ModuleList(Block(spec, rate) for rate in drop_path_rates(spec))
+                before = spec.final_norm == "before_pool"
+                self.norm = nn.LayerNorm(d, eps=spec.norm_eps) if before else nn.Identity()
+                self.fc_norm = nn.Identity() if before else nn.LayerNorm(d, eps=spec.norm_eps)
+                if spec.pre_logits_dim:
+                    self.pre_logits = nn.Sequential()
+                    self.pre_logits.add_module("fc", nn.Linear(d, spec.pre_logits_dim))
+                    self.pre_logits.add_module("act", nn.Tanh())
+                else:
+                    self.pre_logits = nn.Identity()
+                self.head = nn.Linear(spec.features_dim, spec.n_classes) if spec.n_classes else nn.Identity()
+            self.to_empty(device=device or "cpu")
+            if spec.pos_embed == "sincos2d":
+                # Fixed, so a non-persistent buffer: it follows .to() but stays out of the state_dict.
+                table = torch.from_numpy(sincos2d(spec.grid, d).astype(np.float32))[None]
+                self.register_buffer("pos_embed", table.to(self.patch_embed.proj.weight.device), persistent=False)
+            _copy_weights(self, weights if weights is not None else init_weights(spec, seed))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            """(B, C, H, W) float images -> (B, n_classes) logits, or (B, features) with no head."""
+            return self._forward(x, None)
+
+        def forward_captures(self, x: torch.Tensor, capture: Iterable[str] | str = "all") -> dict[str, torch.Tensor]:
+            """The output and the named capture points (``vitspec.capture_points(spec)``, or "all")."""
+            names = check_capture(self.spec, capture if isinstance(capture, str) else tuple(capture))
+            captures = _Captures(names)
+            output = self._forward(x, captures)
+            return {**captures.values, "output": output}
+
+        def _forward(self, x: torch.Tensor, captures: _Captures | None) -> torch.Tensor:
+            spec = self.spec
+            want = (spec.in_channels, *spec.image_size)
+            if x.ndim != 4 or tuple(x.shape[1:]) != want:
+                raise ValueError(f"images: expected shape (batch, {want[0]}, {want[1]}, {want[2]}) NCHW, found {tuple(x.shape)}")
+            keep = captures.keep if captures is not None else None
+            x = self.patch_embed(x)
+            if keep:
+                keep("patch_embed", x)
+            x = self._embed(x)
+            if spec.dropout and self.training:
+                x = F.dropout(x, spec.dropout, training=True)
+            if keep:
+                keep("embed", x)
+            for i, block in enumerate(self.blocks):
+                x = block(x, captures, f"blocks.{i}")
+            x = self.norm(x)
+            if keep:
+                keep("encoded", x)
+            x = x[:, 0] if spec.pooling == "token" else x[:, spec.n_prefix_tokens :].mean(dim=1)
+            x = self.fc_norm(x)
+            if keep:
+                keep("pooled", x)
+            if spec.pre_logits_dim:
+                x = self.pre_logits(x)
+                if keep:
+                    keep("pre_logits", x)
+            return self.head(x)
+
+        def _embed(self, x: torch.Tensor) -> torch.Tensor:
+            """Class token and position embedding, in the order the spec's position table implies."""
+            spec = self.spec
+            if spec.pos_embed != "none" and not spec.pos_embed_class_slot:
+                x = x + self.pos_embed
+            if spec.class_token:
+                x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+            if spec.pos_embed_class_slot:
+                x = x + self.pos_embed
+            return x
+
+        def extra_repr(self) -> str:
+            return f"spec={self.spec.to_json()}"
+
+    classes: dict[str, type] = {
+        "PatchEmbed": PatchEmbed,
+        "Attention": Attention,
+        "Mlp": Mlp,
+        "Block": Block,
+        "VisionTransformer": VisionTransformer,
+    }
+    for name, cls in classes.items():
+        # Importable (and picklable) as vitspec.backends.torch.<name>, not as a function's local.
+        cls.__module__, cls.__qualname__ = __name__, name
+    return classes
+
+
+def _copy_weights(model: Any, weights: Mapping[str, Any]) -> None:
+    """Check canonical weights against the model's spec, then copy them in one tensor at a time."""
+    import torch
+
+    check_weights(model.spec, weights)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, array in to_native(model.spec, weights):
+            if array.dtype.name not in ("float16", "float32", "float64"):
+                array = array.astype(np.float32)  # e.g. ml_dtypes bfloat16, which torch cannot wrap
+            if not array.flags.writeable:
+                array = array.copy()  # torch.from_numpy warns on read-only memory (mmapped files)
+            params[name].copy_(torch.from_numpy(array))
+
+
+# ---- the backend ---------------------------------------------------------------------------------
+
+
+class TorchBackend:
+    """PyTorch behind the vitspec backend protocol."""
+
+    name = "torch"
+
+    def __init__(self) -> None:
+        import torch
+
+        self.version: str = torch.__version__
+
+    def build(self, spec: Spec, weights: Mapping[str, np.ndarray] | None = None, seed: int = 0) -> Any:
+        """A ``VisionTransformer`` in eval mode; weights None: ``vitspec.init_weights(spec, seed)``."""
+        return _model_classes()["VisionTransformer"](spec, weights, seed).eval()
+
+    def load(self, model: Any, weights: Mapping[str, np.ndarray]) -> Any:
+        """Copy canonical weights into ``model``; one WeightsError lists every mismatch."""
+        _copy_weights(model, weights)
+        return model
+
+    def export(self, model: Any) -> dict[str, np.ndarray]:
+        """Canonical weights (fresh NumPy arrays in the parameters' dtype), bit for bit."""
+        import torch
+
+        state = model.state_dict()
+
+        class _Native(Mapping[str, np.ndarray]):
+            def __getitem__(self, name: str) -> np.ndarray:
+                tensor = state[name].detach().cpu()
+                if tensor.dtype == torch.bfloat16:
+                    tensor = tensor.float()  # NumPy has no bfloat16; widening is exact
+                return tensor.numpy().copy()
+
+            def __iter__(self) -> Iterator[str]:
+                return iter(state)
+
+            def __len__(self) -> int:
+                return len(state)
+
+        return dict(from_native(model.spec, _Native()))
+
+    def forward(self, model: Any, images: np.ndarray, capture: Iterable[str] | str = ()) -> dict[str, np.ndarray]:
+        """NHWC NumPy images in; float32 NumPy ``output`` and the requested capture points out.
+
+        Runs in eval mode under ``torch.inference_mode()`` (the model's mode is restored after).
+        """
+        import torch
+
+        names = check_capture(model.spec, capture if isinstance(capture, str) else tuple(capture))
+        array = check_images(model.spec, images)
+        weight = model.patch_embed.proj.weight
+        if array.dtype.name not in ("float16", "float32", "float64"):
+            array = array.astype(np.float32)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                # Contiguous NCHW, so the adapter gives the very numbers of model(nchw) (conv order).
+                x = torch.from_numpy(np.ascontiguousarray(array)).to(weight.device, weight.dtype)
+                x = x.permute(0, 3, 1, 2).contiguous()
+                got = model.forward_captures(x, names) if names else {"output": model(x)}
+                return {k: got[k].float().contiguous().cpu().numpy() for k in (*_ordered(model.spec, names), "output")}
+        finally:
+            model.train(was_training)
+
+    def save_artifact(self, model: Any, path: str | Path, batch: int) -> Path:
+        """Write a ``torch.export`` program (``.pt2``) taking (batch, C, H, W) float images.
+
+        Load it with torch alone: ``torch.export.load(path).module()(images)``.
+        """
+        import torch
+
+        if not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch: expected a positive integer, found {batch!r}")
+        spec = model.spec
+        weight = model.patch_embed.proj.weight
+        example = torch.zeros(batch, spec.in_channels, *spec.image_size, dtype=weight.dtype, device=weight.device)
+        was_training = model.training
+        model.eval()  # dropout is traced away only in eval mode
+        try:
+            program = torch.export.export(model, (example,))
+        finally:
+            model.train(was_training)
+        path = Path(path)
+        torch.export.save(program, path)
+        return path
+
+
+def _ordered(spec: Spec, names: Iterable[str]) -> list[str]:
+    """Requested capture points in forward order, without ``output`` (added last by the caller)."""
+    wanted = set(names)
+    return [n for n in capture_points(spec) if n in wanted and n != "output"]
+
