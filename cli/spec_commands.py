@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import click
+
 from vitspec.cli._ui import console, human, shape_str, table
 
 
@@ -112,22 +113,52 @@ def _collapse_blocks(params: list, depth: int) -> list[tuple[str, str, str, str]
 
 @click.command()
 @click.argument("file", type=click.Path(path_type=Path))
-def inspect(file: Path) -> None:
-    """Show the spec and tensor table of a weights FILE."""
-    from vitspec.tensorfile import TensorFile
-    from vitspec.weights import spec_from_metadata
+@click.option(
+    "--from", "from_format",
+    type=click.Choice(["canonical", "torch", "keras", "flax", "timm", "hf", "google", "big_vision"]),
+    help="The file's format (default: detected).",
+)
+@click.option("--spec", "spec", metavar="SPEC", help="What the file cannot tell: a (partial) spec, a preset, or field=value,... pairs.")
+def inspect(file: Path, from_format: str | None, spec: str | None) -> None:
+    """Show the spec and tensor table of a checkpoint FILE of any supported format.
+
+    The spec is the embedded one, or inferred from the tensors (fields the file cannot tell are
+    marked with the family default used). Exits 1 if the tensors do not fit that spec.
+    """
+    from vitspec.cli.convert import print_defaults
+    from vitspec.errors import SpecError, WeightsError
+    from vitspec.formats import check_layout, detect, get_format, infer_spec, open_source
+    from vitspec.formats.infer import load_partial_spec
+    from vitspec.weights import SPEC_KEY
 
     out = console()
-    with TensorFile(file) as tf:
-        spec = spec_from_metadata(tf.metadata, str(file))
-        rows = [(n, tf.info(n).dtype, shape_str(tf.info(n).shape), f"{math.prod(tf.info(n).shape):,}") for n in tf.names]
-        total = sum(math.prod(tf.info(n).shape) for n in tf.names)
-        meta = {k: v for k, v in tf.metadata.items() if k != "vitspec.spec"}
-    if spec is not None:
-        out.print(f"[bold]spec[/] (embedded in {file}):")
-        out.print(spec.to_yaml().rstrip())
-    else:
-        out.print(f"[yellow]{file} has no embedded spec[/]")
-    if meta:
-        out.print("[bold]metadata:[/] " + ", ".join(f"{k}={v}" for k, v in meta.items()))
-    out.print(table(f"{len(rows)} tensors, {total:,} values", ["name", "dtype", "shape", "values"], rows, ["left", "left", "left", "right"]))
+    fmt = from_format or detect(file)
+    module = get_format(fmt)
+    given = load_partial_spec(spec)
+    with open_source(file, fmt) as source:
+        rows = [(n, str(d), shape_str(s), f"{math.prod(s):,}") for n, (s, d) in source.entries.items()]
+        if not out.is_terminal:  # piped: keep long tensor names on one line
+            out.width = max(out.width, max((len(n) for n in source.entries), default=0) + 50)
+        total = sum(math.prod(s) for s, _ in source.entries.values())
+        meta = {k: v for k, v in source.metadata.items() if k != SPEC_KEY}
+        out.print(f"[bold]format:[/] {fmt}" + ("" if from_format else " (detected)") + f", {source.container} file")
+        if meta:
+            out.print("[bold]metadata:[/] " + ", ".join(f"{k}={v}" for k, v in meta.items()))
+        problem: Exception | None = None
+        try:
+            inference = infer_spec(module, source, given)
+            where = "embedded in the file" if SPEC_KEY in source.metadata else "inferred from the tensors"
+            out.print(f"[bold]spec[/] ({where}):")
+            for line in inference.spec.to_yaml().rstrip().splitlines():
+                key = line.split(":", 1)[0]
+                mark = "  [yellow]# default, not in the file[/]" if key in inference.defaulted else ""
+                out.print(line + mark, markup=True)
+            print_defaults(inference, console(stderr=True))
+            if hasattr(module, "prepare"):
+                source = module.prepare(inference.spec, source)
+            check_layout(module, inference.spec, source)
+        except (SpecError, WeightsError) as exc:
+            problem = exc
+        out.print(table(f"{len(rows)} tensors, {total:,} values", ["name", "dtype", "shape", "values"], rows, ["left", "left", "left", "right"]))
+    if problem is not None:
+        raise problem

@@ -207,7 +207,7 @@ def write_tensors(
             if arr.shape != shape or arr.dtype != dtype:
                 raise ValueError(f"tensor {name!r}: {arr.dtype}{list(arr.shape)} written, the layout says {dtype}{list(shape)}")
             data = np.ascontiguousarray(arr.astype(dtype.newbyteorder("<"), copy=False))
-            f.write(memoryview(data).cast("B"))
+            f.write(memoryview(data.reshape(-1).view(np.uint8)))  # a byte view works for bfloat16 too
             written += data.nbytes
         if written != offset:
             raise ValueError(f"wrote {written} bytes of tensor data, expected {offset}")

@@ -1,0 +1,333 @@
+"""`vitspec convert` and `vitspec inspect` on good and bad input: safety, errors, atomic output.
+
+Every bad input ends with `error: ...` lines on stderr (one per problem, all listed at once), a
+non-zero exit and no output file; never a traceback, never a pickle that runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import vitspec
+from vitspec import formats
+from vitspec.cli.main import main
+from vitspec.families import family
+from vitspec.tensorfile import read_tensors, write_tensors
+
+SPEC = family("vit_paper")
+
+
+def vitspec_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _error_lines(err: str) -> list[str]:
+    """The `error: ` lines of stderr (informational lines such as the defaults used may precede them)."""
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert lines and "Traceback" not in err, err
+    return lines
+
+
+@pytest.fixture
+def canonical(tmp_path: Path) -> Path:
+    path = tmp_path / "c.safetensors"
+    vitspec.save_weights(path, vitspec.init_weights(SPEC, seed=0, scheme="random"), SPEC)
+    return path
+
+
+@pytest.fixture
+def timm_file(tmp_path: Path, canonical: Path) -> Path:
+    """A timm state_dict as timm users save it: no metadata."""
+    out = tmp_path / "tagged.safetensors"
+    formats.convert(canonical, out, to_format="timm")
+    bare = tmp_path / "timm.safetensors"
+    write_tensors(bare, read_tensors(out)[0])
+    return bare
+
+
+def _folder_files(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+# ---- the happy path --------------------------------------------------------------------------
+
+
+def test_convert_prints_the_defaults_it_used_and_writes(capsys, tmp_path: Path, timm_file: Path) -> None:
+    out = tmp_path / "jax.safetensors"
+    code, stdout, stderr = vitspec_cli(capsys, "convert", str(timm_file), str(out), "--to", "flax", "--spec", "n_heads=4")
+    assert code == 0, stderr
+    assert "reading" in stderr and "as timm" in stderr
+    assert "norm_eps = 1e-06 (timm's VisionTransformer LayerNorm eps)" in stderr
+    assert "gelu = exact" in stderr and "n_heads" not in stderr.split("defaults used")[1]
+    assert f"wrote {out} (flax)" in stdout
+    assert formats.detect(out) == "flax"
+
+
+def test_timm_to_jax_to_torch_to_hf_to_tensorflow_chain(capsys, tmp_path: Path, timm_file: Path) -> None:
+    steps = [("jax.safetensors", "flax"), ("torch.safetensors", "torch"), ("hf", "hf"), ("model.weights.h5", "keras"), ("end.safetensors", "canonical")]
+    src = timm_file
+    for name, fmt in steps:
+        dst = tmp_path / name
+        code, _, stderr = vitspec_cli(capsys, "convert", str(src), str(dst), "--to", fmt, "--spec", "n_heads=4")
+        assert code == 0, stderr
+        src = dst
+    got, spec = vitspec.load_weights(src)
+    want, _ = formats.load(timm_file, spec="n_heads=4")
+    assert spec == SPEC
+    for name in want:
+        assert np.array_equal(got[name], want[name]), name
+
+
+def test_inspect_any_format_shows_spec_and_native_tensors(capsys, tmp_path: Path, canonical: Path) -> None:
+    npz = tmp_path / "g.npz"
+    formats.convert(canonical, npz, to_format="google")
+    code, out, err = vitspec_cli(capsys, "inspect", str(npz))
+    assert code == 0, err
+    assert "format: google (detected), npz file" in out
+    assert "spec (inferred from the tensors)" in out
+    assert "n_heads: 4" in out and "gelu: tanh  # default, not in the file" in out
+    assert "Transformer/encoderblock_1/MultiHeadDotProductAttention_1/query/kernel" in out and "(32, 4, 8)" in out
+    assert "gelu = tanh (Flax's nn.gelu" in err
+
+
+def test_inspect_lists_problems_after_the_table(capsys, tmp_path: Path, timm_file: Path) -> None:
+    tensors = read_tensors(timm_file)[0]
+    del tensors["blocks.1.norm2.bias"]
+    bad = tmp_path / "bad.safetensors"
+    write_tensors(bad, tensors)
+    code, out, err = vitspec_cli(capsys, "inspect", str(bad), "--spec", "n_heads=4")
+    assert code == 1
+    assert "blocks.0.attn.qkv.weight" in out
+    assert _error_lines(err) == [f"error: {bad} (timm format, spec inferred as above): missing 1 tensor(s): blocks.1.norm2.bias"]
+
+
+def test_image_size_resamples(capsys, tmp_path: Path, canonical: Path) -> None:
+    out = tmp_path / "hf384"
+    code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(out), "--image-size", "48x64")
+    assert code == 0, err
+    assert "resampled: pos_embed grid (4, 4) -> (6, 8) (bicubic" in err
+    assert json.loads((out / "config.json").read_text())["image_size"] == [48, 64]
+
+
+def test_progress_bar_shows_on_big_files(capsys, tmp_path: Path, canonical: Path, monkeypatch) -> None:
+    monkeypatch.setattr(formats, "PROGRESS_BYTES", 1)
+    code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(tmp_path / "t.safetensors"), "--to", "timm")
+    assert code == 0, err
+
+
+# ---- safety ----------------------------------------------------------------------------------
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # what a malicious checkpoint does: call a function while unpickling
+        return (os.mkdir, (str(self.marker),))
+
+
+@pytest.mark.parametrize("how", ["torch.save", "raw pickle"])
+def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(capsys, tmp_path: Path, how: str) -> None:
+    import torch
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    payload = {"cls_token": torch.zeros(1, 1, 32), "evil": _RunsCode(marker)}
+    if how == "torch.save":
+        torch.save(payload, evil)
+    else:
+        evil.write_bytes(pickle.dumps(payload, protocol=2))
+    out = tmp_path / "out.safetensors"
+    code, _, err = vitspec_cli(capsys, "convert", str(evil), str(out), "--from", "timm")
+    assert code == 1
+    lines = _error_lines(err)
+    assert len(lines) == 1 and "refused" in lines[0] and "nothing was executed" in lines[0]
+    assert not marker.exists() and not out.exists()
+
+
+def test_npz_with_python_objects_is_refused(capsys, tmp_path: Path) -> None:
+    evil = tmp_path / "evil.npz"
+    np.savez(evil, **{"embedding/kernel": np.array([{"a": 1}], dtype=object)})
+    code, _, err = vitspec_cli(capsys, "inspect", str(evil), "--from", "google")
+    assert code == 1
+    assert _error_lines(err) == [f"error: {evil}: member 'embedding/kernel.npy' holds Python objects (a pickle); refused: vitspec never unpickles"]
+
+
+# ---- bad input: one clear line each ----------------------------------------------------------
+
+
+def test_truncated_files(capsys, tmp_path: Path, canonical: Path) -> None:
+    data = canonical.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    code, _, err = vitspec_cli(capsys, "convert", str(cut), str(tmp_path / "o.safetensors"))
+    assert code == 1 and "the file is truncated" in _error_lines(err)[0]
+
+    npz = tmp_path / "g.npz"
+    formats.convert(canonical, npz, to_format="google")
+    cut_npz = tmp_path / "cut.npz"
+    cut_npz.write_bytes(npz.read_bytes()[:-200])
+    code, _, err = vitspec_cli(capsys, "convert", str(cut_npz), str(tmp_path / "o2.safetensors"), "--from", "google")
+    assert code == 1 and "not a valid .npz file" in _error_lines(err)[0]
+
+    import torch
+
+    pth = tmp_path / "w.pth"
+    torch.save({k: torch.from_numpy(v) for k, v in read_tensors(canonical)[0].items()}, pth)
+    cut_pth = tmp_path / "cut.pth"
+    cut_pth.write_bytes(pth.read_bytes()[:1000])
+    code, _, err = vitspec_cli(capsys, "convert", str(cut_pth), str(tmp_path / "o3.safetensors"), "--from", "timm")
+    assert code == 1 and "not a readable PyTorch checkpoint" in _error_lines(err)[0]
+    assert not any(p.name.startswith("o") for p in tmp_path.iterdir())
+
+
+def test_corrupt_compressed_npz_member(capsys, tmp_path: Path, canonical: Path) -> None:
+    arrays = {k.replace(".", "/"): v for k, v in read_tensors(canonical)[0].items()}
+    npz = tmp_path / "z.npz"
+    np.savez_compressed(npz, **arrays)
+    raw = bytearray(npz.read_bytes())
+    with zipfile.ZipFile(npz) as z:
+        info = max(z.infolist(), key=lambda i: i.compress_size)
+    mid = info.header_offset + 30 + len(info.filename) + info.compress_size // 2
+    raw[mid : mid + 16] = bytes(16)
+    npz.write_bytes(bytes(raw))
+    with pytest.raises(vitspec.FileFormatError, match="is corrupt"):
+        src = formats.get_format("google").open(npz)
+        src[info.filename[:-4]]
+
+
+def test_wrong_shapes_missing_and_unexpected_all_at_once(capsys, tmp_path: Path, timm_file: Path) -> None:
+    tensors = read_tensors(timm_file)[0]
+    del tensors["blocks.1.norm2.bias"], tensors["head.bias"]
+    tensors["blocks.0.attn.proj.weight"] = np.zeros((32, 31), np.float32)
+    tensors["extra.thing"] = np.zeros(3, np.float32)
+    bad = tmp_path / "bad.safetensors"
+    write_tensors(bad, tensors)
+    out = tmp_path / "out.safetensors"
+    code, _, err = vitspec_cli(capsys, "convert", str(bad), str(out), "--spec", "n_heads=4")
+    assert code == 1 and not out.exists()
+    lines = _error_lines(err)
+    assert any("missing 2 tensor(s): blocks.1.norm2.bias, head.bias" in line for line in lines)
+    assert any("unexpected 1 tensor(s): extra.thing" in line for line in lines)
+    assert any("blocks.0.attn.proj.weight: expected shape [32, 32], found [32, 31]" in line for line in lines)
+    assert len(lines) == 3
+
+
+def test_nan_and_inf_are_reported_by_name_and_nothing_is_written(capsys, tmp_path: Path, timm_file: Path) -> None:
+    tensors = read_tensors(timm_file)[0]
+    tensors["blocks.0.mlp.fc1.weight"][3, 5] = np.nan
+    tensors["pos_embed"][0, 2, 1] = np.inf
+    bad = tmp_path / "bad.safetensors"
+    write_tensors(bad, tensors)
+    out = tmp_path / "out"
+    code, _, err = vitspec_cli(capsys, "convert", str(bad), str(out), "--spec", "n_heads=4")
+    assert code == 1
+    lines = _error_lines(err)
+    assert f"error: {bad}: blocks.0.mlp.fc1.weight: 1 NaN and 0 Inf values (first at index [3, 5])" in lines
+    assert f"error: {bad}: pos_embed: 0 NaN and 1 Inf values (first at index [0, 2, 1])" in lines
+    assert _folder_files(tmp_path) == {"bad.safetensors", "timm.safetensors", "tagged.safetensors", "c.safetensors"}
+
+
+def test_spec_that_contradicts_the_file(capsys, tmp_path: Path, canonical: Path) -> None:
+    code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(tmp_path / "o.safetensors"), "--spec", "depth=3,gelu=tanh")
+    assert code == 1
+    lines = _error_lines(err)
+    assert f"error: {canonical}: the given spec contradicts the file: depth: the file says 2, --spec says 3" in lines
+    assert f"error: {canonical}: the given spec contradicts the file: gelu: the file says exact, --spec says tanh" in lines
+
+
+def test_a_spec_the_target_cannot_express(capsys, tmp_path: Path) -> None:
+    spec = family("big_vision_sincos")
+    path = tmp_path / "s.safetensors"
+    vitspec.save_weights(path, vitspec.init_weights(spec), spec)
+    code, _, err = vitspec_cli(capsys, "convert", str(path), str(tmp_path / "hf"))
+    assert code == 1
+    assert "error: cannot write the hf format: HF ViT always has a class token" in _error_lines(err)[0]
+    assert not (tmp_path / "hf").exists()
+
+
+def test_existing_output_needs_force_and_unwritable_destinations(capsys, tmp_path: Path, canonical: Path) -> None:
+    out = tmp_path / "o.safetensors"
+    out.write_bytes(b"keep me")
+    code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(out), "--to", "timm")
+    assert code == 1 and _error_lines(err) == [f"error: {out} already exists; pass --force (overwrite=True) to replace it"]
+    assert out.read_bytes() == b"keep me"
+    code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(out), "--to", "timm", "--force")
+    assert code == 0 and formats.detect(out) == "timm"
+
+    nowhere = tmp_path / "no" / "such" / "dir" / "o.safetensors"
+    code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(nowhere))
+    assert code == 1 and _error_lines(err) == [f"error: cannot write {nowhere}: folder {nowhere.parent} does not exist"]
+    under_a_file = canonical / "o.safetensors"
+    code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(under_a_file))
+    assert code == 1 and "does not exist" in _error_lines(err)[0]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_folder(capsys, tmp_path: Path, canonical: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(locked / "o.safetensors"))
+    assert code == 1 and "is not writable" in _error_lines(err)[0]
+
+
+def test_unknown_file_and_format_errors(capsys, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.bin2"
+    junk.write_bytes(b"\x01\x02" * 100)
+    code, _, err = vitspec_cli(capsys, "convert", str(junk), str(tmp_path / "o.safetensors"))
+    assert code == 1 and "cannot tell what kind of file this is" in _error_lines(err)[0]
+    code, _, err = vitspec_cli(capsys, "convert", str(tmp_path / "missing.safetensors"), str(tmp_path / "o.safetensors"))
+    assert code == 1 and "no such file" in _error_lines(err)[0]
+    code, _, err = vitspec_cli(capsys, "convert", str(junk), str(tmp_path / "o.npz"))
+    assert code == 1 and "--to google or --to big_vision" in _error_lines(err)[0]
+    npz = tmp_path / "a.npz"
+    np.savez(npz, x=np.zeros(3))
+    code, _, err = vitspec_cli(capsys, "inspect", str(npz), "--from", "timm")
+    assert _error_lines(err) == [f"error: {npz}: is an .npz file, which cannot hold a timm checkpoint (timm VisionTransformer state_dict (safetensors or .pt/.pth)); check --from"]
+    code, _, err = vitspec_cli(capsys, "inspect", str(npz))
+    assert code == 1 and "cannot tell which checkpoint format this npz file is (tensors: x)" in _error_lines(err)[0]
+    msgpack = tmp_path / "state.msgpack"
+    msgpack.write_bytes(b"\x81\xa1a\x01")
+    code, _, err = vitspec_cli(capsys, "inspect", str(msgpack))
+    assert code == 1 and "msgpack checkpoints are not read" in _error_lines(err)[0]
+
+
+@pytest.mark.parametrize("to", ["timm", "hf", "google", "keras"])
+def test_an_interrupted_conversion_leaves_nothing(tmp_path: Path, canonical: Path, monkeypatch, to: str) -> None:
+    module = formats.get_format(to)
+    real = module.to_native
+
+    def interrupted(spec, weights):
+        for i, item in enumerate(real(spec, weights)):
+            if i == 5:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(module, "to_native", interrupted)
+    out = tmp_path / {"hf": "hf", "google": "g.npz", "keras": "k.weights.h5"}.get(to, "t.safetensors")
+    with pytest.raises(KeyboardInterrupt):
+        formats.convert(canonical, out, to_format=to)
+    assert _folder_files(tmp_path) == {"c.safetensors"}
+
+
+def test_interrupt_in_the_cli_exits_130_with_a_message(capsys, tmp_path: Path, canonical: Path, monkeypatch) -> None:
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(formats.get_format("timm"), "to_native", stop)
+    code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(tmp_path / "t.safetensors"), "--to", "timm")
+    assert code == 130 and ("aborted" in err or "interrupted" in err)
+    assert _folder_files(tmp_path) == {"c.safetensors"}

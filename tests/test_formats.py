@@ -1,0 +1,408 @@
+"""Checkpoint formats without the frameworks: round trips, detection, spec inference, streaming.
+
+Every format must round-trip bit for bit through canonical, and every pair of formats must
+convert into each other. The libraries themselves are checked in test_convert_libraries.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import rel_err
+
+import vitspec
+from vitspec import formats, reference
+from vitspec.errors import SpecError, WeightsError
+from vitspec.families import family
+from vitspec.formats import resample
+from vitspec.formats.infer import default_heads, load_partial_spec
+
+ALL = list(formats.FORMATS)
+SUFFIX = {"hf": "", "google": ".npz", "big_vision": ".npz", "keras": ".weights.h5"}
+# What an npz cannot record (Flax shapes carry heads, not GELU or eps): given back on reading.
+NPZ_HINT = ("gelu", "norm_eps")
+
+
+def _out(folder: Path, stem: str, fmt: str) -> Path:
+    return folder / f"{stem}{SUFFIX.get(fmt, '.safetensors')}"
+
+
+def _hint(spec: vitspec.Spec, fmt: str) -> dict | None:
+    return {k: getattr(spec, k) for k in NPZ_HINT} if fmt in ("google", "big_vision") else None
+
+
+def _canonical(tmp_path: Path, spec: vitspec.Spec, dtype: type = np.float32) -> tuple[Path, dict[str, np.ndarray]]:
+    weights = vitspec.init_weights(spec, seed=4, scheme="random", dtype=dtype)
+    path = tmp_path / "canonical.safetensors"
+    vitspec.save_weights(path, weights, spec)
+    return path, weights
+
+
+def _assert_bits(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert list(a) == list(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert a[name].tobytes() == b[name].tobytes(), name
+
+
+# ---- lossless: every format, every pair --------------------------------------------------------
+
+EVERYWHERE = family("vit_paper", depth=2)  # expressible in all eight formats
+
+
+@pytest.mark.parametrize("a", ALL)
+def test_every_pair_of_formats_converts_bit_for_bit(tmp_path: Path, a: str) -> None:
+    spec = EVERYWHERE
+    canonical, weights = _canonical(tmp_path, spec)
+    first = _out(tmp_path, f"a-{a}", a)
+    formats.convert(canonical, first, to_format=a)
+    assert formats.detect(first) == a
+    for b in ALL:
+        second = _out(tmp_path, f"b-{a}-{b}", b)
+        formats.convert(first, second, to_format=b, spec=_hint(spec, a))
+        back = tmp_path / f"back-{a}-{b}.safetensors"
+        formats.convert(second, back, spec=_hint(spec, b))
+        got, got_spec = vitspec.load_weights(back)
+        assert got_spec == spec, (a, b)
+        _assert_bits(got, weights)
+
+
+def _expressible(fmt: str, spec: vitspec.Spec) -> bool:
+    try:
+        formats.get_format(fmt).check_spec(spec)
+    except SpecError:
+        return False
+    return True
+
+
+FAMILY_SPECS = {name: family(name) for name in vitspec.families.FAMILIES}
+
+
+@pytest.mark.parametrize("fmt", ALL)
+@pytest.mark.parametrize("name", list(FAMILY_SPECS))
+def test_every_family_round_trips_through_every_format_that_expresses_it(tmp_path: Path, fmt: str, name: str) -> None:
+    spec = FAMILY_SPECS[name]
+    canonical, weights = _canonical(tmp_path, spec)
+    out = _out(tmp_path, "x", fmt)
+    if not _expressible(fmt, spec):
+        with pytest.raises(SpecError, match=f"cannot write the {fmt} format"):
+            formats.convert(canonical, out, to_format=fmt)
+        assert not out.exists()
+        return
+    formats.convert(canonical, out, to_format=fmt)
+    hint = _hint(spec, fmt)  # only the npz formats carry no spec of their own
+    if hint is not None and (spec.pos_embed != "learned" or spec.image_size[0] != spec.image_size[1]):
+        hint["image_size"] = spec.image_size
+    got, got_spec = formats.load(out, spec=hint)
+    assert got_spec == spec
+    _assert_bits(got, weights)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("fmt", ["timm", "hf", "big_vision", "keras", "flax"])
+def test_dtypes_are_kept(tmp_path: Path, fmt: str, dtype: str) -> None:
+    import ml_dtypes
+
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    spec = EVERYWHERE
+    canonical, weights = _canonical(tmp_path, spec, dtype=np_dtype)
+    out = _out(tmp_path, "x", fmt)
+    formats.convert(canonical, out, to_format=fmt)
+    back = tmp_path / "back.safetensors"
+    formats.convert(out, back, spec=_hint(spec, fmt))
+    got, _ = vitspec.load_weights(back)
+    _assert_bits(got, weights)
+
+
+def test_mixed_dtypes_widen_without_changing_a_value(tmp_path: Path) -> None:
+    spec = EVERYWHERE
+    weights = vitspec.init_weights(spec, seed=1, scheme="random")
+    weights["head.bias"] = weights["head.bias"].astype(np.float16)
+    path = tmp_path / "mixed.safetensors"
+    vitspec.save_weights(path, weights, spec)
+    out = tmp_path / "timm.safetensors"
+    result = formats.convert(path, out, to_format="timm")
+    assert result.dtype == "float32"
+    got, _ = formats.load(out)
+    assert got["head.bias"].dtype == np.float32
+    assert np.array_equal(got["head.bias"], weights["head.bias"].astype(np.float32))
+
+
+# ---- detection ---------------------------------------------------------------------------------
+
+
+def test_destination_format_from_the_name(tmp_path: Path) -> None:
+    assert formats.destination_format(tmp_path / "w.safetensors") == "canonical"
+    assert formats.destination_format(tmp_path / "model.weights.h5") == "keras"
+    assert formats.destination_format(tmp_path / "hf_folder") == "hf"
+    with pytest.raises(vitspec.FileFormatError, match="--to google or --to big_vision"):
+        formats.destination_format(tmp_path / "w.npz")
+    with pytest.raises(vitspec.FileFormatError, match="--to timm or --to torch"):
+        formats.destination_format(tmp_path / "w.pth")
+
+
+def test_a_foreign_file_without_metadata_is_detected_by_its_names(tmp_path: Path) -> None:
+    from vitspec.tensorfile import read_tensors, write_tensors
+
+    spec = EVERYWHERE
+    canonical, _ = _canonical(tmp_path, spec)
+    for fmt in ("timm", "hf", "flax", "canonical"):
+        out = _out(tmp_path, f"tagged-{fmt}", fmt)
+        formats.convert(canonical, out, to_format=fmt)
+        file = out / "model.safetensors" if fmt == "hf" else out
+        tensors, _ = read_tensors(file)
+        bare = tmp_path / f"bare-{fmt}.safetensors"
+        write_tensors(bare, tensors)  # no metadata at all
+        assert formats.detect(bare) == fmt
+
+
+# ---- spec inference ----------------------------------------------------------------------------
+
+
+def test_timm_spec_inference_reports_what_came_from_defaults(tmp_path: Path) -> None:
+    spec = family("timm_token", hidden_dim=64, n_heads=1)
+    canonical, _ = _canonical(tmp_path, spec)
+    out = tmp_path / "timm.safetensors"
+    formats.convert(canonical, out, to_format="timm")
+    from vitspec.tensorfile import read_tensors, write_tensors
+
+    bare = tmp_path / "bare.safetensors"
+    write_tensors(bare, read_tensors(out)[0])
+    with formats.open_checkpoint(bare) as ckpt:
+        inferred = ckpt.inference
+    assert inferred.spec.n_heads == 1  # width 64: head_dim 64, no preset has it
+    assert set(inferred.defaulted) == {"n_heads", "norm_eps", "gelu", "pooling"}
+    notes = "\n".join(inferred.notes())
+    assert "n_heads = 1 (head_dim 64" in notes and "gelu = exact (timm's nn.GELU)" in notes
+    assert inferred.spec.replace(n_heads=1) == spec
+
+
+def test_partial_spec_fills_what_the_file_cannot_tell_and_refuses_contradictions(tmp_path: Path) -> None:
+    spec = family("gelu_tanh", norm_eps=1e-5)
+    canonical, _weights = _canonical(tmp_path, spec)
+    npz = tmp_path / "g.npz"
+    formats.convert(canonical, npz, to_format="google")
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("gelu: tanh\nnorm_eps: 1.0e-5\n")
+    _got, got_spec = formats.load(npz, spec=partial)
+    assert got_spec == spec
+    with pytest.raises(SpecError) as info:
+        formats.load(npz, spec={"n_heads": 2, "hidden_dim": 64})
+    message = str(info.value)
+    assert "n_heads: the file says 4, --spec says 2" in message
+    assert "hidden_dim: the file says 32, --spec says 64" in message
+    with pytest.raises(SpecError, match="unknown field 'n_head'; did you mean 'n_heads'"):
+        load_partial_spec("n_head=3")
+
+
+def test_inline_and_preset_partial_specs() -> None:
+    assert load_partial_spec("n_heads=4,image_size=[24, 40],gelu=tanh") == {
+        "n_heads": 4, "image_size": (24, 40), "gelu": "tanh",
+    }
+    assert load_partial_spec("B/16")["n_heads"] == 12
+
+
+def test_default_heads_follow_the_presets() -> None:
+    assert default_heads(768) == (12, "the B preset has 12 heads at width 768")
+    assert default_heads(1280)[0] == 16  # H/14: head_dim 80
+    assert default_heads(320) == (5, "head_dim 64 (width 320 matches no preset)")
+    assert default_heads(100) is None
+
+
+def test_non_square_grid_needs_the_image_size(tmp_path: Path) -> None:
+    spec = family("non_square")
+    canonical, _weights = _canonical(tmp_path, spec)
+    out = tmp_path / "timm.safetensors"
+    formats.convert(canonical, out, to_format="timm")
+    from vitspec.tensorfile import read_tensors, write_tensors
+
+    bare = tmp_path / "bare.safetensors"
+    write_tensors(bare, read_tensors(out)[0])
+    with pytest.raises(SpecError, match="cannot tell the image size: the position embedding has 21 rows"):
+        formats.load(bare, spec="n_heads=4")
+    _got, got_spec = formats.load(bare, spec="n_heads=4,image_size=[24, 40]")
+    assert got_spec == spec
+    with pytest.raises(SpecError, match=r"image_size: --spec says 24x24 \(12 patches of 6x8\), but the file's position embedding has 21 rows"):
+        formats.load(bare, spec="n_heads=4,image_size=24")
+
+
+def test_hf_config_must_agree_with_the_tensors(tmp_path: Path) -> None:
+    spec = family("hf_vit")
+    canonical, _ = _canonical(tmp_path, spec)
+    folder = tmp_path / "hf"
+    formats.convert(canonical, folder, to_format="hf")
+    from vitspec.tensorfile import read_tensors, write_tensors
+
+    tensors, _meta = read_tensors(folder / "model.safetensors")
+    write_tensors(folder / "model.safetensors", tensors, {"format": "pt"}, overwrite=True)  # drop the embedded spec
+    config = json.loads((folder / "config.json").read_text())
+    assert formats.load(folder)[1] == spec  # everything from config.json
+    config["num_hidden_layers"] = 3
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SpecError, match="config.json has num_hidden_layers=3 but the tensors say depth 2"):
+        formats.load(folder)
+
+
+def test_big_vision_scanned_encoder_reads_block_by_block(tmp_path: Path) -> None:
+    spec = family("big_vision_gap", depth=3)
+    canonical, weights = _canonical(tmp_path, spec)
+    npz = tmp_path / "bv.npz"
+    formats.convert(canonical, npz, to_format="big_vision")
+    arrays = dict(np.load(npz, allow_pickle=False))
+    scanned: dict[str, np.ndarray] = {}
+    for name in sorted(arrays):
+        if "/encoderblock_" in name:
+            head, rest = name.split("/encoderblock_", 1)
+            _, leaf = rest.split("/", 1)
+            key = f"{head}/encoderblock/{leaf}"
+            if key not in scanned:
+                scanned[key] = np.stack([arrays[name.replace(f"encoderblock_{rest.split('/')[0]}", f"encoderblock_{i}")] for i in range(3)])
+        else:
+            scanned[name] = arrays[name]
+    scan = tmp_path / "scan.npz"
+    np.savez_compressed(scan, **scanned)
+    got, got_spec = formats.load(scan, spec={"gelu": "exact"})
+    assert got_spec == spec
+    _assert_bits(got, weights)
+
+
+def test_unsupported_features_are_named(tmp_path: Path) -> None:
+    from vitspec.tensorfile import write_tensors
+
+    spec = family("timm_token")
+    canonical, _ = _canonical(tmp_path, spec)
+    timm = tmp_path / "timm.safetensors"
+    formats.convert(canonical, timm, to_format="timm")
+    tensors = dict(formats.load(timm)[0])  # canonical
+    native = dict(formats.get_format("timm").to_native(spec, tensors))
+    native["blocks.0.ls1.gamma"] = np.ones(32, np.float32)
+    native["reg_token"] = np.ones((1, 4, 32), np.float32)
+    bad = tmp_path / "bad.safetensors"
+    write_tensors(bad, native)
+    with pytest.raises(WeightsError) as info:
+        formats.load(bad)
+    assert "register tokens (reg_tokens > 0) (reg_token)" in str(info.value)
+    assert "LayerScale (init_values) (blocks.0.ls1.gamma)" in str(info.value)
+
+
+# ---- resampling ------------------------------------------------------------------------------
+
+
+def test_resampling_keeps_constants_and_the_class_row(tmp_path: Path) -> None:
+    spec = family("vit_paper")  # 4x4 grid with a class row
+    table = np.concatenate([np.full((1, 32), 7.0), np.full((16, 32), -2.5)]).astype(np.float32)
+    out = resample.resample_pos_embed(spec, table, (6, 6))
+    assert out.shape == (37, 32) and out.dtype == np.float32
+    assert np.all(out[0] == 7.0) and np.allclose(out[1:], -2.5, atol=1e-6)
+    assert np.allclose(resample.bicubic_matrix(4, 6).sum(axis=1), 1.0)
+
+
+def test_convert_with_image_size_resamples_and_runs(tmp_path: Path) -> None:
+    spec = family("vit_paper")
+    canonical, weights = _canonical(tmp_path, spec)
+    out = tmp_path / "big.safetensors"
+    result = formats.convert(canonical, out, image_size=48)
+    assert result.spec.image_size == (48, 48) and "4, 4) -> (6, 6)" in result.resampled
+    got, got_spec = vitspec.load_weights(out)
+    assert got["pos_embed"].shape == (37, 32)
+    assert np.array_equal(got["pos_embed"][0], weights["pos_embed"][0])
+    for name in weights:
+        if name != "pos_embed":
+            assert np.array_equal(got[name], weights[name]), name
+    images = np.random.default_rng(0).standard_normal((1, 48, 48, 3))
+    assert np.isfinite(reference.forward(got_spec, got, images)["output"]).all()
+
+
+# ---- streaming -------------------------------------------------------------------------------
+
+STREAM_SPEC = vitspec.Spec(image_size=64, patch_size=8, hidden_dim=256, n_heads=4, depth=4, n_classes=100)
+
+
+@pytest.mark.parametrize(("a", "b"), [("timm", "canonical"), ("canonical", "hf"), ("google", "timm"), ("canonical", "big_vision"), ("torch", "flax")])
+def test_conversion_holds_about_one_block_not_the_model(tmp_path: Path, a: str, b: str) -> None:
+    spec = STREAM_SPEC
+    canonical, weights = _canonical(tmp_path, spec)
+    model_bytes = sum(w.nbytes for w in weights.values())
+    block_bytes = sum(w.nbytes for n, w in weights.items() if n.startswith("blocks.0."))
+    del weights
+    src = _out(tmp_path, "src", a)
+    formats.convert(canonical, src, to_format=a)
+    dst = _out(tmp_path, "dst", b)
+    tracemalloc.start()
+    try:
+        formats.convert(src, dst, to_format=b, spec=_hint(spec, a))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < block_bytes + model_bytes // 8, f"peak {peak} bytes for a {model_bytes}-byte model"
+
+
+def test_progress_reports_every_byte(tmp_path: Path) -> None:
+    canonical, weights = _canonical(tmp_path, EVERYWHERE)
+    seen: list[tuple[int, int]] = []
+    result = formats.convert(canonical, tmp_path / "t.safetensors", to_format="timm", progress=lambda d, t: seen.append((d, t)))
+    assert len(seen) == result.n_tensors
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert seen[-1] == (result.nbytes, result.nbytes) == (sum(w.nbytes for w in weights.values()),) * 2
+
+
+def test_load_gives_the_numbers_of_the_original(tmp_path: Path) -> None:
+    spec = family("timm_avg_fc_norm")
+    canonical, weights = _canonical(tmp_path, spec)
+    out = tmp_path / "t.safetensors"
+    formats.convert(canonical, out, to_format="timm")
+    got, got_spec = formats.load(out)
+    images = np.random.default_rng(1).standard_normal((2, 32, 32, 3))
+    assert rel_err(reference.forward(got_spec, got, images)["output"], reference.forward(spec, weights, images)["output"]) == 0.0
+
+
+# ---- the docs name what the code writes --------------------------------------------------------
+
+
+def _stem(name: str) -> str:
+    """A native name as the docs write it: block 0 as {i}, key/value like query, the leaf dropped."""
+    for block, generic in (("blocks.0.", "blocks.{i}."), ("blocks_0", "blocks_{i}"), ("encoder.layer.0.", "encoder.layer.{i}."), ("encoderblock_0", "encoderblock_{i}")):
+        name = name.replace(block, generic)
+    name = name.removeprefix("vit.").removeprefix("params/")
+    for part in ("key", "value"):
+        name = name.replace(f".{part}.", ".query.").replace(f"/{part}/", "/query/")
+    return re.sub(r"([./](weight|bias|scale|kernel)|/vars/\d)$", "", name)
+
+
+def test_convert_docs_name_every_native_tensor() -> None:
+    from vitspec.backends.tensorflow import h5_layout
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "convert.md").read_text()
+    headings = [line for line in page.splitlines() if line.startswith("#### ")]
+    specs = [family("vit_paper", depth=1), family("vit_paper_pre_logits", depth=1), family("timm_avg_fc_norm", depth=1),
+             family("vit_paper_pre_logits", depth=1, n_classes=0)]
+    for fmt in ALL:
+        assert fmt == "canonical" or any(f"`{fmt}`" in h for h in headings), fmt
+        module = formats.get_format(fmt)
+        for spec in specs:
+            if not _expressible(fmt, spec):
+                continue
+            names = [d for _, d in h5_layout(spec)] if fmt == "keras" else [n for n, _ in module.native_layout(spec)]
+            for name in names:
+                stem = _stem(name)
+                if fmt in ("flax", "canonical") and not stem.startswith(("patch_embed", "blocks.{i}.attn.qkv")):
+                    continue  # documented as "every other canonical name: itself"
+                assert stem in page, (fmt, name, stem)
+
+
+def test_formats_import_no_framework() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, vitspec.formats as f\n"
+        "for name in f.FORMATS: f.get_format(name)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'tensorflow', 'keras', 'jax', 'flax')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,488 @@
+"""Checkpoint formats and lossless, streaming conversion between them (``vitspec convert``).
+
+Every format is one module here with the same functions, so a user who learned one knows all:
+
+==============  ===========================================================================
+``canonical``   vitspec's own safetensors file: canonical names, spec in the metadata
+``torch``       vitspec's PyTorch model ``state_dict`` (safetensors or .pt/.pth)
+``keras``       vitspec's Keras model ``.weights.h5``, as ``model.save_weights`` writes it
+``flax``        vitspec's Flax NNX model state, as safetensors of flattened ``nnx.state`` paths
+``timm``        timm ``VisionTransformer`` ``state_dict`` (safetensors or .pt/.pth)
+``hf``          HF transformers ``ViTModel`` / ``ViTForImageClassification`` (save_pretrained folder)
+``google``      the original ViT release's ``.npz``
+``big_vision``  big_vision's ViT ``.npz``
+==============  ===========================================================================
+
+A format module has ``NAME``, ``SUMMARY``, ``check_spec(spec)`` (an error when the format cannot
+express a spec), ``native_layout(spec)``, ``to_native(spec, weights)``, ``from_native(spec, native)``,
+``canonical(spec, native)`` (a lazy random-access view, or None for formats read as a stream),
+``looks_like(names)``, ``infer(source, given)``, ``open(path)`` and ``write(path, spec, items, ...)``.
+
+A conversion never holds the model twice: the source is opened lazily (memory-mapped where the
+container allows), each canonical tensor is computed from the source tensor(s) when the writer asks
+for it, and the writer writes it at once (docs/convert.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from vitspec.errors import FileFormatError, SpecError, WeightsError
+from vitspec.files import OutputExistsError, OutputNotWritableError
+from vitspec.formats import _io
+from vitspec.formats._common import Materialized
+from vitspec.formats.infer import Facts, Inference, load_partial_spec, resolve
+from vitspec.layout import param_table
+from vitspec.spec import Spec
+
+FORMATS: dict[str, str] = {
+    "canonical": "vitspec.formats.canonical",
+    "torch": "vitspec.formats.torch",
+    "keras": "vitspec.formats.keras",
+    "flax": "vitspec.formats.flax",
+    "timm": "vitspec.formats.timm",
+    "hf": "vitspec.formats.hf",
+    "google": "vitspec.formats.google",
+    "big_vision": "vitspec.formats.big_vision",
+}
+# Files over this size get a progress bar in the CLI.
+PROGRESS_BYTES = 100 * 1024 * 1024
+
+# Which formats a container may hold, in the order their names are tried.
+_CANDIDATES = {
+    "safetensors": ("hf", "torch", "timm", "flax", "canonical"),
+    "safetensors-index": ("hf", "torch", "timm", "flax", "canonical"),
+    "torch-pickle": ("hf", "torch", "timm"),
+    "npz": ("google", "big_vision"),
+    "h5": ("keras",),
+}
+
+
+_KINDS = {
+    "folder": "a folder",
+    "safetensors": "a safetensors file",
+    "safetensors-index": "a safetensors index",
+    "npz": "an .npz file",
+    "torch-pickle": "a torch.save file",
+    "h5": "an HDF5 file",
+    "msgpack": "a msgpack file",
+}
+
+
+def get_format(name: str) -> ModuleType:
+    """The module of format ``name``."""
+    if name not in FORMATS:
+        raise FileFormatError(f"unknown format {name!r}; known formats: {', '.join(FORMATS)}")
+    return importlib.import_module(FORMATS[name])
+
+
+# ---- detection -------------------------------------------------------------------------------
+
+
+def detect(path: str | os.PathLike[str]) -> str:
+    """The format of an existing checkpoint, from its contents (metadata first, then tensor names)."""
+    path = Path(path)
+    container = _io.sniff_container(path)
+    if container == "folder":
+        get_format("hf").find_weights(path)
+        return "hf"
+    if container == "msgpack":
+        raise FileFormatError(
+            f"{path}: msgpack checkpoints are not read (Flax's to_bytes needs the whole model in memory); "
+            "the flax format is safetensors of the flattened nnx.state (docs/convert.md)"
+        )
+    with _open_container(path, container) as source:
+        names, metadata = source.names, source.metadata
+    tagged = metadata.get("vitspec.format")
+    if tagged in FORMATS:
+        return tagged
+    if metadata.get("format") == "vitspec":
+        return "canonical"
+    for name in _CANDIDATES[container]:
+        if get_format(name).looks_like(names):
+            return name
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    raise FileFormatError(
+        f"{path}: cannot tell which checkpoint format this {container} file is (tensors: {shown}); "
+        f"pass --from with one of {', '.join(FORMATS)}"
+    )
+
+
+def _open_container(path: Path, container: str) -> _io.Source:
+    if container == "safetensors-index":
+        return _io.open_sharded_safetensors(path)
+    if container == "torch-pickle":
+        return _io.open_torch_pickle(path)
+    if container == "npz":
+        return _io.open_npz(path)
+    if container == "h5":
+        return _io.open_h5(path)
+    return _io.open_safetensors(path)
+
+
+def destination_format(path: str | os.PathLike[str]) -> str:
+    """The format an output path implies when ``--to`` is not given."""
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith(".h5"):
+        return "keras"
+    if name.endswith(".safetensors"):
+        return "canonical"
+    if name.endswith(".npz"):
+        raise FileFormatError(f"{path}: an .npz output can be --to google or --to big_vision; say which")
+    if name.endswith((".pt", ".pth")):
+        raise FileFormatError(f"{path}: a .pt/.pth output can be --to timm or --to torch; say which")
+    if path.suffix == "" or path.is_dir():
+        return "hf"
+    raise FileFormatError(
+        f"{path}: cannot tell the output format from the name; pass --to with one of {', '.join(FORMATS)}"
+    )
+
+
+# ---- reading ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    """An opened checkpoint: its format, its native tensors (read lazily) and its inferred spec."""
+
+    path: Path
+    format: str
+    source: _io.Source
+    inference: Inference
+
+    @property
+    def spec(self) -> Spec:
+        return self.inference.spec
+
+    @property
+    def module(self) -> ModuleType:
+        return get_format(self.format)
+
+    def canonical(self) -> Mapping[str, np.ndarray]:
+        """Canonical tensors computed from the file as they are asked for (a stream for native formats)."""
+        view = self.module.canonical
+        if view is not None:
+            return view(self.spec, self.source)
+        return _Stream(self.spec, self.module.from_native(self.spec, self.source))
+
+    def close(self) -> None:
+        self.source.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_checkpoint(
+    path: str | os.PathLike[str],
+    from_format: str | None = None,
+    spec: str | Path | dict[str, Any] | Spec | None = None,
+) -> Checkpoint:
+    """Open a checkpoint of any format, infer its spec and check every tensor's name and shape.
+
+    ``spec`` is a partial spec (file, preset, ``field=value`` pairs or a mapping) for what the
+    file cannot tell; a value contradicting the file is an error.
+    """
+    path = Path(path)
+    fmt = from_format or detect(path)
+    module = get_format(fmt)
+    given = load_partial_spec(spec)
+    source = open_source(path, fmt)
+    try:
+        inference = infer_spec(module, source, given)
+        if hasattr(module, "prepare"):
+            source = module.prepare(inference.spec, source)
+        check_layout(module, inference.spec, source)
+    except BaseException:
+        source.close()
+        raise
+    return Checkpoint(path, fmt, source, inference)
+
+
+def open_source(path: str | os.PathLike[str], fmt: str) -> _io.Source:
+    """The file's tensors under the native names of format ``fmt`` (nothing read yet)."""
+    path = Path(path)
+    module = get_format(fmt)
+    container = _io.sniff_container(path)
+    if container not in module.CONTAINERS:
+        kind = _KINDS.get(container, container)
+        raise FileFormatError(f"{path}: is {kind}, which cannot hold a {fmt} checkpoint ({module.SUMMARY}); check --from")
+    return module.open(path)
+
+
+def infer_spec(module: ModuleType, source: _io.Source, given: dict[str, Any]) -> Inference:
+    """The spec of an opened file: the embedded one if any, else the format's inference; ``given`` merged."""
+    from vitspec.weights import SPEC_KEY, spec_from_metadata
+
+    if SPEC_KEY in source.metadata:
+        embedded = spec_from_metadata(source.metadata, str(source.path))
+        assert embedded is not None
+        facts = Facts(module.NAME, known=embedded.to_dict())
+        facts.family = f"{module.NAME} (embedded spec)"
+    else:
+        facts = module.infer(source, given)
+    return resolve(facts, given, str(source.path))
+
+
+def check_layout(module: ModuleType, spec: Spec, source: _io.Source) -> None:
+    """One WeightsError listing every missing, unexpected, misshapen or non-float tensor."""
+    try:
+        expected = dict(module.native_layout(spec))
+    except SpecError as exc:
+        raise WeightsError(exc.problems, str(source.path)) from None
+    problems: list[str] = []
+    missing = [n for n in expected if n not in source.entries]
+    unexpected = [n for n in source.entries if n not in expected]
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected)}")
+    for name, shape in expected.items():
+        if name not in source.entries:
+            continue
+        found, dtype = source.entries[name]
+        if tuple(found) != tuple(shape):
+            problems.append(f"{name}: expected shape {list(shape)}, found {list(found)}")
+        if not _io.is_float(dtype):
+            problems.append(f"{name}: expected a float dtype ({', '.join(_io.FLOAT_KINDS)}), found {dtype}")
+    if problems:
+        raise WeightsError(problems, f"{source.path} ({module.NAME} format, spec inferred as above)")
+
+
+class _Stream(Mapping[str, np.ndarray]):
+    """A canonical generator seen as a mapping: each tensor is handed out once, then forgotten.
+
+    Tensors the reader skips over wait in a buffer until asked for, so a writer that wants them
+    in another order than the generator's still gets them, holding only what it skipped.
+    """
+
+    def __init__(self, spec: Spec, items: Iterator[tuple[str, np.ndarray]]) -> None:
+        self._names = [p.name for p in param_table(spec)]
+        self._known = set(self._names)
+        self._items = iter(items)
+        self._waiting: dict[str, np.ndarray] = {}
+        self._taken: set[str] = set()
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._known:
+            raise KeyError(name)
+        if name in self._waiting:
+            self._taken.add(name)
+            return self._waiting.pop(name)
+        if name in self._taken:
+            raise RuntimeError(f"internal error: canonical tensor {name} was read twice from a one-pass stream")
+        for got, array in self._items:
+            if got == name:
+                self._taken.add(name)
+                return array
+            self._waiting[got] = array
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._known
+
+
+def load(
+    path: str | os.PathLike[str],
+    from_format: str | None = None,
+    spec: str | Path | dict[str, Any] | Spec | None = None,
+) -> tuple[dict[str, np.ndarray], Spec]:
+    """All canonical weights of a checkpoint of any format, in memory, and its spec."""
+    with open_checkpoint(path, from_format, spec) as ckpt:
+        view = ckpt.canonical()
+        weights = {p.name: np.array(view[p.name]) for p in param_table(ckpt.spec)}
+        _raise_nonfinite(ckpt.source)
+        return weights, ckpt.spec
+
+
+def save(
+    path: str | os.PathLike[str],
+    weights: Mapping[str, np.ndarray],
+    spec: Spec,
+    to_format: str | None = None,
+    *,
+    overwrite: bool = False,
+) -> None:
+    """Write canonical ``weights`` of ``spec`` in any format (atomically)."""
+    from vitspec.weights import check_weights
+
+    path = Path(path)
+    fmt = to_format or destination_format(path)
+    module = get_format(fmt)
+    check_weights(spec, weights, source=str(path))
+    module.check_spec(spec)
+    _check_destination(path, overwrite)
+    dtype = _output_dtype({np.asarray(w).dtype for w in weights.values()})
+    module.write(path, spec, module.to_native(spec, weights), dtype, overwrite=overwrite)
+
+
+# ---- converting ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """What ``convert`` did."""
+
+    source: Path
+    destination: Path
+    from_format: str
+    to_format: str
+    inference: Inference
+    spec: Spec
+    n_tensors: int
+    nbytes: int
+    seconds: float
+    dtype: str
+    resampled: str | None = None
+
+
+ProgressFn = Callable[[int, int], None]
+
+
+def convert(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    from_format: str | None = None,
+    to_format: str | None = None,
+    spec: str | Path | dict[str, Any] | Spec | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+    on_open: Callable[[Checkpoint], None] | None = None,
+) -> Conversion:
+    """Convert a checkpoint between formats, one tensor at a time, writing ``dst`` atomically.
+
+    ``image_size`` resamples a learned position embedding to a new input size (see
+    ``vitspec.formats.resample``). ``progress(done_bytes, total_bytes)`` is called after each
+    tensor is written; ``on_open(checkpoint)`` once the source is open and its spec known.
+    """
+    start = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    to_name = to_format or destination_format(dst)
+    target = get_format(to_name)
+    _check_destination(dst, overwrite)
+    if dst.exists() and src.exists() and _same_file(src, dst):
+        raise FileFormatError(f"{dst}: refusing to convert a checkpoint onto itself")
+    with open_checkpoint(src, from_format, spec) as ckpt:
+        if on_open is not None:
+            on_open(ckpt)
+        in_spec = ckpt.spec
+        out_spec, how = _resized(in_spec, image_size)
+        target.check_spec(out_spec)
+        dtype = _output_dtype({d for _, d in ckpt.source.entries.values()})
+        layout = target.native_layout(out_spec)
+        total = sum(int(np.prod(shape)) * dtype.itemsize for _, shape in layout)
+        weights = ckpt.canonical()
+        if getattr(ckpt.module, "DENSE", "in_out") != getattr(target, "DENSE", "in_out"):
+            # The kernels change orientation: transpose each once, cache-blocked, as it is read.
+            # (Between two (out, in) formats the canonical views cancel out and nothing is copied.)
+            weights = Materialized(weights)
+        if out_spec != in_spec:
+            from vitspec.formats.resample import resampled
+
+            weights = resampled(in_spec, out_spec, weights)
+        done = [0]
+
+        def tick(nbytes: int) -> None:
+            done[0] += nbytes
+            if progress is not None:
+                progress(done[0], total)
+
+        items = _checked(target.to_native(out_spec, weights), ckpt.source)
+        target.write(dst, out_spec, items, dtype, overwrite=overwrite, progress=tick)
+        return Conversion(
+            src, dst, ckpt.format, to_name, ckpt.inference, out_spec, len(layout), total,
+            time.perf_counter() - start, str(dtype), how,
+        )
+
+
+def _resized(spec: Spec, image_size: int | tuple[int, int] | list[int] | None) -> tuple[Spec, str | None]:
+    if image_size is None:
+        return spec, None
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if size == spec.image_size:
+        return spec, None
+    new = spec.replace(image_size=size)
+    if spec.pos_embed != "learned":
+        return new, f"image size {spec.image_size} -> {new.image_size}; pos_embed {spec.pos_embed!r} has no table to resample"
+    from vitspec.formats.resample import ALGORITHM
+
+    return new, f"pos_embed grid {spec.grid} -> {new.grid} ({ALGORITHM})"
+
+
+def _checked(items: Iterator[tuple[str, np.ndarray]], source: _io.Source) -> Iterator[tuple[str, np.ndarray]]:
+    """Pass items through; after the last one, fail if any source tensor held NaN or Inf.
+
+    The writer is still inside its temporary file then, so a failure leaves nothing behind.
+    """
+    yield from items
+    _raise_nonfinite(source)
+
+
+def _raise_nonfinite(source: _io.Source) -> None:
+    if source.nonfinite:
+        raise WeightsError([f"{name}: {what}" for name, what in source.nonfinite.items()], str(source.path))
+
+
+def _output_dtype(dtypes: set[np.dtype]) -> np.dtype:
+    """One float dtype for the whole output: the source's, or the widest when it mixes several."""
+    floats = {np.dtype(d) for d in dtypes if _io.is_float(np.dtype(d))}
+    if len(floats) <= 1:
+        return floats.pop() if floats else np.dtype(np.float32)
+    if np.dtype(np.float64) in floats:
+        return np.dtype(np.float64)
+    return np.dtype(np.float32)
+
+
+def _check_destination(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise OutputExistsError(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputNotWritableError(f"cannot write {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputNotWritableError(f"cannot write {path}: folder {parent} is not writable")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+__all__ = [
+    "FORMATS",
+    "PROGRESS_BYTES",
+    "Checkpoint",
+    "Conversion",
+    "check_layout",
+    "convert",
+    "destination_format",
+    "detect",
+    "get_format",
+    "infer_spec",
+    "load",
+    "open_checkpoint",
+    "open_source",
+    "save",
+]

@@ -1,0 +1,127 @@
+"""Pieces every format adapter shares: lazy canonical views, table checks, small shape helpers."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from vitspec.errors import SpecError, WeightsError
+from vitspec.layout import param_table
+from vitspec.spec import Spec
+
+Shape = tuple[int, ...]
+
+
+class LazyView(Mapping[str, np.ndarray]):
+    """Canonical names of ``spec``, each computed from a native mapping when it is looked up.
+
+    Nothing is cached: a tensor costs nothing until asked for, and is gone when the caller drops it.
+    """
+
+    def __init__(self, spec: Spec, compute: Callable[[str], np.ndarray]) -> None:
+        self._names = [p.name for p in param_table(spec)]
+        self._known = set(self._names)
+        self._compute = compute
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._known:
+            raise KeyError(name)
+        return self._compute(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._known
+
+
+def in_table_order(spec: Spec, view: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
+    for p in param_table(spec):
+        yield p.name, view[p.name]
+
+
+def block_count(names: list[str], pattern: str, what: str) -> int:
+    """Number of blocks, from names matching ``pattern`` (one group: the index); indices must be 0..n-1."""
+    rx = re.compile(pattern)
+    found = sorted({int(m.group(1)) for n in names if (m := rx.match(n))})
+    if not found:
+        return 0
+    if found != list(range(len(found))):
+        gaps = sorted(set(range(max(found) + 1)) - set(found))
+        raise WeightsError([f"{what} indices are not contiguous: missing block(s) {', '.join(map(str, gaps))}"])
+    return len(found)
+
+
+def need(shapes: Mapping[str, Shape], name: str, ndim: int, what: str) -> Shape:
+    """The shape of a tensor the format requires, or an error naming it."""
+    if name not in shapes:
+        raise WeightsError([f"missing tensor {name} ({what}); is this file of the format it was read as?"])
+    shape = shapes[name]
+    if len(shape) != ndim:
+        raise WeightsError([f"{name}: expected {ndim} dimensions ({what}), found shape {list(shape)}"])
+    return shape
+
+
+def refuse(problems: list[str], fmt: str) -> None:
+    """One SpecError for every feature of a spec that format ``fmt`` cannot hold."""
+    if problems:
+        raise SpecError([f"cannot write the {fmt} format: {p}" for p in problems])
+
+
+def reject_features(names: list[str], features: Mapping[str, str], fmt: str) -> None:
+    """Error out on tensors of features a vitspec spec cannot express (name pattern -> feature)."""
+    problems = []
+    for pattern, feature in features.items():
+        hits = [n for n in names if re.search(pattern, n)]
+        if hits:
+            shown = ", ".join(hits[:3]) + (f" and {len(hits) - 3} more" if len(hits) > 3 else "")
+            problems.append(f"this {fmt} checkpoint uses {feature} ({shown}), which a vitspec spec cannot express")
+    if problems:
+        raise WeightsError(problems)
+
+
+_STRIP = 16  # rows per strip: 16 float32 values fill a 64-byte cache line of the output
+
+
+def contiguous(array: Any) -> np.ndarray:
+    """A C-contiguous copy of ``array`` (itself if it already is one).
+
+    A transposed matrix is copied in strips of 16 source rows: each strip stays in cache while its
+    columns are written out, which is several times faster than NumPy's element-order copy for
+    the large (out, in) <-> (in, out) kernels a conversion transposes.
+    """
+    array = np.asarray(array)
+    if array.flags.c_contiguous:
+        return array
+    if array.ndim != 2 or not array.T.flags.c_contiguous or array.shape[1] < 4 * _STRIP:
+        return np.ascontiguousarray(array)
+    source = array.T  # C-contiguous (cols, rows)
+    out = np.empty(array.shape, array.dtype)
+    for start in range(0, source.shape[0], _STRIP):
+        out[:, start : start + _STRIP] = source[start : start + _STRIP].T
+    return out
+
+
+class Materialized(Mapping[str, np.ndarray]):
+    """A mapping whose arrays are made C-contiguous (with ``contiguous``) as they are looked up."""
+
+    def __init__(self, inner: Mapping[str, np.ndarray]) -> None:
+        self._inner = inner
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return contiguous(self._inner[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._inner)
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._inner

@@ -1,0 +1,106 @@
+"""canonical: vitspec's own weights file (safetensors, canonical names, the spec in the metadata).
+
+``vitspec layout SPEC`` prints the table; docs/layout.md explains it. A canonical file without an
+embedded spec (written by another tool) is read too: its spec is inferred from the shapes, with
+vitspec's own defaults for heads, norm eps and GELU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitspec.errors import WeightsError
+from vitspec.formats import _io
+from vitspec.formats._common import block_count, in_table_order, need
+from vitspec.formats.infer import Facts, add_default_heads, place_positions
+from vitspec.layout import param_table
+from vitspec.spec import Spec
+from vitspec.weights import FORMAT, SPEC_KEY
+
+NAME = "canonical"
+SUMMARY = "vitspec canonical safetensors (spec in the metadata)"
+CONTAINERS = ("safetensors",)  # what vitspec.formats._io.sniff_container may call a file of this format
+
+
+def check_spec(spec: Spec) -> None:
+    """Every spec has a canonical layout."""
+
+
+def native_layout(spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
+    return [(p.name, p.shape) for p in param_table(spec)]
+
+
+def to_native(spec: Spec, weights: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
+    return in_table_order(spec, weights)
+
+
+def canonical(spec: Spec, native: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    return native
+
+
+def from_native(spec: Spec, native: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
+    return in_table_order(spec, native)
+
+
+def looks_like(names: list[str]) -> bool:
+    return "patch_embed.kernel" in names
+
+
+def infer(source: _io.Source, given: dict[str, Any]) -> Facts:
+    """A canonical file without an embedded spec: the shapes, then vitspec's defaults."""
+    return infer_from_shapes(source.shapes, given, NAME, "the file has no embedded spec")
+
+
+def infer_from_shapes(shapes: Mapping[str, tuple[int, ...]], given: dict[str, Any], family: str, why: str) -> Facts:
+    """Facts from canonical names and shapes (only those present); vitspec's defaults for the rest.
+
+    Native formats whose names map onto canonical ones (keras, flax) reuse this.
+    """
+    names = list(shapes)
+    facts = Facts(family)
+    k = facts.known
+    if "patch_embed.kernel" in shapes and len(shapes["patch_embed.kernel"]) == 4:
+        ph, pw, c, d = shapes["patch_embed.kernel"]
+        k.update(in_channels=c, patch_size=(ph, pw))
+    else:
+        d = need(shapes, "patch_embed.bias", 1, "the patch embedding bias")[0]
+    k["hidden_dim"] = d
+    depth = block_count(names, r"^blocks\.(\d+)\.", "blocks")
+    if not depth:
+        raise WeightsError(["no blocks.{i}.* tensors found"])
+    k["depth"] = depth
+    k["mlp_ratio"] = need(shapes, "blocks.0.mlp.fc1.kernel", 2, "the first MLP layer")[1] / d
+    k["qkv_bias"] = "blocks.0.attn.query.bias" in shapes
+    k["class_token"] = "class_token" in shapes
+    k["pre_logits_dim"] = shapes["pre_logits.kernel"][1] if "pre_logits.kernel" in shapes else 0
+    k["n_classes"] = shapes["head.kernel"][1] if "head.kernel" in shapes else 0
+    if not k["class_token"]:
+        k["pooling"] = "avg"
+    if "pos_embed" in shapes:
+        k["pos_embed"] = "learned"
+        rows = need(shapes, "pos_embed", 2, "the position embedding")[0]
+        if "patch_size" in k:
+            place_positions(facts, rows, k["patch_size"], k["class_token"], given.get("image_size"))
+    else:
+        facts.default("pos_embed", "none", "no pos_embed tensor; pass --spec pos_embed=sincos2d for a fixed table")
+        facts.default("image_size", 224, "no position embedding to read it from")
+    add_default_heads(facts, d)
+    for name in ("pooling", "final_norm", "norm_eps", "gelu"):
+        if name not in k:
+            facts.default(name, Spec.model_fields[name].default, f"vitspec's default; {why}")
+    return facts
+
+
+def open(path: Path) -> _io.Source:
+    return _io.open_safetensors(path)
+
+
+def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype: np.dtype, *, overwrite: bool, progress: _io.Progress | None = None) -> None:
+    from vitspec import __version__
+
+    metadata = {"format": FORMAT, SPEC_KEY: spec.to_json(), "vitspec.version": __version__}
+    _io.write_safetensors(path, native_layout(spec), items, dtype, metadata, overwrite=overwrite, progress=progress)

@@ -1,0 +1,406 @@
+"""HF transformers: ``ViTModel`` and ``ViTForImageClassification`` checkpoints.
+
+A ``save_pretrained`` folder (``config.json`` with ``model.safetensors``, a sharded
+``model.safetensors.index.json``, or ``pytorch_model.bin``), or one of those files with its
+``config.json`` beside it. Names are the ones ``save_pretrained`` writes (transformers 4 and 5
+alike); transformers 5's in-memory names (``layers.{i}.attention.q_proj`` ...) are read too.
+``ViTForImageClassification`` prefixes the encoder with ``vit.``; ``ViTModel`` has no prefix.
+
+================================================================  =====================  ===========================================
+HF name (P = ``vit.`` for ViTForImageClassification, else empty)  shape                  canonical
+================================================================  =====================  ===========================================
+``P embeddings.cls_token``                                        (1, 1, D)              ``class_token``
+``P embeddings.position_embeddings``                              (1, 1 + N, D)          ``pos_embed``
+``P embeddings.patch_embeddings.projection.weight|bias``          (D, C, ph, pw), (D,)   ``patch_embed.kernel`` (OIHW→HWIO), ``.bias``
+``P encoder.layer.{i}.layernorm_before.weight|bias``              (D,)                   ``blocks.{i}.norm1.scale|bias``
+``P encoder.layer.{i}.attention.attention.query|key|value.*``     (D, D), (D,)           ``blocks.{i}.attn.query|key|value.kernel``ᵀ
+``P encoder.layer.{i}.attention.output.dense.weight|bias``        (D, D), (D,)           ``blocks.{i}.attn.out.kernel``ᵀ, ``.bias``
+``P encoder.layer.{i}.layernorm_after.weight|bias``               (D,)                   ``blocks.{i}.norm2.scale|bias``
+``P encoder.layer.{i}.intermediate.dense.weight|bias``            (M, D), (M,)           ``blocks.{i}.mlp.fc1.kernel``ᵀ, ``.bias``
+``P encoder.layer.{i}.output.dense.weight|bias``                  (D, M), (D,)           ``blocks.{i}.mlp.fc2.kernel``ᵀ, ``.bias``
+``P layernorm.weight|bias``                                       (D,)                   ``norm.scale|bias``
+``pooler.dense.weight|bias`` (ViTModel's pooler, + tanh)          (R, D), (R,)           ``pre_logits.kernel``ᵀ, ``.bias``
+``classifier.weight|bias``                                        (K, D), (K,)           ``head.kernel``ᵀ, ``head.bias``
+================================================================  =====================  ===========================================
+
+``config.json`` gives the rest: ``num_attention_heads``, ``layer_norm_eps`` (1e-12 by default),
+``hidden_act`` (``gelu`` = exact; ``gelu_pytorch_tanh``, ``gelu_new`` and ``gelu_fast`` = tanh).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitspec.errors import FileFormatError, SpecError, WeightsError
+from vitspec.files import atomic_dir
+from vitspec.formats import _io
+from vitspec.formats._common import (
+    LazyView,
+    block_count,
+    in_table_order,
+    need,
+    refuse,
+    reject_features,
+)
+from vitspec.formats.infer import Facts, add_default_heads, place_positions
+from vitspec.spec import Spec
+
+NAME = "hf"
+# Dense kernels are stored (out, in), as torch.nn.Linear keeps them.
+DENSE = "out_in"
+SUMMARY = "HF transformers ViTModel / ViTForImageClassification (save_pretrained folder)"
+CONTAINERS = ("folder", "safetensors", "safetensors-index", "torch-pickle")  # what vitspec.formats._io.sniff_container may call a file of this format
+
+EXACT_ACTS = ("gelu",)
+TANH_ACTS = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin")
+
+UNSUPPORTED = {
+    r"embeddings\.mask_token$": "a mask token (ViTForMaskedImageModeling)",
+    r"^decoder\.": "the masked-image-modeling decoder",
+}
+
+
+def check_spec(spec: Spec) -> None:
+    problems = []
+    if not spec.class_token or not spec.pos_embed_class_slot or spec.pos_embed != "learned":
+        problems.append("HF ViT always has a class token and a learned position embedding with a class-token row")
+    if spec.pooling != "token":
+        problems.append("HF ViT pools the class token (spec has pooling 'avg')")
+    if spec.final_norm != "before_pool":
+        problems.append("HF ViT's layernorm comes before pooling (spec has final_norm 'after_pool')")
+    if spec.pre_logits_dim and spec.n_classes:
+        problems.append(
+            "HF ViT has either a classifier (ViTForImageClassification) or a dense+tanh pooler (ViTModel), not both"
+        )
+    refuse(problems, NAME)
+
+
+def _prefix(spec: Spec) -> str:
+    return "vit." if spec.n_classes else ""
+
+
+def native_layout(spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
+    """Every HF tensor for ``spec`` (ViTForImageClassification when it has classes, else ViTModel)."""
+    check_spec(spec)
+    d, m, (ph, pw), c = spec.hidden_dim, spec.mlp_dim, spec.patch_size, spec.in_channels
+    p = _prefix(spec)
+    out: list[tuple[str, tuple[int, ...]]] = [
+        (f"{p}embeddings.cls_token", (1, 1, d)),
+        (f"{p}embeddings.position_embeddings", (1, spec.n_positions, d)),
+        (f"{p}embeddings.patch_embeddings.projection.weight", (d, c, ph, pw)),
+        (f"{p}embeddings.patch_embeddings.projection.bias", (d,)),
+    ]
+    for i in range(spec.depth):
+        b = f"{p}encoder.layer.{i}"
+        out += [(f"{b}.layernorm_before.weight", (d,)), (f"{b}.layernorm_before.bias", (d,))]
+        for part in ("query", "key", "value"):
+            out.append((f"{b}.attention.attention.{part}.weight", (d, d)))
+            if spec.qkv_bias:
+                out.append((f"{b}.attention.attention.{part}.bias", (d,)))
+        out += [
+            (f"{b}.attention.output.dense.weight", (d, d)),
+            (f"{b}.attention.output.dense.bias", (d,)),
+            (f"{b}.layernorm_after.weight", (d,)),
+            (f"{b}.layernorm_after.bias", (d,)),
+            (f"{b}.intermediate.dense.weight", (m, d)),
+            (f"{b}.intermediate.dense.bias", (m,)),
+            (f"{b}.output.dense.weight", (d, m)),
+            (f"{b}.output.dense.bias", (d,)),
+        ]
+    out += [(f"{p}layernorm.weight", (d,)), (f"{p}layernorm.bias", (d,))]
+    if spec.pre_logits_dim:
+        r = spec.pre_logits_dim
+        out += [("pooler.dense.weight", (r, d)), ("pooler.dense.bias", (r,))]
+    if spec.n_classes:
+        k = spec.n_classes
+        out += [("classifier.weight", (k, d)), ("classifier.bias", (k,))]
+    return out
+
+
+# canonical block suffix -> HF layer suffix
+_BLOCK = {
+    "norm1.scale": "layernorm_before.weight",
+    "norm1.bias": "layernorm_before.bias",
+    "attn.query.kernel": "attention.attention.query.weight",
+    "attn.query.bias": "attention.attention.query.bias",
+    "attn.key.kernel": "attention.attention.key.weight",
+    "attn.key.bias": "attention.attention.key.bias",
+    "attn.value.kernel": "attention.attention.value.weight",
+    "attn.value.bias": "attention.attention.value.bias",
+    "attn.out.kernel": "attention.output.dense.weight",
+    "attn.out.bias": "attention.output.dense.bias",
+    "norm2.scale": "layernorm_after.weight",
+    "norm2.bias": "layernorm_after.bias",
+    "mlp.fc1.kernel": "intermediate.dense.weight",
+    "mlp.fc1.bias": "intermediate.dense.bias",
+    "mlp.fc2.kernel": "output.dense.weight",
+    "mlp.fc2.bias": "output.dense.bias",
+}
+_TOP = {
+    "patch_embed.bias": "embeddings.patch_embeddings.projection.bias",
+    "norm.scale": "layernorm.weight",
+    "norm.bias": "layernorm.bias",
+}
+
+
+def _native_name(spec: Spec, canonical_name: str) -> str:
+    p = _prefix(spec)
+    if canonical_name.startswith("blocks."):
+        _, i, rest = canonical_name.split(".", 2)
+        return f"{p}encoder.layer.{i}.{_BLOCK[rest]}"
+    if canonical_name in _TOP:
+        return p + _TOP[canonical_name]
+    return {
+        "patch_embed.kernel": f"{p}embeddings.patch_embeddings.projection.weight",
+        "class_token": f"{p}embeddings.cls_token",
+        "pos_embed": f"{p}embeddings.position_embeddings",
+        "pre_logits.kernel": "pooler.dense.weight",
+        "pre_logits.bias": "pooler.dense.bias",
+        "head.kernel": "classifier.weight",
+        "head.bias": "classifier.bias",
+    }[canonical_name]
+
+
+def _from_canonical(spec: Spec, name: str, value: np.ndarray) -> np.ndarray:
+    if name == "patch_embed.kernel":
+        return value.transpose(3, 2, 0, 1)
+    if name == "class_token":
+        return value.reshape(1, 1, spec.hidden_dim)
+    if name == "pos_embed":
+        return value.reshape(1, spec.n_positions, spec.hidden_dim)
+    return value.T if value.ndim == 2 else value
+
+
+def to_native(spec: Spec, weights: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
+    """Canonical -> HF, one tensor at a time, in the order of ``native_layout``."""
+    back = {_native_name(spec, n): n for n in weights}
+    for name, _shape in native_layout(spec):
+        yield name, _from_canonical(spec, back[name], weights[back[name]])
+
+
+def canonical(spec: Spec, native: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    """HF -> canonical as a lazy mapping (each tensor a transposed or reshaped view)."""
+    d = spec.hidden_dim
+
+    def compute(name: str) -> np.ndarray:
+        value = native[_native_name(spec, name)]
+        if name == "patch_embed.kernel":
+            return value.transpose(2, 3, 1, 0)
+        if name == "class_token":
+            return value.reshape(d)
+        if name == "pos_embed":
+            return value.reshape(spec.n_positions, d)
+        return value.T if value.ndim == 2 else value
+
+    return LazyView(spec, compute)
+
+
+def from_native(spec: Spec, native: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
+    return in_table_order(spec, canonical(spec, native))
+
+
+# ---- reading ---------------------------------------------------------------------------------
+
+# transformers 5 in-memory names -> the names save_pretrained writes
+_V5 = [
+    (re.compile(r"^(vit\.)?layers\.(\d+)\.attention\.([qkv])_proj\."), None),
+    (re.compile(r"^(vit\.)?layers\.(\d+)\.attention\.o_proj\."), r"\1encoder.layer.\2.attention.output.dense."),
+    (re.compile(r"^(vit\.)?layers\.(\d+)\.mlp\.fc1\."), r"\1encoder.layer.\2.intermediate.dense."),
+    (re.compile(r"^(vit\.)?layers\.(\d+)\.mlp\.fc2\."), r"\1encoder.layer.\2.output.dense."),
+    (re.compile(r"^(vit\.)?layers\.(\d+)\."), r"\1encoder.layer.\2."),
+]
+_QKV = {"q": "query", "k": "key", "v": "value"}
+
+
+def _legacy_name(name: str) -> str:
+    for rx, repl in _V5:
+        m = rx.match(name)
+        if not m:
+            continue
+        if repl is None:
+            return f"{m.group(1) or ''}encoder.layer.{m.group(2)}.attention.attention.{_QKV[m.group(3)]}." + name[m.end():]
+        return rx.sub(repl, name, count=1)
+    return name
+
+
+def normalize_names(names: list[str]) -> dict[str, str]:
+    """file name -> the name vitspec uses: save_pretrained names, ``vit.`` exactly when there is a classifier."""
+    legacy = {n: _legacy_name(n) for n in names}
+    classifier = any(v.startswith("classifier.") for v in legacy.values())
+    out = {}
+    for n, v in legacy.items():
+        bare = v.removeprefix("vit.")
+        top = bare.startswith(("classifier.", "pooler."))
+        out[n] = bare if top or not classifier else f"vit.{bare}"
+    return out
+
+
+def looks_like(names: list[str]) -> bool:
+    return any(n.endswith("embeddings.patch_embeddings.projection.weight") for n in names)
+
+
+def find_weights(path: Path) -> tuple[Path, Path | None]:
+    """(weights file, config.json or None) for a folder or a weights file."""
+    if path.is_dir():
+        for name in WEIGHT_FILES:
+            if (path / name).is_file():
+                config = path / "config.json"
+                return path / name, config if config.is_file() else None
+        raise FileFormatError(f"{path}: folder has none of {', '.join(WEIGHT_FILES)} (not a save_pretrained folder)")
+    config = path.parent / "config.json"
+    return path, config if config.is_file() else None
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FileFormatError(f"{path}: not a readable config.json ({exc})") from None
+    if not isinstance(data, dict):
+        raise FileFormatError(f"{path}: expected a JSON object")
+    if data.get("model_type", "vit") != "vit":
+        raise FileFormatError(f"{path}: model_type is {data.get('model_type')!r}, expected 'vit' (HF ViTModel)")
+    return data
+
+
+def open(path: Path) -> _io.Source:
+    weights, config_path = find_weights(path)
+    container = _io.sniff_container(weights)
+    if container == "safetensors-index":
+        source = _io.open_sharded_safetensors(weights)
+    elif container == "torch-pickle":
+        source = _io.open_torch_pickle(weights)
+    else:
+        source = _io.open_safetensors(weights)
+    source = source.renamed(normalize_names(source.names))
+    if config_path is not None:
+        source.config = read_config(config_path)
+    return source
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)  # type: ignore[return-value]
+
+
+def infer(source: _io.Source, given: dict[str, Any]) -> Facts:
+    """What the tensors and config.json say; HF's ViTConfig defaults for the rest."""
+    shapes = source.shapes
+    names = list(shapes)
+    reject_features(names, UNSUPPORTED, NAME)
+    facts = Facts(NAME)
+    k = facts.known
+    classifier = "classifier.weight" in shapes
+    p = "vit." if classifier else ""
+    d, c, ph, pw = need(shapes, f"{p}embeddings.patch_embeddings.projection.weight", 4, "the patch projection")
+    k.update(hidden_dim=d, in_channels=c, patch_size=(ph, pw), class_token=True, pooling="token", pos_embed="learned")
+    k.update(final_norm="before_pool")
+    depth = block_count(names, rf"^{re.escape(p)}encoder\.layer\.(\d+)\.", "encoder.layer")
+    if not depth:
+        raise WeightsError([f"no {p}encoder.layer.{{i}}.* tensors found: not an HF ViT checkpoint"])
+    k["depth"] = depth
+    k["mlp_ratio"] = need(shapes, f"{p}encoder.layer.0.intermediate.dense.weight", 2, "the first MLP layer")[0] / d
+    k["qkv_bias"] = f"{p}encoder.layer.0.attention.attention.query.bias" in shapes
+    k["n_classes"] = shapes["classifier.weight"][0] if classifier else 0
+    k["pre_logits_dim"] = shapes["pooler.dense.weight"][0] if "pooler.dense.weight" in shapes else 0
+    if classifier and k["pre_logits_dim"]:
+        raise WeightsError(["found both classifier.* and pooler.*: ViTForImageClassification has no pooler"])
+    rows = need(shapes, f"{p}embeddings.position_embeddings", 3, "the position embedding")[1]
+    config = source.config
+    if config is not None:
+        _from_config(facts, config, source)
+        if "image_size" in k:
+            place_positions(facts, rows, (ph, pw), True, k["image_size"], by="config.json", slot=True)
+        else:
+            place_positions(facts, rows, (ph, pw), True, given.get("image_size"), slot=True)
+    else:
+        place_positions(facts, rows, (ph, pw), True, given.get("image_size"), slot=True)
+        add_default_heads(facts, d)
+        facts.default("norm_eps", 1e-12, "HF ViTConfig's layer_norm_eps; no config.json found")
+        facts.default("gelu", "exact", "HF ViTConfig's hidden_act 'gelu'; no config.json found")
+    return facts
+
+
+def _from_config(facts: Facts, config: dict[str, Any], source: _io.Source) -> None:
+    """Fields from config.json, each checked against the tensors already read."""
+    k = facts.known
+    where = "config.json"
+    problems = []
+
+    def agree(key: str, field: str, value: Any) -> None:
+        if field in k and k[field] != value:
+            problems.append(f"{where} has {key}={config[key]!r} but the tensors say {field} {k[field]!r}")
+
+    if "hidden_size" in config:
+        agree("hidden_size", "hidden_dim", config["hidden_size"])
+    if "num_channels" in config:
+        agree("num_channels", "in_channels", config["num_channels"])
+    if "patch_size" in config:
+        agree("patch_size", "patch_size", _pair(config["patch_size"]))
+    if "num_hidden_layers" in config:
+        agree("num_hidden_layers", "depth", config["num_hidden_layers"])
+    if "qkv_bias" in config:
+        agree("qkv_bias", "qkv_bias", bool(config["qkv_bias"]))
+    if "intermediate_size" in config and round(k["mlp_ratio"] * k["hidden_dim"]) != config["intermediate_size"]:
+        problems.append(f"{where} has intermediate_size={config['intermediate_size']} but the tensors say {round(k['mlp_ratio'] * k['hidden_dim'])}")
+    if problems:
+        raise SpecError(problems, str(source.path))
+    k["n_heads"] = int(config.get("num_attention_heads", 12))
+    k["norm_eps"] = float(config.get("layer_norm_eps", 1e-12))
+    act = config.get("hidden_act", "gelu")
+    if act in EXACT_ACTS:
+        k["gelu"] = "exact"
+    elif act in TANH_ACTS:
+        k["gelu"] = "tanh"
+    else:
+        raise SpecError([f"{where}: hidden_act {act!r} is not a GELU vitspec knows ({', '.join(EXACT_ACTS + TANH_ACTS)})"], str(source.path))
+    if k["pre_logits_dim"] and config.get("pooler_act", "tanh") != "tanh":
+        raise SpecError([f"{where}: pooler_act {config['pooler_act']!r}; vitspec's pre-logits layer is dense + tanh"], str(source.path))
+    if "image_size" in config:
+        k["image_size"] = _pair(config["image_size"])
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+
+def config_for(spec: Spec) -> dict[str, Any]:
+    """The config.json that makes transformers build exactly ``spec``."""
+    check_spec(spec)
+    config: dict[str, Any] = {
+        "architectures": ["ViTForImageClassification" if spec.n_classes else "ViTModel"],
+        "model_type": "vit",
+        "hidden_size": spec.hidden_dim,
+        "num_hidden_layers": spec.depth,
+        "num_attention_heads": spec.n_heads,
+        "intermediate_size": spec.mlp_dim,
+        "hidden_act": "gelu" if spec.gelu == "exact" else "gelu_pytorch_tanh",
+        "hidden_dropout_prob": spec.dropout,
+        "attention_probs_dropout_prob": spec.attn_dropout,
+        "layer_norm_eps": spec.norm_eps,
+        "image_size": list(spec.image_size) if spec.image_size[0] != spec.image_size[1] else spec.image_size[0],
+        "patch_size": list(spec.patch_size) if spec.patch_size[0] != spec.patch_size[1] else spec.patch_size[0],
+        "num_channels": spec.in_channels,
+        "qkv_bias": spec.qkv_bias,
+        "pooler_output_size": spec.pre_logits_dim or spec.hidden_dim,
+        "pooler_act": "tanh",
+    }
+    if spec.n_classes:
+        config["id2label"] = {str(i): f"LABEL_{i}" for i in range(spec.n_classes)}
+        config["label2id"] = {f"LABEL_{i}": i for i in range(spec.n_classes)}
+    return config
+
+
+def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype: np.dtype, *, overwrite: bool, progress: _io.Progress | None = None) -> None:
+    """A save_pretrained folder: config.json and model.safetensors, swapped into place when complete."""
+    config = config_for(spec)
+    config["torch_dtype"] = str(dtype) if str(dtype) != "bfloat16" else "bfloat16"
+    metadata = {"format": "pt", "vitspec.format": NAME, "vitspec.spec": spec.to_json()}
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _io.write_safetensors(tmp / "model.safetensors", native_layout(spec), items, dtype, metadata, overwrite=True, progress=progress)

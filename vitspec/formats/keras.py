@@ -1,0 +1,135 @@
+"""keras: the ``.weights.h5`` file Keras 3 writes for vitspec's Keras model (``vitspec.backends.tensorflow``).
+
+Exactly what ``model.save_weights("x.weights.h5")`` writes, so ``model.load_weights`` reads it:
+each layer's variables are datasets ``<layer path>/vars/<index>`` in creation order, every layer
+has a ``vars`` group named after it, and the model's own variables (class token, position
+embedding) sit in the root ``vars`` group. Where each weight lands is the backend's
+``h5_layout(spec)``; the shapes are Keras's (fused ``(D, 3D)`` qkv kernel, HWIO patch kernel,
+``(in, out)`` dense kernels). vitspec adds the spec as the root attribute ``vitspec.spec``
+(Keras ignores it). Written with h5py, one dataset at a time.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitspec.files import atomic_file
+from vitspec.formats import _io
+from vitspec.formats.canonical import infer_from_shapes
+from vitspec.formats.infer import Facts
+from vitspec.spec import Spec
+
+NAME = "keras"
+SUMMARY = "vitspec's Keras model .weights.h5 (as model.save_weights writes it)"
+CONTAINERS = ("h5",)  # what vitspec.formats._io.sniff_container may call a file of this format
+MODEL_NAME = "vision_transformer"
+
+
+def _backend() -> Any:
+    from vitspec.backends import tensorflow as backend
+
+    return backend
+
+
+def check_spec(spec: Spec) -> None:
+    """Every spec has a Keras model."""
+
+
+def native_layout(spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
+    return _backend().native_layout(spec)
+
+
+def to_native(spec: Spec, weights: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
+    return _backend().to_native(spec, weights)
+
+
+def from_native(spec: Spec, native: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
+    return _backend().from_native(spec, native)
+
+
+canonical = None  # a stream only: conversions read this format through from_native
+
+
+def looks_like(names: list[str]) -> bool:
+    return "layers/patch_embed/vars/0" in names
+
+
+def prepare(spec: Spec, source: _io.Source) -> _io.Source:
+    """Dataset paths -> native names, now that the spec says which dataset holds what."""
+    return source.renamed({dataset: native for native, dataset in _backend().h5_layout(spec)})
+
+
+_BLOCK = re.compile(r"^blocks_(\d+)/(.+)/vars/(\d)$")
+
+
+def infer(source: _io.Source, given: dict[str, Any]) -> Facts:
+    """From the dataset paths and shapes; vitspec's defaults for what they cannot tell."""
+    raw = source.shapes
+    shapes: dict[str, tuple[int, ...]] = {}
+    if "layers/patch_embed/vars/0" in raw:
+        shapes["patch_embed.kernel"] = raw["layers/patch_embed/vars/0"]
+    if "layers/patch_embed/vars/1" in raw:
+        shapes["patch_embed.bias"] = raw["layers/patch_embed/vars/1"]
+    for name in ("vars/0", "vars/1"):
+        if name in raw:
+            shapes["class_token" if len(raw[name]) == 1 else "pos_embed"] = raw[name]
+    for name, shape in raw.items():
+        m = _BLOCK.match(name)
+        if not m:
+            continue
+        i, layer, index = m.groups()
+        if layer == "mlp/fc1" and index == "0":
+            shapes[f"blocks.{i}.mlp.fc1.kernel"] = shape
+        elif layer == "attn/qkv" and index == "1":
+            shapes[f"blocks.{i}.attn.query.bias"] = (shape[0] // 3,)
+        else:
+            shapes[f"blocks.{i}.{layer.replace('/', '.')}.{index}"] = shape
+    if "layers/dense/vars/0" in raw:
+        shapes["pre_logits.kernel"] = raw["layers/dense/vars/0"]
+    if "head/vars/0" in raw:
+        shapes["head.kernel"] = raw["head/vars/0"]
+    return infer_from_shapes(shapes, given, NAME, "a .weights.h5 file has no spec of its own")
+
+
+def open(path: Path) -> _io.Source:
+    return _io.open_h5(path)
+
+
+def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype: np.dtype, *, overwrite: bool, progress: _io.Progress | None = None) -> None:
+    """A ``.weights.h5`` laid out as Keras writes it, filled one dataset at a time."""
+    import h5py
+
+    layout = _backend().h5_layout(spec)
+    with atomic_file(path, overwrite=overwrite) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["vitspec.spec"] = spec.to_json()
+            _make_groups(f, layout)
+            where = dict(layout)
+            for name, array in _io._cast(items, None, progress):
+                dataset = f.create_dataset(where[name], data=array)
+                if _io.BFLOAT16 is not None and array.dtype == _io.BFLOAT16:
+                    dataset.attrs["dtype"] = "bfloat16"  # as Keras marks it
+        _io.fsync(tmp)
+
+
+def _make_groups(f: Any, layout: list[tuple[str, str]]) -> None:
+    """Every layer's ``vars`` group, named after the layer, as Keras creates them (empty ones too)."""
+    f.create_group("vars").attrs["name"] = MODEL_NAME
+    for native, dataset in layout:
+        if "/" not in native:
+            continue
+        layer = native.rsplit("/", 1)[0]
+        group = dataset.split("/vars/")[0]
+        if group == layer:  # a nested layer: each level has its own vars group
+            parts = layer.split("/")
+            for n in range(1, len(parts) + 1):
+                vars_group = "/".join(parts[:n]) + "/vars"
+                if vars_group not in f:
+                    f.create_group(vars_group).attrs["name"] = parts[n - 1]
+        elif f"{group}/vars" not in f:
+            f.create_group(f"{group}/vars").attrs["name"] = layer

@@ -1,0 +1,260 @@
+"""timm: the ``state_dict`` of ``timm.models.vision_transformer.VisionTransformer``.
+
+=====================================  ===============================  ==========================================
+timm name                              shape                            canonical
+=====================================  ===============================  ==========================================
+``cls_token``                          (1, 1, D)                        ``class_token`` (reshaped)
+``pos_embed``                          (1, N, D)                        ``pos_embed`` (reshaped)
+``patch_embed.proj.weight``            (D, C, ph, pw) (OIHW conv)       ``patch_embed.kernel`` transposed to HWIO
+``patch_embed.proj.bias``              (D,)                             ``patch_embed.bias``
+``blocks.{i}.norm1.weight|bias``       (D,)                             ``blocks.{i}.norm1.scale|bias``
+``blocks.{i}.attn.qkv.weight``         (3D, D), rows q, k, v            ``blocks.{i}.attn.query|key|value.kernel``ᵀ
+``blocks.{i}.attn.qkv.bias``           (3D,) (absent: qkv_bias false)   ``blocks.{i}.attn.query|key|value.bias``
+``blocks.{i}.attn.proj.weight|bias``   (D, D), (D,)                     ``blocks.{i}.attn.out.kernel``ᵀ, ``.bias``
+``blocks.{i}.norm2.weight|bias``       (D,)                             ``blocks.{i}.norm2.scale|bias``
+``blocks.{i}.mlp.fc1.weight|bias``     (M, D), (M,)                     ``blocks.{i}.mlp.fc1.kernel``ᵀ, ``.bias``
+``blocks.{i}.mlp.fc2.weight|bias``     (D, M), (D,)                     ``blocks.{i}.mlp.fc2.kernel``ᵀ, ``.bias``
+``norm.weight|bias``                   (D,) (token pooling)             ``norm.scale|bias`` (final_norm before_pool)
+``fc_norm.weight|bias``                (D,) (global_pool='avg')         ``norm.scale|bias`` (final_norm after_pool)
+``head.weight|bias``                   (K, D), (K,) (absent: K = 0)     ``head.kernel``ᵀ, ``head.bias``
+=====================================  ===============================  ==========================================
+
+The file is safetensors (what ``safetensors.torch.save_file(model.state_dict())`` writes) or a
+``torch.save`` pickle, read with ``weights_only=True`` only. timm's defaults fill what tensors
+cannot tell: LayerNorm eps 1e-6, exact GELU, and heads from the preset of that width (head_dim 64).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitspec.errors import WeightsError
+from vitspec.formats import _io
+from vitspec.formats._common import (
+    LazyView,
+    block_count,
+    in_table_order,
+    need,
+    refuse,
+    reject_features,
+)
+from vitspec.formats.infer import Facts, add_default_heads, place_positions
+from vitspec.spec import Spec
+
+NAME = "timm"
+# Dense kernels are stored (out, in), as torch.nn.Linear keeps them.
+DENSE = "out_in"
+SUMMARY = "timm VisionTransformer state_dict (safetensors or .pt/.pth)"
+CONTAINERS = ("safetensors", "torch-pickle")  # what vitspec.formats._io.sniff_container may call a file of this format
+
+# Tensors of timm options a vitspec spec has no field for.
+UNSUPPORTED = {
+    r"^norm_pre\.": "a norm before the blocks (pre_norm=True, CLIP-style)",
+    r"^reg_token$": "register tokens (reg_tokens > 0)",
+    r"\.ls[12]\.": "LayerScale (init_values)",
+    r"\.(q_norm|k_norm)\.": "query/key normalisation (qk_norm=True)",
+    r"^attn_pool\.": "attention pooling (global_pool='map')",
+    r"\.attn\.norm\.|\.mlp\.norm\.": "extra norms inside attention or the MLP (scale_attn_norm / scale_mlp_norm)",
+    r"\.mlp\.fc1_[gx]\.": "a gated MLP (SwiGLU)",
+    r"^patch_embed\.norm\.": "a norm after the patch embedding",
+}
+
+
+def check_spec(spec: Spec) -> None:
+    problems = []
+    if spec.pre_logits_dim:
+        problems.append("timm's VisionTransformer has no pre-logits layer (spec has pre_logits_dim > 0)")
+    if spec.pos_embed == "sincos2d":
+        problems.append("timm's VisionTransformer has no fixed sin-cos position embedding (spec has pos_embed 'sincos2d')")
+    refuse(problems, NAME)
+
+
+def final_norm_name(spec: Spec) -> str:
+    return "norm" if spec.final_norm == "before_pool" else "fc_norm"
+
+
+def native_layout(spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
+    """Every timm tensor for ``spec``, in timm's ``state_dict`` order."""
+    check_spec(spec)
+    d, m, (ph, pw), c = spec.hidden_dim, spec.mlp_dim, spec.patch_size, spec.in_channels
+    out: list[tuple[str, tuple[int, ...]]] = []
+    if spec.class_token:
+        out.append(("cls_token", (1, 1, d)))
+    if spec.pos_embed == "learned":
+        out.append(("pos_embed", (1, spec.n_positions, d)))
+    out += [("patch_embed.proj.weight", (d, c, ph, pw)), ("patch_embed.proj.bias", (d,))]
+    for i in range(spec.depth):
+        b = f"blocks.{i}"
+        out += [(f"{b}.norm1.weight", (d,)), (f"{b}.norm1.bias", (d,)), (f"{b}.attn.qkv.weight", (3 * d, d))]
+        if spec.qkv_bias:
+            out.append((f"{b}.attn.qkv.bias", (3 * d,)))
+        out += [
+            (f"{b}.attn.proj.weight", (d, d)),
+            (f"{b}.attn.proj.bias", (d,)),
+            (f"{b}.norm2.weight", (d,)),
+            (f"{b}.norm2.bias", (d,)),
+            (f"{b}.mlp.fc1.weight", (m, d)),
+            (f"{b}.mlp.fc1.bias", (m,)),
+            (f"{b}.mlp.fc2.weight", (d, m)),
+            (f"{b}.mlp.fc2.bias", (d,)),
+        ]
+    norm = final_norm_name(spec)
+    out += [(f"{norm}.weight", (d,)), (f"{norm}.bias", (d,))]
+    if spec.n_classes:
+        out += [("head.weight", (spec.n_classes, d)), ("head.bias", (spec.n_classes,))]
+    return out
+
+
+_PLAIN = {  # canonical suffix -> timm suffix, for the tensors that only change name (and maybe transpose)
+    "norm1.scale": "norm1.weight",
+    "norm1.bias": "norm1.bias",
+    "norm2.scale": "norm2.weight",
+    "norm2.bias": "norm2.bias",
+    "attn.out.kernel": "attn.proj.weight",
+    "attn.out.bias": "attn.proj.bias",
+    "mlp.fc1.kernel": "mlp.fc1.weight",
+    "mlp.fc1.bias": "mlp.fc1.bias",
+    "mlp.fc2.kernel": "mlp.fc2.weight",
+    "mlp.fc2.bias": "mlp.fc2.bias",
+}
+_QKV = ("query", "key", "value")
+
+
+def to_native(spec: Spec, weights: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
+    """Canonical -> timm, one tensor at a time (q, k and v of one block are joined into qkv)."""
+    d = spec.hidden_dim
+    norm = final_norm_name(spec)
+    for name, _shape in native_layout(spec):
+        if name == "cls_token":
+            yield name, weights["class_token"].reshape(1, 1, d)
+        elif name == "pos_embed":
+            yield name, weights["pos_embed"].reshape(1, spec.n_positions, d)
+        elif name == "patch_embed.proj.weight":
+            yield name, weights["patch_embed.kernel"].transpose(3, 2, 0, 1)
+        elif name == "patch_embed.proj.bias":
+            yield name, weights["patch_embed.bias"]
+        elif name.startswith(f"{norm}."):
+            yield name, weights["norm.scale" if name.endswith(".weight") else "norm.bias"]
+        elif name.startswith("head."):
+            yield name, weights["head.kernel"].T if name.endswith(".weight") else weights["head.bias"]
+        else:
+            _, i, rest = name.split(".", 2)
+            b = f"blocks.{i}"
+            if rest == "attn.qkv.weight":
+                yield name, np.concatenate([weights[f"{b}.attn.{p}.kernel"].T for p in _QKV], axis=0)
+            elif rest == "attn.qkv.bias":
+                yield name, np.concatenate([weights[f"{b}.attn.{p}.bias"] for p in _QKV], axis=0)
+            else:
+                canonical = next(k for k, v in _PLAIN.items() if v == rest)
+                value = weights[f"{b}.{canonical}"]
+                yield name, value.T if value.ndim == 2 else value
+
+
+def canonical(spec: Spec, native: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    """timm -> canonical as a lazy mapping: each canonical tensor is a view of one timm tensor."""
+    d = spec.hidden_dim
+    norm = final_norm_name(spec)
+
+    def compute(name: str) -> np.ndarray:
+        if name == "patch_embed.kernel":
+            return native["patch_embed.proj.weight"].transpose(2, 3, 1, 0)
+        if name == "patch_embed.bias":
+            return native["patch_embed.proj.bias"]
+        if name == "class_token":
+            return native["cls_token"].reshape(d)
+        if name == "pos_embed":
+            return native["pos_embed"].reshape(spec.n_positions, d)
+        if name in ("norm.scale", "norm.bias"):
+            return native[f"{norm}.weight" if name == "norm.scale" else f"{norm}.bias"]
+        if name == "head.kernel":
+            return native["head.weight"].T
+        if name == "head.bias":
+            return native["head.bias"]
+        _, i, rest = name.split(".", 2)
+        b = f"blocks.{i}"
+        part, _, kind = rest.removeprefix("attn.").partition(".")
+        if rest.startswith("attn.") and part in _QKV:
+            k = _QKV.index(part)
+            if kind == "kernel":
+                return native[f"{b}.attn.qkv.weight"][k * d : (k + 1) * d].T
+            return native[f"{b}.attn.qkv.bias"][k * d : (k + 1) * d]
+        value = native[f"{b}.{_PLAIN[rest]}"]
+        return value.T if value.ndim == 2 else value
+
+    return LazyView(spec, compute)
+
+
+def from_native(spec: Spec, native: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
+    """timm -> canonical in the canonical table's order."""
+    return in_table_order(spec, canonical(spec, native))
+
+
+# ---- reading ---------------------------------------------------------------------------------
+
+
+def looks_like(names: list[str]) -> bool:
+    return "patch_embed.proj.weight" in names and any(n.endswith(".attn.qkv.weight") for n in names)
+
+
+def infer(source: _io.Source, given: dict[str, Any]) -> Facts:
+    """What a timm state_dict says about its spec; timm's defaults for the rest."""
+    shapes = source.shapes
+    names = list(shapes)
+    reject_features(names, UNSUPPORTED, NAME)
+    facts = Facts(NAME)
+    k = facts.known
+    d, c, ph, pw = need(shapes, "patch_embed.proj.weight", 4, "the patch projection")
+    k.update(hidden_dim=d, in_channels=c, patch_size=(ph, pw))
+    depth = block_count(names, r"^blocks\.(\d+)\.", "blocks")
+    if not depth:
+        raise WeightsError(["no blocks.{i}.* tensors found: not a timm VisionTransformer state_dict"])
+    k["depth"] = depth
+    mlp = need(shapes, "blocks.0.mlp.fc1.weight", 2, "the first MLP layer")[0]
+    k["mlp_ratio"] = mlp / d
+    k["qkv_bias"] = "blocks.0.attn.qkv.bias" in shapes
+    k["class_token"] = "cls_token" in shapes
+    k["n_classes"] = shapes["head.weight"][0] if "head.weight" in shapes else 0
+    k["pre_logits_dim"] = 0
+    if "fc_norm.weight" in shapes:
+        k["final_norm"] = "after_pool"
+        if k["class_token"]:
+            facts.default("pooling", "avg", "timm uses fc_norm with global_pool='avg'; pass --spec pooling=token for fc_norm=True with token pooling")
+        else:
+            k["pooling"] = "avg"
+    else:
+        k["final_norm"] = "before_pool"
+        if k["class_token"]:
+            facts.default("pooling", "token", "timm's default global_pool='token'; pass --spec pooling=avg for global_pool='avg' with fc_norm=False")
+        else:
+            k["pooling"] = "avg"
+    if "pos_embed" in shapes:
+        k["pos_embed"] = "learned"
+        rows = need(shapes, "pos_embed", 3, "the position embedding")[1]
+        place_positions(facts, rows, (ph, pw), k["class_token"], given.get("image_size"))
+    else:
+        k["pos_embed"] = "none"
+        facts.default("image_size", 224, "no position embedding to read it from; timm's default img_size")
+    add_default_heads(facts, d)
+    facts.default("norm_eps", 1e-6, "timm's VisionTransformer LayerNorm eps")
+    facts.default("gelu", "exact", "timm's nn.GELU")
+    return facts
+
+
+def open(path: Path) -> _io.Source:
+    container = _io.sniff_container(path)
+    if container == "torch-pickle":
+        return _io.open_torch_pickle(path)
+    return _io.open_safetensors(path)
+
+
+def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype: np.dtype, *, overwrite: bool, progress: _io.Progress | None = None) -> None:
+    """safetensors (with ``format: pt`` as safetensors.torch writes), or ``torch.save`` for .pt/.pth."""
+    if path.suffix.lower() in (".pt", ".pth", ".bin"):
+        _io.write_torch_pickle(path, items, overwrite=overwrite, progress=progress)
+        return
+    metadata = {"format": "pt", "vitspec.format": NAME, "vitspec.spec": spec.to_json()}
+    _io.write_safetensors(path, native_layout(spec), items, dtype, metadata, overwrite=overwrite, progress=progress)
