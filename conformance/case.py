@@ -1,0 +1,272 @@
+"""Golden cases: a folder that any language can read (docs/conformance.md is the format).
+
+::
+
+    <case>/spec.yaml            the spec (vitspec YAML)
+    <case>/weights.safetensors  canonical weights (float32, spec JSON in the metadata)
+    <case>/data.safetensors     "images" (B, H, W, C) and the expected value of each capture point
+                                under its own name ("patch_embed", ..., "output"), float64
+    <case>/manifest.json        format, name, batch, capture points, provenance, tolerance in force,
+                                and the sha256 and size of the three files above
+
+The expected values are the float64 reference's (``vitspec.reference.forward``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitspec.errors import VitspecError
+from vitspec.files import atomic_dir
+from vitspec.spec import Spec
+
+FORMAT = "vitspec.conformance.case/1"
+FILES = ("spec.yaml", "weights.safetensors", "data.safetensors")
+MANIFEST = "manifest.json"
+CASES_DIR = Path(__file__).parent / "cases"
+# The shipped corpus: at least this many cases, each at most this many bytes on disk.
+MIN_CASES = 24
+MAX_CASE_BYTES = 200 * 1024
+GENERATOR = "vitspec.conformance.generate"
+
+
+class CaseError(VitspecError, ValueError):
+    """A case folder that is incomplete, corrupt or inconsistent."""
+
+
+@dataclass
+class Case:
+    """One golden case in memory: spec, weights, images and the expected value of each capture point."""
+
+    name: str
+    spec: Spec
+    weights: dict[str, np.ndarray]
+    images: np.ndarray
+    expected: dict[str, np.ndarray]  # capture point -> value, in forward order, "output" last
+    manifest: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def points(self) -> list[str]:
+        return list(self.expected)
+
+    @property
+    def batch(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def tolerance_entries(self) -> dict[str, Any]:
+        """The manifest's tolerance entries (applied by ``Tolerances.for_case``)."""
+        return dict(self.manifest.get("tolerance") or {})
+
+    @property
+    def where(self) -> str:
+        return str(self.path) if self.path else f"case {self.name!r} (generated in memory)"
+
+
+def make_case(
+    spec: Spec,
+    weights: Mapping[str, np.ndarray] | None = None,
+    images: np.ndarray | None = None,
+    *,
+    name: str,
+    batch: int = 2,
+    seed: int = 0,
+    description: str = "",
+    provenance: Mapping[str, Any] | None = None,
+    tolerance: Mapping[str, Any] | None = None,
+) -> Case:
+    """A case computed now by the float64 reference.
+
+    Weights default to ``init_weights(spec, seed, scheme="random")`` (no zero biases, norm scales
+    away from 1: zeros would hide bugs); images to standard normal float32 from ``seed + 1``.
+    ``tolerance`` holds manifest entries (``{"float32": {"atol", "rtol", "reason"}}``) that replace
+    the shipped tolerance file's; the manifest records the result as the tolerance in force.
+    """
+    from vitspec import __version__, reference
+    from vitspec.conformance.tolerances import load_tolerances
+    from vitspec.init import init_weights
+    from vitspec.layout import capture_points
+    from vitspec.weights import check_weights
+
+    inputs: dict[str, Any] = {}
+    if weights is None:
+        weights = init_weights(spec, seed, scheme="random")
+        inputs["weights"] = {"init": "vitspec.init_weights", "scheme": "random", "seed": seed}
+    else:
+        inputs["weights"] = {"init": "given"}
+    check_weights(spec, weights, source=f"case {name!r} weights", check_values=True)
+    weights = {k: np.asarray(v) for k, v in weights.items()}
+    if images is None:
+        rng = np.random.default_rng(seed + 1)
+        images = rng.standard_normal((batch, *spec.image_size, spec.in_channels)).astype(np.float32)
+        inputs["images"] = {"distribution": "standard normal", "dtype": "float32", "seed": seed + 1}
+    else:
+        inputs["images"] = {"source": "given"}
+    images = np.asarray(images)
+    inputs.update(provenance or {})
+    out = reference.forward(spec, weights, images, dtype=np.float64, capture="all")
+    expected = {p: out[p] for p in capture_points(spec)}
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "name": name,
+        "description": description,
+        "batch": int(images.shape[0]),
+        "capture_points": list(expected),
+        "reference": {"function": "vitspec.reference.forward", "dtype": "float64"},
+        "inputs": inputs,
+        "generator": {
+            "name": GENERATOR,
+            "vitspec": __version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
+        # The tolerance in force: the shipped file's entries, with the case's own entries over them.
+        "tolerance": {
+            **{k: {"atol": t.atol, "rtol": t.rtol, "reason": t.reason} for k, t in load_tolerances().classes.items()},
+            **(tolerance or {}),
+        },
+    }
+    return Case(name, spec, dict(weights), images, expected, manifest)
+
+
+def write_case(case: Case, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write ``case`` to the folder ``path`` atomically; returns the path. The manifest gets checksums."""
+    from vitspec.layout import param_table
+    from vitspec.tensorfile import write_tensors
+    from vitspec.weights import FORMAT as WEIGHTS_FORMAT
+    from vitspec.weights import SPEC_KEY
+
+    path = Path(path)
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        (tmp / "spec.yaml").write_text(case.spec.to_yaml(), encoding="utf-8")
+        # No version in the metadata: the bytes depend only on the content (provenance is in the manifest).
+        ordered = [(p.name, np.asarray(case.weights[p.name], np.float32)) for p in param_table(case.spec)]
+        write_tensors(tmp / "weights.safetensors", ordered, {"format": WEIGHTS_FORMAT, SPEC_KEY: case.spec.to_json()})
+        data = [("images", np.asarray(case.images)), *((k, np.asarray(v, np.float64)) for k, v in case.expected.items())]
+        write_tensors(tmp / "data.safetensors", data, {"format": FORMAT})
+        manifest = dict(case.manifest)
+        manifest["files"] = {f: _file_entry(tmp / f) for f in FILES}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    case.path, case.manifest = path, manifest
+    return path
+
+
+def _file_entry(path: Path) -> dict[str, Any]:
+    return {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "bytes": path.stat().st_size}
+
+
+def is_case_dir(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def load_case(path: str | Path) -> Case:
+    """Read a case folder and check it: checksums, spec, weights, shapes of inputs and expected values."""
+    from vitspec.layout import capture_points, capture_shapes
+    from vitspec.spec import load_spec
+    from vitspec.tensorfile import TensorFile
+    from vitspec.weights import load_weights
+
+    path = Path(path)
+    where = str(path)
+    if not path.is_dir():
+        raise CaseError(f"{where}: no such case folder")
+    manifest = _read_manifest(path)
+    name = manifest["name"]
+    listed = manifest["files"]
+    for fname in FILES:
+        fpath = path / fname
+        if not fpath.is_file():
+            raise CaseError(f"{where}: {fname} is missing (a case holds {', '.join(FILES)} and {MANIFEST})")
+        want = listed.get(fname, {}).get("sha256") if isinstance(listed.get(fname), dict) else None
+        if not isinstance(want, str):
+            raise CaseError(f"{where}: {MANIFEST} has no sha256 for {fname}")
+        found = hashlib.sha256(fpath.read_bytes()).hexdigest()
+        if found != want:
+            raise CaseError(
+                f"{where}: {fname} does not match its checksum (manifest sha256 {want[:16]}…, file {found[:16]}…); "
+                "the file was changed or corrupted; regenerate the case"
+            )
+    spec = load_spec(path / "spec.yaml")
+    weights, _ = load_weights(path / "weights.safetensors", spec)
+    with TensorFile(path / "data.safetensors") as tf:
+        names = tf.names
+        if "images" not in names:
+            raise CaseError(f"{where}: data.safetensors has no 'images' tensor")
+        images = tf.get("images")
+        expected = {n: tf.get(n) for n in names if n != "images"}
+    _check_images(where, spec, images, manifest)
+    points = capture_points(spec)
+    stored = list(expected)
+    unknown = [n for n in stored if n not in points]
+    if unknown:
+        raise CaseError(f"{where}: data.safetensors holds {', '.join(unknown)}, which are not capture points of this spec")
+    if "output" not in expected:
+        raise CaseError(f"{where}: data.safetensors has no expected 'output'")
+    ordered = [p for p in points if p in expected]
+    if manifest["capture_points"] != ordered:
+        raise CaseError(
+            f"{where}: manifest capture_points {manifest['capture_points']} differ from the tensors in "
+            f"data.safetensors in forward order {ordered}"
+        )
+    shapes = capture_shapes(spec, images.shape[0])
+    for p in ordered:
+        value = expected[p]
+        if value.shape != shapes[p]:
+            raise CaseError(f"{where}: expected {p!r} has shape {list(value.shape)}, the spec says {list(shapes[p])}")
+        if not np.issubdtype(value.dtype, np.floating):
+            raise CaseError(f"{where}: expected {p!r} is {value.dtype}, expected a float dtype")
+    return Case(name, spec, weights, images, {p: expected[p] for p in ordered}, manifest, path)
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    mpath = path / MANIFEST
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CaseError(f"{path}: no {MANIFEST}; not a conformance case folder") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CaseError(f"{mpath}: not readable JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise CaseError(f"{mpath}: expected a JSON object, found {type(manifest).__name__}")
+    if manifest.get("format") != FORMAT:
+        raise CaseError(f"{mpath}: expected format {FORMAT!r}, found {manifest.get('format')!r}")
+    for key, kind in (("name", str), ("batch", int), ("capture_points", list), ("files", dict), ("generator", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise CaseError(f"{mpath}: {key!r} is missing or not a {kind.__name__}")
+    if "tolerance" in manifest and not isinstance(manifest["tolerance"], dict):
+        raise CaseError(f"{mpath}: 'tolerance' must map dtype classes to {{atol, rtol, reason}}")
+    return manifest
+
+
+def _check_images(where: str, spec: Spec, images: np.ndarray, manifest: Mapping[str, Any]) -> None:
+    want = (manifest["batch"], *spec.image_size, spec.in_channels)
+    if images.shape != want:
+        raise CaseError(f"{where}: images have shape {list(images.shape)}, expected {list(want)} (batch, H, W, C)")
+    if not np.issubdtype(images.dtype, np.floating):
+        raise CaseError(f"{where}: images are {images.dtype}, expected a float dtype")
+
+
+def shipped_case_dirs(root: str | Path = CASES_DIR) -> list[Path]:
+    """Case folders under ``root``, sorted by name."""
+    root = Path(root)
+    return sorted(p for p in root.iterdir() if is_case_dir(p)) if root.is_dir() else []
+
+
+def shipped_cases(root: str | Path = CASES_DIR) -> list[Case]:
+    """Every case of the shipped corpus; fewer than MIN_CASES is an error (a thin corpus proves little)."""
+    dirs = shipped_case_dirs(root)
+    if len(dirs) < MIN_CASES:
+        raise CaseError(
+            f"{root}: the corpus holds {len(dirs)} case(s), fewer than the minimum {MIN_CASES}; "
+            "regenerate it with: python -m vitspec.conformance.generate"
+        )
+    return [load_case(d) for d in dirs]
