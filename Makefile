@@ -36,5 +36,9 @@ lock: | $(PY)
 	$(PY) -m pip install -q -e ".[all,test]"
 	$(PY) -m pip freeze --exclude-editable | grep -vi '^vitspec' > $(CONSTRAINTS)
 
+# Regenerate the conformance corpus from the float64 reference (`--check` only compares).
+cases: install
+	$(PY) -m vitspec.conformance.generate
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

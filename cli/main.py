@@ -71,15 +71,13 @@ def main(argv: list[str] | None = None) -> Any:
     """Entry point: run the CLI, turning vitspec's errors into one-line messages."""
     try:
         return cli.main(args=argv, prog_name="vitspec", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        # click turns Ctrl-C into Abort; outputs are written atomically, so nothing is half-written.
+        click.echo("interrupted; no output was left half-written", err=True)
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted; no output was left half-written", err=True)
-        sys.exit(130)
     except Exception as exc:
         if os.environ.get("VITSPEC_DEBUG"):
             raise

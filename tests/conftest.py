@@ -9,6 +9,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import importlib.util
+
+# triton's native library segfaults while loading if TensorFlow's was loaded first (torch.compile,
+# torch.export and torchvision import triton); loaded first, both work. See docs/backends/tensorflow.md.
+if importlib.util.find_spec("triton") is not None:
+    import triton  # noqa: F401
+
 import numpy as np
 import pytest
 

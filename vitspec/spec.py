@@ -110,7 +110,7 @@ class Spec(BaseModel):
     attn_dropout: Rate = Field(default=0.0, description="Dropout on attention probabilities (training only).")
     drop_path: Rate = Field(
         default=0.0,
-        description="Stochastic depth: the last block's rate; block i uses drop_path * i / (depth - 1) (training only).",
+        description="Stochastic depth: the last block's rate; block i uses drop_path * i / (depth - 1), 0 when depth is 1 (training only).",
     )
 
     @field_validator("image_size", "patch_size", mode="before")
