@@ -25,7 +25,8 @@ class OutputNotWritableError(VitspecError, PermissionError):
     pass
 
 
-def _check_destination(path: Path, overwrite: bool) -> None:
+def check_destination(path: Path, overwrite: bool) -> None:
+    """Refuse an existing path (unless overwrite) and a missing or read-only folder, before any work."""
     if path.exists() and not overwrite:
         raise OutputExistsError(path)
     parent = path.parent if str(path.parent) else Path(".")
@@ -39,7 +40,7 @@ def _check_destination(path: Path, overwrite: bool) -> None:
 def atomic_file(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it to ``path`` only if the block succeeds."""
     path = Path(path)
-    _check_destination(path, overwrite)
+    check_destination(path, overwrite)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent or ".")
     os.close(fd)
     tmp_path = Path(tmp)
@@ -58,7 +59,7 @@ def atomic_file(path: str | os.PathLike[str], overwrite: bool = False) -> Iterat
 def atomic_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to ``path``; swap it into place only if the block succeeds."""
     path = Path(path)
-    _check_destination(path, overwrite)
+    check_destination(path, overwrite)
     tmp_path = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent or "."))
     try:
         yield tmp_path

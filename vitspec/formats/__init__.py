@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from vitspec.errors import FileFormatError, SpecError, WeightsError
-from vitspec.files import OutputExistsError, OutputNotWritableError
+from vitspec.files import check_destination
 from vitspec.formats import _io
 from vitspec.formats._common import Materialized
 from vitspec.formats.infer import Facts, Inference, load_partial_spec, resolve
@@ -329,7 +329,7 @@ def save(
     module = get_format(fmt)
     check_weights(spec, weights, source=str(path))
     module.check_spec(spec)
-    _check_destination(path, overwrite)
+    check_destination(path, overwrite)
     dtype = _output_dtype({np.asarray(w).dtype for w in weights.values()})
     module.write(path, spec, module.to_native(spec, weights), dtype, overwrite=overwrite)
 
@@ -379,7 +379,7 @@ def convert(
     src, dst = Path(src), Path(dst)
     to_name = to_format or destination_format(dst)
     target = get_format(to_name)
-    _check_destination(dst, overwrite)
+    check_destination(dst, overwrite)
     if dst.exists() and src.exists() and _same_file(src, dst):
         raise FileFormatError(f"{dst}: refusing to convert a checkpoint onto itself")
     with open_checkpoint(src, from_format, spec) as ckpt:
@@ -451,16 +451,6 @@ def _output_dtype(dtypes: set[np.dtype]) -> np.dtype:
     if np.dtype(np.float64) in floats:
         return np.dtype(np.float64)
     return np.dtype(np.float32)
-
-
-def _check_destination(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise OutputExistsError(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputNotWritableError(f"cannot write {path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise OutputNotWritableError(f"cannot write {path}: folder {parent} is not writable")
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -13,6 +14,28 @@ from vitspec.layout import param_table
 from vitspec.spec import Spec
 
 Shape = tuple[int, ...]
+
+
+def backend_layout(backend: str) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
+    """``native_layout``, ``to_native``, ``from_native`` of ``vitspec.backends.<backend>``.
+
+    A native format is its backend's own layout: these call the backend module's functions,
+    importing it on first use (it imports no framework).
+    """
+
+    def module() -> Any:
+        return importlib.import_module(f"vitspec.backends.{backend}")
+
+    def native_layout(spec: Spec) -> list[tuple[str, Shape]]:
+        return module().native_layout(spec)
+
+    def to_native(spec: Spec, weights: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
+        return module().to_native(spec, weights)
+
+    def from_native(spec: Spec, native: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
+        return module().from_native(spec, native)
+
+    return native_layout, to_native, from_native
 
 
 class LazyView(Mapping[str, np.ndarray]):

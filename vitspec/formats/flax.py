@@ -17,13 +17,14 @@ in Flax 0.12 anyway. Load it in plain Flax with::
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from vitspec.formats import _io
+from vitspec.formats._common import backend_layout
 from vitspec.formats.canonical import infer_from_shapes
 from vitspec.formats.infer import Facts, place_positions
 from vitspec.spec import Spec
@@ -33,28 +34,11 @@ SUMMARY = "vitspec's Flax NNX model state (safetensors of flattened nnx.state pa
 CONTAINERS = ("safetensors",)  # what vitspec.formats._io.sniff_container may call a file of this format
 
 
-def _backend() -> Any:
-    from vitspec.backends import jax as backend
-
-    return backend
-
-
 def check_spec(spec: Spec) -> None:
     """Every spec has a Flax model."""
 
 
-def native_layout(spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
-    return _backend().native_layout(spec)
-
-
-def to_native(spec: Spec, weights: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
-    return _backend().to_native(spec, weights)
-
-
-def from_native(spec: Spec, native: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
-    return _backend().from_native(spec, native)
-
-
+native_layout, to_native, from_native = backend_layout("jax")
 canonical = None  # a stream only: conversions read this format through from_native
 
 

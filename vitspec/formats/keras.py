@@ -12,7 +12,7 @@ embedding) sit in the root ``vars`` group. Where each weight lands is the backen
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import numpy as np
 
 from vitspec.files import atomic_file
 from vitspec.formats import _io
+from vitspec.formats._common import backend_layout
 from vitspec.formats.canonical import infer_from_shapes
 from vitspec.formats.infer import Facts
 from vitspec.spec import Spec
@@ -40,18 +41,7 @@ def check_spec(spec: Spec) -> None:
     """Every spec has a Keras model."""
 
 
-def native_layout(spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
-    return _backend().native_layout(spec)
-
-
-def to_native(spec: Spec, weights: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
-    return _backend().to_native(spec, weights)
-
-
-def from_native(spec: Spec, native: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
-    return _backend().from_native(spec, native)
-
-
+native_layout, to_native, from_native = backend_layout("tensorflow")
 canonical = None  # a stream only: conversions read this format through from_native
 
 

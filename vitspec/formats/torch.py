@@ -10,14 +10,14 @@ a ``.pt``/``.pth`` file written with ``torch.save(model.state_dict())`` is read 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from vitspec.formats import _io, timm
-from vitspec.formats._common import need
+from vitspec.formats._common import backend_layout, need
 from vitspec.formats.infer import Facts
 from vitspec.spec import Spec
 
@@ -28,28 +28,11 @@ SUMMARY = "vitspec's PyTorch model state_dict (safetensors or .pt/.pth)"
 CONTAINERS = ("safetensors", "torch-pickle")  # what vitspec.formats._io.sniff_container may call a file of this format
 
 
-def _backend() -> Any:
-    from vitspec.backends import torch as backend
-
-    return backend
-
-
 def check_spec(spec: Spec) -> None:
     """Every spec has a PyTorch model."""
 
 
-def native_layout(spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
-    return _backend().native_layout(spec)
-
-
-def to_native(spec: Spec, weights: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
-    return _backend().to_native(spec, weights)
-
-
-def from_native(spec: Spec, native: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
-    return _backend().from_native(spec, native)
-
-
+native_layout, to_native, from_native = backend_layout("torch")
 canonical = None  # a stream only: conversions read this format through from_native
 
 
