@@ -87,7 +87,8 @@ def forward(
     wanted = set(check_capture(spec, capture if isinstance(capture, str) else tuple(capture)))
     check_weights(spec, weights)
     dt = np.dtype(dtype)
-    w = {k: np.asarray(v).astype(dt) for k, v in weights.items()}
+    # C order whatever the source's strides: BLAS rounds differently on transposed operands.
+    w = {k: np.ascontiguousarray(v, dtype=dt) for k, v in weights.items()}
     x = check_images(spec, images).astype(dt)
     out: dict[str, np.ndarray] = {}
 

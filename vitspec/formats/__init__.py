@@ -308,7 +308,7 @@ def load(
     """All canonical weights of a checkpoint of any format, in memory, and its spec."""
     with open_checkpoint(path, from_format, spec) as ckpt:
         view = ckpt.canonical()
-        weights = {p.name: np.array(view[p.name]) for p in param_table(ckpt.spec)}
+        weights = {p.name: np.array(view[p.name], order="C") for p in param_table(ckpt.spec)}
         _raise_nonfinite(ckpt.source)
         return weights, ckpt.spec
 

@@ -1,0 +1,214 @@
+"""Forward-pass speed of each vitspec backend against the best public implementation in its framework.
+
+    python benchmarks/bench_forward.py [--specs S/16 B/16] [--batches 1 8] [--rounds 3] [--iters 10]
+
+Contenders, each run in its own process (Keras fixes its backend once per process), in
+alternating rounds so that machine noise hits all alike:
+
+    torch          vitspec's PyTorch backend          vs  timm   VisionTransformer (F.sdpa attention)
+    tensorflow     vitspec's TensorFlow/Keras backend vs  keras-hub ViTBackbone on TensorFlow
+    jax            vitspec's JAX/Flax backend         vs  keras-hub ViTBackbone on JAX
+
+Same architecture, float32, same batch, same threads (all the machine's cores), random weights.
+vitspec is timed through ``backend.forward`` (NumPy in, NumPy out: what users call). Each peer is
+timed on its fastest public path: timm's module under ``torch.inference_mode``; keras-hub through
+``predict_on_batch`` and through its compiled stateless call, the faster of the two. keras-hub's
+backbone has no pooling and no head, so the keras-hub comparisons use ``n_classes: 0`` for
+vitspec (our pooling is a mean over tokens, negligible next to the encoder). Prints a table of
+median images/s and the ratio vitspec / peer (goal: >= 1.0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+CONTENDERS = {
+    "torch": ("vitspec-torch", "timm"),
+    "tensorflow": ("vitspec-tensorflow", "keras-hub-tf"),
+    "jax": ("vitspec-jax", "keras-hub-jax"),
+}
+
+
+def _spec(name: str, head: bool):
+    import vitspec
+
+    spec = vitspec.load_spec(name)
+    return spec if head else spec.replace(n_classes=0)
+
+
+def _time(fn: Callable[[], object], warmup: int, iters: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _images(spec, batch: int):
+    import numpy as np
+
+    return np.random.default_rng(0).standard_normal((batch, *spec.image_size, spec.in_channels)).astype(np.float32)
+
+
+def _vitspec_runner(backend_name: str, head: bool):
+    import vitspec
+
+    backend = vitspec.backend(backend_name)
+
+    def make(spec_name: str, batch: int):
+        spec = _spec(spec_name, head)
+        model = backend.build(spec, vitspec.init_weights(spec, seed=0))
+        x = _images(spec, batch)
+        return lambda: backend.forward(model, x)["output"]
+
+    return make
+
+
+def _timm_runner():
+    import timm.models.vision_transformer as tvit
+    import torch
+
+    def make(spec_name: str, batch: int):
+        s = _spec(spec_name, head=True)
+        model = tvit.VisionTransformer(
+            img_size=s.image_size, patch_size=s.patch_size, embed_dim=s.hidden_dim, depth=s.depth,
+            num_heads=s.n_heads, mlp_ratio=s.mlp_ratio, num_classes=s.n_classes,
+        ).eval()
+        x = torch.from_numpy(_images(s, batch)).permute(0, 3, 1, 2).contiguous()
+
+        def run():
+            with torch.inference_mode():
+                return model(x)
+
+        return run
+
+    return make
+
+
+def _keras_hub_runner():
+    import keras
+    import keras_hub
+
+    def make(spec_name: str, batch: int):
+        s = _spec(spec_name, head=False)
+        model = keras_hub.models.ViTBackbone(
+            image_shape=(*s.image_size, s.in_channels), patch_size=s.patch_size, num_layers=s.depth,
+            num_heads=s.n_heads, hidden_dim=s.hidden_dim, mlp_dim=s.mlp_dim, dropout_rate=0.0,
+            attention_dropout=0.0, layer_norm_epsilon=s.norm_eps, use_mha_bias=True, use_mlp_bias=True,
+            use_class_token=True, use_patch_bias=True,
+        )
+        x = _images(s, batch)
+        predict = lambda: model.predict_on_batch(x)  # noqa: E731
+        if keras.backend.backend() == "jax":
+            import jax
+
+            fn = jax.jit(lambda tv, ntv, x: model.stateless_call(tv, ntv, x, training=False)[0])
+            xj = jax.device_put(x)
+
+            def compiled():
+                # Read the variables at call time: predict_on_batch may replace their buffers.
+                tv = [v.value for v in model.trainable_variables]
+                ntv = [v.value for v in model.non_trainable_variables]
+                return fn(tv, ntv, xj).block_until_ready()
+
+        else:
+            import tensorflow as tf
+
+            fn = tf.function(lambda x: model(x, training=False), jit_compile=True)
+            xt = tf.constant(x)
+            compiled = lambda: fn(xt).numpy()  # noqa: E731
+        return {"predict_on_batch": predict, "compiled call": compiled}
+
+    return make
+
+
+def worker(contender: str, specs: list[str], batches: list[int], iters: int) -> None:
+    """Time one contender on every (spec, batch); print one JSON line of results."""
+    if contender == "keras-hub-jax":
+        os.environ["KERAS_BACKEND"] = "jax"
+    elif contender in ("keras-hub-tf", "vitspec-tensorflow"):
+        os.environ["KERAS_BACKEND"] = "tensorflow"
+    if contender.startswith("vitspec-"):
+        name = contender.removeprefix("vitspec-")
+        make = _vitspec_runner(name, head=(name == "torch"))
+    elif contender == "timm":
+        make = _timm_runner()
+    else:
+        make = _keras_hub_runner()
+    results = {}
+    for spec_name in specs:
+        for batch in batches:
+            runs = make(spec_name, batch)
+            if callable(runs):
+                runs = {"": runs}
+            best = None
+            for path, fn in runs.items():
+                times = _time(fn, warmup=2, iters=iters)
+                if best is None or statistics.median(times) < statistics.median(best[1]):
+                    best = (path, times)
+            results[f"{spec_name}|{batch}"] = {"path": best[0], "times": best[1]}
+    print("RESULT " + json.dumps(results), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--specs", nargs="+", default=["S/16", "B/16"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--backends", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
+    parser.add_argument("--json", help="also write the raw timings here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.specs, args.batches, args.iters)
+        return
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu"}
+    contenders = [c for b in args.backends for c in CONTENDERS[b]]
+    times: dict[str, dict[str, list[float]]] = {c: {} for c in contenders}
+    paths: dict[str, dict[str, str]] = {c: {} for c in contenders}
+    for r in range(args.rounds):
+        order = contenders if r % 2 == 0 else contenders[::-1]
+        for contender in order:
+            cmd = [sys.executable, __file__, "--worker", contender, "--iters", str(args.iters),
+                   "--specs", *args.specs, "--batches", *map(str, args.batches)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if proc.returncode != 0 or line is None:
+                sys.exit(f"{contender} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+            for key, res in json.loads(line[7:]).items():
+                times[contender].setdefault(key, []).extend(res["times"])
+                paths[contender][key] = res["path"]
+            print(f"round {r + 1}/{args.rounds}: {contender} done", file=sys.stderr, flush=True)
+
+    cores = os.cpu_count()
+    print(f"\nimages/s, median over {args.rounds} rounds x {args.iters} iterations; float32; {cores} CPU cores; batch as shown\n")
+    print("| backend | spec | batch | vitspec img/s | peer | peer img/s | ratio |")
+    print("|---|---|---:|---:|---|---:|---:|")
+    for backend in args.backends:
+        ours, peer = CONTENDERS[backend]
+        for spec_name in args.specs:
+            for batch in args.batches:
+                key = f"{spec_name}|{batch}"
+                a = batch / statistics.median(times[ours][key])
+                b = batch / statistics.median(times[peer][key])
+                path = f" ({paths[peer][key]})" if paths[peer][key] else ""
+                print(f"| {backend} | {spec_name} | {batch} | {a:.2f} | {peer}{path} | {b:.2f} | {a / b:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"times": times, "paths": paths}, f)
+
+
+if __name__ == "__main__":
+    main()
