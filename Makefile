@@ -19,10 +19,16 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(PY)
 
 install: $(VENV)/.installed
 
+# The main job on a spec shipped in the repo: one set of weights, built natively in each framework
+# and checked against the float64 reference; then a conversion to timm's layout. Outputs in out/.
 demo: install
+	@mkdir -p out
 	$(VITSPEC) validate examples/mnist.yaml examples/vit-b16.yaml
-	$(VITSPEC) layout examples/mnist.yaml
-	$(PY) examples/reference_demo.py
+	$(VITSPEC) build --backend torch examples/mnist.yaml --check --out out/mnist.safetensors --force
+	$(VITSPEC) build --backend tensorflow examples/mnist.yaml --weights out/mnist.safetensors --check
+	$(VITSPEC) build --backend jax examples/mnist.yaml --weights out/mnist.safetensors --check
+	$(VITSPEC) convert out/mnist.safetensors out/mnist_timm.safetensors --to timm --force
+	$(VITSPEC) diff --backend torch --backend jax examples/mnist.yaml --weights out/mnist.safetensors
 
 lint: install
 	$(VENV)/bin/ruff check .

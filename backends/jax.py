@@ -32,7 +32,7 @@ from vitspec.errors import WeightsError
 from vitspec.init import init_weights
 from vitspec.layout import capture_points, check_capture, param_table
 from vitspec.spec import Spec
-from vitspec.weights import check_weights
+from vitspec.weights import check_weights, name_problems
 
 _QKV = ("query", "key", "value")
 
@@ -101,13 +101,7 @@ def from_native(spec: Spec, native: Mapping[str, Any]) -> Iterator[tuple[str, np
 
 def _check_native_names(layout: Mapping[str, tuple[int, ...]], native: Mapping[str, Any]) -> None:
     """One WeightsError listing every missing and unexpected native tensor (reads no data)."""
-    problems = []
-    missing = [n for n in layout if n not in native]
-    unexpected = [n for n in native if n not in layout]
-    if missing:
-        problems.append(f"missing {len(missing)} native tensor(s): {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} native tensor(s): {', '.join(unexpected)}")
+    problems = name_problems(layout, native, "native tensor")
     if problems:
         raise WeightsError(problems, "flax state")
 

@@ -464,7 +464,8 @@ class TorchBackend:
     def forward(self, model: Any, images: np.ndarray, capture: Iterable[str] | str = ()) -> dict[str, np.ndarray]:
         """NHWC NumPy images in; float32 NumPy ``output`` and the requested capture points out.
 
-        Runs in eval mode under ``torch.inference_mode()`` (the model's mode is restored after).
+        Runs in eval mode under ``torch.inference_mode()`` with TF32 off for matmuls and cuDNN
+        convolutions (the model's mode and both flags are restored after).
         """
         import torch
 
@@ -475,6 +476,9 @@ class TorchBackend:
             array = array.astype(np.float32)
         was_training = model.training
         model.eval()
+        # cuDNN convolutions default to TF32 on GPUs (the patch embedding): off, as the reference.
+        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         try:
             with torch.inference_mode():
                 # Contiguous NCHW, so the adapter gives the very numbers of model(nchw) (conv order).
@@ -484,6 +488,7 @@ class TorchBackend:
                 return {k: got[k].float().contiguous().cpu().numpy() for k in (*_ordered(model.spec, names), "output")}
         finally:
             model.train(was_training)
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
     def save_artifact(self, model: Any, path: str | Path, batch: int) -> Path:
         """Write a ``torch.export`` program (``.pt2``) taking (batch, C, H, W) float images.

@@ -352,3 +352,20 @@ def test_b16_matches_the_float64_reference(backend) -> None:
     ref = reference.forward(spec, w, images, capture=points)
     for point in (*points, "output"):
         assert rel_err(got[point], ref[point]) <= TOL, point
+
+
+def test_forward_runs_without_tf32_and_restores_the_flags(backend) -> None:
+    spec = family("vit_paper", depth=1)
+    model = backend.build(spec)
+    seen: list[tuple[bool, bool]] = []
+    model.patch_embed.register_forward_hook(
+        lambda *_: seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+    )
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        backend.forward(model, _images(spec, 1))
+        assert seen == [(False, False)]
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

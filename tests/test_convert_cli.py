@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -276,12 +277,20 @@ def test_existing_output_needs_force_and_unwritable_destinations(capsys, tmp_pat
     assert code == 1 and "does not exist" in _error_lines(err)[0]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_read_only_folder(capsys, tmp_path: Path, canonical: Path) -> None:
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
-    code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(locked / "o.safetensors"))
-    assert code == 1 and "is not writable" in _error_lines(err)[0]
+    # Root writes through mode bits; an immutable folder (chattr +i) stops root too.
+    immutable = os.geteuid() == 0
+    if immutable and subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode != 0:
+        pytest.skip("running as root where chattr +i is not permitted: no folder is read-only to root")
+    try:
+        code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(locked / "o.safetensors"))
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(locked)], check=True)
+    assert code == 1 and _error_lines(err) == [f"error: cannot write {locked / 'o.safetensors'}: folder {locked} is not writable"]
+    assert list(locked.iterdir()) == []
 
 
 def test_unknown_file_and_format_errors(capsys, tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -18,6 +18,20 @@ SPEC_KEY = "vitspec.spec"
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
+def name_problems(expected: Iterable[str], found: Iterable[str], what: str = "tensor") -> list[str]:
+    """The 'missing N tensor(s): ...' and 'unexpected N tensor(s): ...' lines; empty when they match."""
+    expected, found = list(expected), list(found)
+    known, present = set(expected), set(found)
+    missing = [n for n in expected if n not in present]
+    unexpected = [n for n in found if n not in known]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} {what}(s): {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} {what}(s): {', '.join(unexpected)}")
+    return problems
+
+
 def check_weights(
     spec: Spec,
     weights: Mapping[str, object],
@@ -28,13 +42,7 @@ def check_weights(
     """Raise one WeightsError listing every missing, unexpected, misshapen or non-float tensor."""
     table = param_table(spec)
     expected = {p.name: p.shape for p in table}
-    problems: list[str] = []
-    missing = [n for n in expected if n not in weights]
-    unexpected = [n for n in weights if n not in expected]
-    if missing:
-        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected)}")
+    problems = name_problems(expected, weights)
     for name, shape in expected.items():
         if name not in weights:
             continue

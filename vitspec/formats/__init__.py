@@ -43,6 +43,7 @@ from vitspec.formats._common import Materialized
 from vitspec.formats.infer import Facts, Inference, load_partial_spec, resolve
 from vitspec.layout import param_table
 from vitspec.spec import Spec
+from vitspec.weights import name_problems
 
 FORMATS: dict[str, str] = {
     "canonical": "vitspec.formats.canonical",
@@ -242,13 +243,7 @@ def check_layout(module: ModuleType, spec: Spec, source: _io.Source) -> None:
         expected = dict(module.native_layout(spec))
     except SpecError as exc:
         raise WeightsError(exc.problems, str(source.path)) from None
-    problems: list[str] = []
-    missing = [n for n in expected if n not in source.entries]
-    unexpected = [n for n in source.entries if n not in expected]
-    if missing:
-        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected)}")
+    problems = name_problems(expected, source.entries)
     for name, shape in expected.items():
         if name not in source.entries:
             continue
