@@ -490,22 +490,25 @@ class TorchBackend:
             model.train(was_training)
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
-    def save_artifact(self, model: Any, path: str | Path, batch: int) -> Path:
+    def save_artifact(self, model: Any, path: str | Path, batch: int | None) -> Path:
         """Write a ``torch.export`` program (``.pt2``) taking (batch, C, H, W) float images.
 
-        Load it with torch alone: ``torch.export.load(path).module()(images)``.
+        ``batch`` fixes the batch size; None leaves it symbolic (any batch). Load it with torch
+        alone: ``torch.export.load(path).module()(images)``.
         """
         import torch
 
-        if not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch: expected a positive integer, found {batch!r}")
+        if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
+            raise ValueError(f"batch: expected a positive integer or None, found {batch!r}")
         spec = model.spec
         weight = model.patch_embed.proj.weight
-        example = torch.zeros(batch, spec.in_channels, *spec.image_size, dtype=weight.dtype, device=weight.device)
+        # A symbolic batch is traced with 2 images: torch.export specialises a dimension of size 1.
+        example = torch.zeros(batch or 2, spec.in_channels, *spec.image_size, dtype=weight.dtype, device=weight.device)
+        dynamic = None if batch else ({0: torch.export.Dim("batch", min=1)},)
         was_training = model.training
         model.eval()  # dropout is traced away only in eval mode
         try:
-            program = torch.export.export(model, (example,))
+            program = torch.export.export(model, (example,), dynamic_shapes=dynamic)
         finally:
             model.train(was_training)
         path = Path(path)

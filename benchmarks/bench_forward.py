@@ -14,7 +14,7 @@ vitspec is timed through ``backend.forward`` (NumPy in, NumPy out: what users ca
 timed on its fastest public path: timm's module under ``torch.inference_mode``; keras-hub through
 ``predict_on_batch`` and through its compiled stateless call, the faster of the two. keras-hub's
 backbone has no pooling and no head, so the keras-hub comparisons use ``n_classes: 0`` for
-vitspec (our pooling is a mean over tokens, negligible next to the encoder). Prints a table of
+vitspec (its pooling, picking the class token after the final norm, costs nothing measurable). Prints a table of
 median images/s and the ratio vitspec / peer (goal: >= 1.0).
 """
 
@@ -177,6 +177,7 @@ def main() -> None:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu"}
     contenders = [c for b in args.backends for c in CONTENDERS[b]]
     times: dict[str, dict[str, list[float]]] = {c: {} for c in contenders}
+    per_round: dict[str, dict[str, list[float]]] = {c: {} for c in contenders}  # one median a round
     paths: dict[str, dict[str, str]] = {c: {} for c in contenders}
     for r in range(args.rounds):
         order = contenders if r % 2 == 0 else contenders[::-1]
@@ -189,13 +190,16 @@ def main() -> None:
                 sys.exit(f"{contender} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
             for key, res in json.loads(line[7:]).items():
                 times[contender].setdefault(key, []).extend(res["times"])
+                per_round[contender].setdefault(key, []).append(statistics.median(res["times"]))
                 paths[contender][key] = res["path"]
             print(f"round {r + 1}/{args.rounds}: {contender} done", file=sys.stderr, flush=True)
 
     cores = os.cpu_count()
-    print(f"\nimages/s, median over {args.rounds} rounds x {args.iters} iterations; float32; {cores} CPU cores; batch as shown\n")
-    print("| backend | spec | batch | vitspec img/s | peer | peer img/s | ratio |")
-    print("|---|---|---:|---:|---|---:|---:|")
+    print(f"\nimages/s, median over {args.rounds} rounds x {args.iters} iterations; float32; {cores} CPU cores; batch as shown")
+    print("ratio: vitspec / peer images/s, the median over rounds of the ratio within a round (the two run")
+    print("back to back in every round, so load that drifts between rounds cancels); range: lowest-highest round\n")
+    print("| backend | spec | batch | vitspec img/s | peer | peer img/s | ratio | range |")
+    print("|---|---|---:|---:|---|---:|---:|---|")
     for backend in args.backends:
         ours, peer = CONTENDERS[backend]
         for spec_name in args.specs:
@@ -203,11 +207,15 @@ def main() -> None:
                 key = f"{spec_name}|{batch}"
                 a = batch / statistics.median(times[ours][key])
                 b = batch / statistics.median(times[peer][key])
+                paired = [p / o for o, p in zip(per_round[ours][key], per_round[peer][key], strict=True)]
                 path = f" ({paths[peer][key]})" if paths[peer][key] else ""
-                print(f"| {backend} | {spec_name} | {batch} | {a:.2f} | {peer}{path} | {b:.2f} | {a / b:.2f} |")
+                print(
+                    f"| {backend} | {spec_name} | {batch} | {a:.2f} | {peer}{path} | {b:.2f} "
+                    f"| {statistics.median(paired):.2f} | {min(paired):.2f}-{max(paired):.2f} |"
+                )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"times": times, "paths": paths}, f)
+            json.dump({"times": times, "per_round": per_round, "paths": paths}, f)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from vitspec.cli._ui import console, human, shape_str, table
 @click.option("--batch", type=click.IntRange(min=1), default=2, show_default=True, help="Images in the dummy batch.")
 @click.option("--out", type=click.Path(path_type=Path), help="Write the model's canonical weights (safetensors).")
 @click.option("--export", "export_path", type=click.Path(path_type=Path), help="Write the framework's deployable artifact.")
+@click.option("--export-batch", type=click.IntRange(min=1), help="Fix the artifact's batch size (default: any batch).")
 @click.option("--check/--no-check", default=False, help="Compare the output with the float64 NumPy reference.")
 @click.option("--force", is_flag=True, help="Overwrite existing --out/--export paths.")
 def build(
@@ -29,6 +30,7 @@ def build(
     batch: int,
     out: Path | None,
     export_path: Path | None,
+    export_batch: int | None,
     check: bool,
     force: bool,
 ) -> None:
@@ -39,12 +41,12 @@ def build(
     import numpy as np
 
     import vitspec
-    from vitspec.files import OutputExistsError
+    from vitspec.files import atomic_output, check_destination
 
     s = vitspec.load_spec(spec)
     for path in (out, export_path):
-        if path is not None and path.exists() and not force:
-            raise OutputExistsError(path)
+        if path is not None:
+            check_destination(path, overwrite=force)  # before any work, not after it
     if weights is not None:
         w, file_spec = vitspec.load_weights(weights)
         if file_spec != s:
@@ -96,12 +98,15 @@ def build(
         vitspec.save_weights(out, backend.export(model), s, overwrite=force)
         ui.print(f"wrote canonical weights: {out}")
     if export_path is not None:
-        backend.save_artifact(model, export_path, batch)
-        ui.print(f"wrote {backend.name} artifact: {export_path}")
+        with atomic_output(export_path, overwrite=force) as tmp:
+            backend.save_artifact(model, tmp, export_batch)
+        ui.print(f"wrote {backend.name} artifact: {export_path} (batch: {export_batch or 'any'})")
 
 
 def _summary_points(spec) -> list[str]:
-    points = ["patch_embed", "embed", *[f"blocks.{i}" for i in range(spec.depth)], "encoded", "pooled"]
+    # Block 0's attention too: the shapes every ViT tutorial checks (one head, all heads, block).
+    points = ["patch_embed", "embed", "blocks.0.attn_heads", "blocks.0.attn", *[f"blocks.{i}" for i in range(spec.depth)]]
+    points += ["encoded", "pooled"]
     if spec.pre_logits_dim:
         points.append("pre_logits")
     return points
@@ -128,9 +133,16 @@ def _summary_rows(spec, result) -> list[tuple[str, str, str]]:
         "pooled": f"pooled ({spec.pooling}{', final norm' if spec.final_norm == 'after_pool' else ''})",
         "output": "output (head)" if spec.n_classes else "output (features)",
     }
+    labels["blocks.0.attn_heads"] = "  blocks.0 attention, one head"
+    labels["blocks.0.attn"] = "  blocks.0 multi-head attention"
+    shapes = {name: tuple(value.shape) for name, value in result.items()}
+    b, _, n, dh = shapes["blocks.0.attn_heads"]
+    shapes["blocks.0.attn_heads"] = (b, n, dh)  # head 0 of (B, heads, N, D/heads)
     rows = []
     for name in [*_summary_points(spec), "output"]:
-        rows.append((labels.get(name, name), shape_str(result[name].shape), f"{counts.get(name, 0):,}"))
+        # Block 0's inner rows show shapes only: their parameters are counted in its own row.
+        params = "" if name.startswith("blocks.0.") else f"{counts.get(name, 0):,}"
+        rows.append((labels.get(name, name), shape_str(shapes[name]), params))
     return rows
 
 

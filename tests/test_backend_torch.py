@@ -270,7 +270,7 @@ def test_save_artifact_loads_with_torch_export_load(backend, tmp_path: Path) -> 
 
 def test_save_artifact_rejects_a_bad_batch(backend, tmp_path: Path) -> None:
     model = backend.build(family("mnist"))
-    with pytest.raises(ValueError, match="batch: expected a positive integer, found 0"):
+    with pytest.raises(ValueError, match="batch: expected a positive integer or None, found 0"):
         backend.save_artifact(model, tmp_path / "bad.pt2", batch=0)
 
 

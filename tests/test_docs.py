@@ -31,3 +31,42 @@ def test_spec_page_documents_every_field_and_preset() -> None:
         assert f"| `{field}` |" in page, field
     for variant, (hidden, depth, mlp, heads) in VARIANTS.items():
         assert re.search(rf"\| {re.escape(variant)} \| {hidden} \| {depth} \| {mlp} \| {heads} \|", page), variant
+
+
+ROOT = DOCS.parent
+PAGES = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def _anchors(page: Path) -> set[str]:
+    return {_anchor(m.group(1)) for m in re.finditer(r"^#+ (.+)$", page.read_text(), re.MULTILINE)}
+
+
+def test_every_link_and_named_page_exists() -> None:
+    broken = []
+    for page in PAGES:
+        text = page.read_text()
+        prose = re.sub(r"`[^`\n]*`", "", re.sub(r"```.*?```", "", text, flags=re.DOTALL))  # code is not links
+        for target in re.findall(r"\]\(([^)\s]+)\)", prose):
+            if "://" in target:
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            if not dest.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+        for named in re.findall(r"`?\b(docs/[\w/.-]+\.md)\b", text):
+            if not (ROOT / named).exists():
+                broken.append(f"{page.relative_to(ROOT)}: {named} (named, no such file)")
+    assert broken == []
+
+
+def test_no_page_has_a_placeholder_left() -> None:
+    for page in PAGES:
+        assert not re.search(r"\b[A-Z0-9]+_TABLE\b|\bTODO\b|\bTBD\b", page.read_text()), page

@@ -106,4 +106,5 @@ def test_the_cli_says_which_extra_without_a_traceback() -> None:
     code = _HIDE.format(mods=("jax", "flax")) + "from vitspec.cli.main import main\nmain(['backends'])\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     jax_row = next(line for line in out.stdout.splitlines() if line.lstrip("│ ").startswith("jax"))
-    assert "missing" in jax_row
+    assert "not installed" in jax_row
+    assert "jax: backend 'jax' needs" in out.stdout and "pip install 'vitspec[jax]'" in out.stdout

@@ -63,16 +63,38 @@ def atomic_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Iterato
     tmp_path = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent or "."))
     try:
         yield tmp_path
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp_path, path)
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink()
-        else:
-            os.replace(tmp_path, path)
+        _swap_into_place(tmp_path, path)
     except BaseException:
         shutil.rmtree(tmp_path, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a path inside a temporary folder next to ``path`` for a writer that makes a file or a
+    folder there (a framework's artifact); move what it made to ``path`` only if the block succeeds."""
+    path = Path(path)
+    check_destination(path, overwrite)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent or "."))
+    try:
+        made = staging / path.name
+        yield made
+        if not made.exists():
+            raise OutputNotWritableError(f"cannot write {path}: the writer left nothing at {made}")
+        _swap_into_place(made, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swap_into_place(made: Path, path: Path) -> None:
+    """Rename ``made`` to ``path``; an existing ``path`` (file or folder) is moved aside first."""
+    if not path.exists():
+        os.replace(made, path)
+        return
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    os.replace(path, old)
+    os.replace(made, path)
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink()

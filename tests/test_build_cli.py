@@ -1,0 +1,181 @@
+"""`vitspec build`: the summary, the check, canonical weights out, each framework's artifact, bad input."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import rel_err
+from test_convert_cli import _error_lines, vitspec_cli
+
+import vitspec
+from vitspec.families import family
+from vitspec.layout import capture_shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST = str(ROOT / "examples" / "mnist.yaml")
+SPEC = vitspec.load_spec(MNIST)
+
+
+@pytest.fixture(autouse=True)
+def _wide_plain_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("NO_COLOR", "1")
+
+
+def _rows(out: str) -> dict[str, tuple[str, str]]:
+    """The summary table as {part: (output shape, parameters)}."""
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.split("│")]
+        if len(cells) == 3 and cells[1].startswith("("):
+            rows[cells[0]] = (cells[1], cells[2])
+    return rows
+
+
+def _shape(*dims: int) -> str:
+    return "(" + ", ".join(map(str, dims)) + ")"
+
+
+@pytest.mark.parametrize("backend", ["torch", "tensorflow", "jax"])
+def test_summary_has_the_tutorial_shapes_the_parameter_counts_and_a_passing_check(capsys, backend: str) -> None:
+    code, out, err = vitspec_cli(capsys, "build", "--backend", backend, MNIST, "--batch", "3", "--check")
+    assert code == 0, err
+    rows = _rows(out)
+    b, n, d, h = 3, SPEC.seq_len, SPEC.hidden_dim, SPEC.n_heads
+    shapes = capture_shapes(SPEC, b)
+    assert rows["patch_embed"][0] == _shape(*shapes["patch_embed"]) == _shape(b, SPEC.n_patches, d)
+    assert rows["blocks.0 attention, one head"][0] == _shape(b, n, d // h)
+    assert rows["blocks.0 multi-head attention"][0] == _shape(b, n, d)
+    for i in range(SPEC.depth):
+        assert rows[f"blocks.{i}"][0] == _shape(b, n, d)
+    assert rows["output (head)"][0] == _shape(b, SPEC.n_classes)
+    counted = sum(int(p.replace(",", "")) for _, p in rows.values() if p)
+    assert counted == SPEC.n_params
+    assert f"total: {SPEC.n_params:,} parameters" in out
+    (check,) = [line for line in out.splitlines() if line.startswith("check:")]
+    assert float(re.search(r"= ([0-9.e+-]+) \(ok", check).group(1)) <= 1e-5
+
+
+def test_out_writes_the_init_weights_and_weights_reads_them_back(capsys, tmp_path: Path) -> None:
+    out = tmp_path / "w.safetensors"
+    code, _, err = vitspec_cli(capsys, "build", "--backend", "jax", MNIST, "--seed", "3", "--out", str(out))
+    assert code == 0, err
+    weights, spec = vitspec.load_weights(out)
+    assert spec == SPEC
+    expected = vitspec.init_weights(SPEC, seed=3)
+    assert all(np.array_equal(weights[k], expected[k]) for k in expected)
+    code, out_text, err = vitspec_cli(capsys, "build", "--backend", "torch", MNIST, "--weights", str(out), "--check")
+    assert code == 0 and f"weights from {out}" in out_text, err
+
+
+def test_existing_outputs_need_force_and_are_refused_before_any_work(capsys, tmp_path: Path) -> None:
+    out = tmp_path / "w.safetensors"
+    out.write_bytes(b"keep me")
+    code, stdout, err = vitspec_cli(capsys, "build", "--backend", "torch", MNIST, "--out", str(out))
+    assert code == 1 and _error_lines(err) == [f"error: {out} already exists; pass --force (overwrite=True) to replace it"]
+    assert out.read_bytes() == b"keep me" and "part" not in stdout  # nothing was built
+    code, _, err = vitspec_cli(capsys, "build", "--backend", "torch", MNIST, "--out", str(out), "--force")
+    assert code == 0 and vitspec.load_weights(out)[1] == SPEC
+    nowhere = tmp_path / "no" / "such" / "a.pt2"
+    code, _, err = vitspec_cli(capsys, "build", "--backend", "torch", MNIST, "--export", str(nowhere))
+    assert code == 1 and _error_lines(err) == [f"error: cannot write {nowhere}: folder {nowhere.parent} does not exist"]
+
+
+def test_weights_of_another_spec_are_refused_by_name(capsys, tmp_path: Path) -> None:
+    other = SPEC.replace(n_classes=5)
+    path = tmp_path / "other.safetensors"
+    vitspec.save_weights(path, vitspec.init_weights(other), other)
+    code, _, err = vitspec_cli(capsys, "build", "--backend", "torch", MNIST, "--weights", str(path))
+    assert code == 1
+    assert _error_lines(err) == [f"error: {path}: the weights were made for another spec: n_classes 5 (file) vs 10 (spec)"]
+
+
+def test_unknown_backend_and_bad_spec_are_one_line(capsys) -> None:
+    code, _, err = vitspec_cli(capsys, "build", "--backend", "mxnet", MNIST)
+    assert code == 1 and _error_lines(err)[0].startswith("error: no backend named 'mxnet'; registered backends: jax, numpy")
+    code, _, err = vitspec_cli(capsys, "build", "--backend", "torch", "B/17")
+    assert code == 1 and "B/17" in _error_lines(err)[0]
+    code, _, err = vitspec_cli(capsys, "build", "--backend", "numpy", MNIST, "--export", "x.bin")
+    assert code == 1 and _error_lines(err) == ["error: backend 'numpy' cannot write a deployable artifact (it has no save_artifact)"]
+
+
+def _run_artifact(backend: str, path: Path, images: np.ndarray) -> np.ndarray:
+    """Run an artifact with its framework alone, as docs/build.md shows."""
+    if backend == "torch":
+        import torch
+
+        program = torch.export.load(str(path))
+        return program.module()(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()).detach().numpy()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        loaded = tf.saved_model.load(str(path))
+        return loaded.signatures["serving_default"](images=tf.constant(images))["output"].numpy()
+    import jax
+
+    return np.asarray(jax.export.deserialize(bytearray(path.read_bytes())).call(images))
+
+
+ARTIFACT = {"torch": "vit.pt2", "tensorflow": "vit_savedmodel", "jax": "vit.jax"}
+
+
+@pytest.mark.parametrize("backend", ["torch", "tensorflow", "jax"])
+def test_export_writes_an_artifact_the_framework_runs_alone_for_any_batch(capsys, tmp_path: Path, backend: str) -> None:
+    weights_path, artifact = tmp_path / "w.safetensors", tmp_path / ARTIFACT[backend]
+    code, out, err = vitspec_cli(
+        capsys, "build", "--backend", backend, MNIST, "--out", str(weights_path), "--export", str(artifact)
+    )
+    assert code == 0, err
+    assert f"wrote {backend} artifact: {artifact} (batch: any)" in out
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left
+    weights, _ = vitspec.load_weights(weights_path)
+    for batch in (1, 5):
+        images = np.random.default_rng(batch).standard_normal((batch, 28, 28, 1)).astype(np.float32)
+        got = _run_artifact(backend, artifact, images)
+        assert rel_err(got, vitspec.reference.forward(SPEC, weights, images)["output"]) <= 1e-5
+
+
+def test_export_batch_fixes_the_batch_and_force_replaces_an_artifact(capsys, tmp_path: Path) -> None:
+    artifact = tmp_path / "vit.jax"
+    artifact.write_bytes(b"old")
+    code, _, err = vitspec_cli(capsys, "build", "--backend", "jax", MNIST, "--export", str(artifact), "--export-batch", "4")
+    assert code == 1 and "already exists" in _error_lines(err)[0] and artifact.read_bytes() == b"old"
+    code, out, err = vitspec_cli(
+        capsys, "build", "--backend", "jax", MNIST, "--export", str(artifact), "--export-batch", "4", "--force"
+    )
+    assert code == 0 and "(batch: 4)" in out, err
+    import jax
+
+    exported = jax.export.deserialize(bytearray(artifact.read_bytes()))
+    assert exported.in_avals[0].shape == (4, 28, 28, 1)
+
+
+def test_an_interrupted_export_leaves_nothing(capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = vitspec.backend("tensorflow")
+
+    def half_then_interrupt(model, path, batch):
+        Path(path).mkdir()
+        (Path(path) / "saved_model.pb").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(backend), "save_artifact", lambda self, *a: half_then_interrupt(*a))
+    artifact = tmp_path / "vit_savedmodel"
+    code, _, err = vitspec_cli(capsys, "build", "--backend", "tensorflow", str(ROOT / "examples" / "mnist.yaml"), "--export", str(artifact))
+    assert code == 130 and "interrupted" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["no_head", "vit_paper_pre_logits", "timm_avg_fc_norm", "big_vision_sincos"])
+def test_families_that_change_the_summary_build_and_check(capsys, tmp_path: Path, name: str) -> None:
+    spec = family(name)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(spec.to_yaml())
+    code, out, err = vitspec_cli(capsys, "build", "--backend", "jax", str(path), "--check")
+    assert code == 0, err
+    rows = _rows(out)
+    last = "output (head)" if spec.n_classes else "output (features)"
+    assert rows[last][0] == _shape(2, spec.n_classes or spec.features_dim)
+    assert sum(int(p.replace(",", "")) for _, p in rows.values() if p) == spec.n_params
