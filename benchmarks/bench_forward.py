@@ -1,9 +1,12 @@
 """Forward-pass speed of each vitspec backend against the best public implementation in its framework.
 
-    python benchmarks/bench_forward.py [--specs S/16 B/16] [--batches 1 8] [--rounds 3] [--iters 10]
+    python benchmarks/bench_forward.py [--specs S/16 B/16] [--batches 1 8] [--rounds 3] [--iters 10] [--paired]
 
 Contenders, each run in its own process (Keras fixes its backend once per process), in
-alternating rounds so that machine noise hits all alike:
+alternating rounds so that machine noise hits all alike. With ``--paired``, vitspec and its peer
+share one process per framework (keras-hub on JAX and on TensorFlow still never share one) and
+alternate call by call, so that each call of one is timed next to a call of the other; the
+ratio is then the median of those call-by-call ratios. Contenders:
 
     torch          vitspec's PyTorch backend          vs  timm   VisionTransformer (F.sdpa attention)
     tensorflow     vitspec's TensorFlow/Keras backend vs  keras-hub ViTBackbone on TensorFlow
@@ -132,32 +135,56 @@ def _keras_hub_runner():
     return make
 
 
-def worker(contender: str, specs: list[str], batches: list[int], iters: int) -> None:
-    """Time one contender on every (spec, batch); print one JSON line of results."""
+def _runner(contender: str):
+    """The factory (spec name, batch) -> callable, or {path: callable}, of one contender."""
     if contender == "keras-hub-jax":
         os.environ["KERAS_BACKEND"] = "jax"
     elif contender in ("keras-hub-tf", "vitspec-tensorflow"):
         os.environ["KERAS_BACKEND"] = "tensorflow"
     if contender.startswith("vitspec-"):
         name = contender.removeprefix("vitspec-")
-        make = _vitspec_runner(name, head=(name == "torch"))
-    elif contender == "timm":
-        make = _timm_runner()
-    else:
-        make = _keras_hub_runner()
-    results = {}
+        return _vitspec_runner(name, head=(name == "torch"))
+    if contender == "timm":
+        return _timm_runner()
+    return _keras_hub_runner()
+
+
+def _paths(runs) -> dict[str, Callable[[], object]]:
+    return runs if isinstance(runs, dict) else {"": runs}
+
+
+def _best(timed: dict[str, list[float]]) -> tuple[str, list[float]]:
+    """The fastest path (by median) and its times."""
+    return min(timed.items(), key=lambda item: statistics.median(item[1]))
+
+
+def worker(contenders: list[str], specs: list[str], batches: list[int], iters: int) -> None:
+    """Time the contenders on every (spec, batch), call by call in turn; print one JSON line.
+
+    With one contender this is a plain timing loop; with two (vitspec and its peer, --paired),
+    their calls alternate, the order flipping every iteration.
+    """
+    os.environ.setdefault("KERAS_BACKEND", "jax" if "keras-hub-jax" in contenders else "tensorflow")
+    makers = {c: _runner(c) for c in contenders}
+    results: dict[str, dict[str, dict]] = {c: {} for c in contenders}
     for spec_name in specs:
         for batch in batches:
-            runs = make(spec_name, batch)
-            if callable(runs):
-                runs = {"": runs}
-            best = None
-            for path, fn in runs.items():
-                times = _time(fn, warmup=2, iters=iters)
-                if best is None or statistics.median(times) < statistics.median(best[1]):
-                    best = (path, times)
-            results[f"{spec_name}|{batch}"] = {"path": best[0], "times": best[1]}
+            fns = {(c, path): fn for c in contenders for path, fn in _paths(makers[c](spec_name, batch)).items()}
+            for fn in fns.values():
+                _time(fn, warmup=2, iters=0)
+            timed: dict[tuple[str, str], list[float]] = {k: [] for k in fns}
+            for i in range(iters):
+                for k in (list(fns) if i % 2 == 0 else list(fns)[::-1]):
+                    timed[k].extend(_time(fns[k], warmup=0, iters=1))
+            for c in contenders:
+                path, times = _best({p: t for (cc, p), t in timed.items() if cc == c})
+                results[c][f"{spec_name}|{batch}"] = {"path": path, "times": times}
     print("RESULT " + json.dumps(results), flush=True)
+
+
+def _spread(ratios: list[float], quartiles: bool) -> str:
+    low, high = (statistics.quantiles(ratios, n=4)[::2]) if quartiles and len(ratios) > 1 else (min(ratios), max(ratios))
+    return f"{low:.2f}-{high:.2f}"
 
 
 def main() -> None:
@@ -167,8 +194,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--backends", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
+    parser.add_argument("--paired", action="store_true", help="vitspec and its peer in one process, call by call")
     parser.add_argument("--json", help="also write the raw timings here")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, args.specs, args.batches, args.iters)
@@ -176,28 +204,34 @@ def main() -> None:
 
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu"}
     contenders = [c for b in args.backends for c in CONTENDERS[b]]
+    # One process a contender, or (--paired) one a framework holding vitspec and its peer.
+    groups = [list(CONTENDERS[b]) for b in args.backends] if args.paired else [[c] for c in contenders]
     times: dict[str, dict[str, list[float]]] = {c: {} for c in contenders}
     per_round: dict[str, dict[str, list[float]]] = {c: {} for c in contenders}  # one median a round
     paths: dict[str, dict[str, str]] = {c: {} for c in contenders}
     for r in range(args.rounds):
-        order = contenders if r % 2 == 0 else contenders[::-1]
-        for contender in order:
-            cmd = [sys.executable, __file__, "--worker", contender, "--iters", str(args.iters),
+        for group in groups if r % 2 == 0 else groups[::-1]:
+            cmd = [sys.executable, __file__, "--worker", *group, "--iters", str(args.iters),
                    "--specs", *args.specs, "--batches", *map(str, args.batches)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if proc.returncode != 0 or line is None:
-                sys.exit(f"{contender} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-            for key, res in json.loads(line[7:]).items():
-                times[contender].setdefault(key, []).extend(res["times"])
-                per_round[contender].setdefault(key, []).append(statistics.median(res["times"]))
-                paths[contender][key] = res["path"]
-            print(f"round {r + 1}/{args.rounds}: {contender} done", file=sys.stderr, flush=True)
+                sys.exit(f"{' + '.join(group)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+            for contender, results in json.loads(line[7:]).items():
+                for key, res in results.items():
+                    times[contender].setdefault(key, []).extend(res["times"])
+                    per_round[contender].setdefault(key, []).append(statistics.median(res["times"]))
+                    paths[contender][key] = res["path"]
+            print(f"round {r + 1}/{args.rounds}: {' + '.join(group)} done", file=sys.stderr, flush=True)
 
     cores = os.cpu_count()
     print(f"\nimages/s, median over {args.rounds} rounds x {args.iters} iterations; float32; {cores} CPU cores; batch as shown")
-    print("ratio: vitspec / peer images/s, the median over rounds of the ratio within a round (the two run")
-    print("back to back in every round, so load that drifts between rounds cancels); range: lowest-highest round\n")
+    if args.paired:
+        print("ratio: vitspec / peer images/s, the median of call-by-call ratios (the two alternate call by call")
+        print("in one process, so load that drifts cancels); range: the quartiles of those ratios\n")
+    else:
+        print("ratio: vitspec / peer images/s, the median over rounds of the ratio within a round (the two run")
+        print("back to back in every round, so load that drifts between rounds cancels); range: lowest-highest round\n")
     print("| backend | spec | batch | vitspec img/s | peer | peer img/s | ratio | range |")
     print("|---|---|---:|---:|---|---:|---:|---|")
     for backend in args.backends:
@@ -207,11 +241,13 @@ def main() -> None:
                 key = f"{spec_name}|{batch}"
                 a = batch / statistics.median(times[ours][key])
                 b = batch / statistics.median(times[peer][key])
-                paired = [p / o for o, p in zip(per_round[ours][key], per_round[peer][key], strict=True)]
+                # --paired: call by call (adjacent calls); otherwise round by round (adjacent processes).
+                mine, theirs = (times if args.paired else per_round)[ours][key], (times if args.paired else per_round)[peer][key]
+                paired = [p / o for o, p in zip(mine, theirs, strict=True)]
                 path = f" ({paths[peer][key]})" if paths[peer][key] else ""
                 print(
                     f"| {backend} | {spec_name} | {batch} | {a:.2f} | {peer}{path} | {b:.2f} "
-                    f"| {statistics.median(paired):.2f} | {min(paired):.2f}-{max(paired):.2f} |"
+                    f"| {statistics.median(paired):.2f} | {_spread(paired, args.paired)} |"
                 )
     if args.json:
         with open(args.json, "w") as f:
