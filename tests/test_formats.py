@@ -406,3 +406,13 @@ def test_formats_import_no_framework() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (64, 70), (1024, 4096), (4096, 1000), (1000, 17)])
+def test_strip_transpose_is_exact_at_every_size(shape: tuple[int, int]) -> None:
+    from vitspec.formats._common import contiguous
+
+    source = np.random.default_rng(0).standard_normal(shape[::-1]).astype(np.float32)
+    got = contiguous(source.T)  # large ones go through two threads
+    assert got.flags.c_contiguous and got.shape == shape
+    assert np.array_equal(got, np.ascontiguousarray(source.T))
