@@ -242,8 +242,8 @@ def main() -> None:
                 a = batch / statistics.median(times[ours][key])
                 b = batch / statistics.median(times[peer][key])
                 # --paired: call by call (adjacent calls); otherwise round by round (adjacent processes).
-                mine, theirs = (times if args.paired else per_round)[ours][key], (times if args.paired else per_round)[peer][key]
-                paired = [p / o for o, p in zip(mine, theirs, strict=True)]
+                series = times if args.paired else per_round
+                paired = [p / o for o, p in zip(series[ours][key], series[peer][key], strict=True)]
                 path = f" ({paths[peer][key]})" if paths[peer][key] else ""
                 print(
                     f"| {backend} | {spec_name} | {batch} | {a:.2f} | {peer}{path} | {b:.2f} "

@@ -132,9 +132,9 @@ def _summary_rows(spec, result) -> list[tuple[str, str, str]]:
         "encoded": "encoded (final norm)" if spec.final_norm == "before_pool" else "encoded",
         "pooled": f"pooled ({spec.pooling}{', final norm' if spec.final_norm == 'after_pool' else ''})",
         "output": "output (head)" if spec.n_classes else "output (features)",
+        "blocks.0.attn_heads": "  blocks.0 attention, one head",
+        "blocks.0.attn": "  blocks.0 multi-head attention",
     }
-    labels["blocks.0.attn_heads"] = "  blocks.0 attention, one head"
-    labels["blocks.0.attn"] = "  blocks.0 multi-head attention"
     shapes = {name: tuple(value.shape) for name, value in result.items()}
     b, _, n, dh = shapes["blocks.0.attn_heads"]
     shapes["blocks.0.attn_heads"] = (b, n, dh)  # head 0 of (B, heads, N, D/heads)

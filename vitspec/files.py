@@ -58,15 +58,9 @@ def atomic_file(path: str | os.PathLike[str], overwrite: bool = False) -> Iterat
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to ``path``; swap it into place only if the block succeeds."""
-    path = Path(path)
-    check_destination(path, overwrite)
-    tmp_path = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent or "."))
-    try:
-        yield tmp_path
-        _swap_into_place(tmp_path, path)
-    except BaseException:
-        shutil.rmtree(tmp_path, ignore_errors=True)
-        raise
+    with atomic_output(path, overwrite) as made:
+        made.mkdir()
+        yield made
 
 
 @contextlib.contextmanager
