@@ -2,9 +2,8 @@
 
 Requirements of the design:
 
-- importing this module never imports jax or flax: the layout functions (``native_layout``,
-  ``to_native``, ``from_native``) are NumPy only, so a converter can write Flax weights without
-  the framework; the NNX classes are defined on first use (``ViT``, ``JaxBackend()``);
+- importing this module never imports jax or flax (the native layout is the NumPy-only table
+  ``vitspec.layouts.flax.FLAX``); the NNX classes are defined on first use (``ViT``, ``JaxBackend()``);
 - the native model, ``ViT``, is a plain ``flax.nnx.Module``: usable alone under ``jax.jit`` /
   ``nnx.jit`` and ``jax.grad`` / ``nnx.grad``, with ``model.train()`` / ``model.eval()`` for
   dropout, and its spec as the static attribute ``model.spec``;
@@ -20,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -28,82 +27,13 @@ from typing import Any
 import numpy as np
 
 from vitspec import reference
-from vitspec.errors import WeightsError
 from vitspec.init import init_weights
-from vitspec.layout import capture_points, check_capture, param_table
+from vitspec.layout import capture_points, check_capture
+from vitspec.layouts.flax import FLAX
 from vitspec.spec import Spec
-from vitspec.weights import check_weights, name_problems
-
-_QKV = ("query", "key", "value")
-
+from vitspec.weights import check_weights
 
 # ---- the layout: NumPy only, no framework -------------------------------------------------------
-
-
-def _native_name(canonical: str) -> str:
-    """The native name a canonical tensor lives under (query/key/value share the fused qkv)."""
-    parts = canonical.split(".")
-    if len(parts) == 5 and parts[2] == "attn" and parts[3] in _QKV:
-        return ".".join([*parts[:3], "qkv", parts[4]])
-    return canonical
-
-
-def native_layout(spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
-    """Every native tensor of ``spec`` as (flattened nnx.state path, shape), in forward order."""
-    d = spec.hidden_dim
-    layout: dict[str, tuple[int, ...]] = {}
-    for p in param_table(spec):
-        name = _native_name(p.name)
-        if name == "patch_embed.kernel":
-            layout[name] = (spec.patch_dim, d)
-        elif name != p.name:
-            layout[name] = (*p.shape[:-1], 3 * d)
-        else:
-            layout[name] = p.shape
-    return list(layout.items())
-
-
-def to_native(spec: Spec, weights: Mapping[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
-    """Canonical -> native (name, array) pairs in ``native_layout`` order; reads each tensor once."""
-    for name, shape in native_layout(spec):
-        parts = name.split(".")
-        if len(parts) == 5 and parts[3] == "qkv":
-            prefix, leaf = ".".join(parts[:3]), parts[4]
-            yield name, np.concatenate([np.asarray(weights[f"{prefix}.{part}.{leaf}"]) for part in _QKV], axis=-1)
-        elif name == "patch_embed.kernel":
-            yield name, np.asarray(weights[name]).reshape(shape)
-        else:
-            yield name, np.asarray(weights[name])
-
-
-def from_native(spec: Spec, native: Mapping[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
-    """Native -> canonical (name, array) pairs in the parameter table's order, bit for bit.
-
-    ``native`` may read lazily: its names are checked up front (one WeightsError lists every
-    missing and unexpected tensor), each shape when its tensor is read.
-    """
-    layout = dict(native_layout(spec))
-    _check_native_names(layout, native)
-    d = spec.hidden_dim
-    fused: tuple[str, np.ndarray] | None = None  # the last qkv tensor read, split three ways
-    for p in param_table(spec):
-        name = _native_name(p.name)
-        if fused is None or fused[0] != name:
-            fused = (name, np.asarray(native[name]))
-            if fused[1].shape != layout[name]:
-                raise WeightsError([f"{name}: expected native shape {list(layout[name])}, found {list(fused[1].shape)}"], "flax state")
-        if name != p.name:
-            j = _QKV.index(p.name.split(".")[3])
-            yield p.name, np.ascontiguousarray(fused[1][..., j * d : (j + 1) * d])
-        else:
-            yield p.name, fused[1].reshape(p.shape)
-
-
-def _check_native_names(layout: Mapping[str, tuple[int, ...]], native: Mapping[str, Any]) -> None:
-    """One WeightsError listing every missing and unexpected native tensor (reads no data)."""
-    problems = name_problems(layout, native, "native tensor")
-    if problems:
-        raise WeightsError(problems, "flax state")
 
 
 def _drop_path_rate(spec: Spec, i: int) -> float:
@@ -292,7 +222,7 @@ def _nnx() -> SimpleNamespace:
         """Canonical weights into the model's variables, one tensor at a time, cast to float32."""
         check_weights(model.spec, weights)
         variables = params(model)
-        for name, value in to_native(model.spec, weights):
+        for name, value in FLAX.to_native(model.spec, weights):
             variables[name].set_value(jnp.asarray(value, jnp.float32))
 
     @functools.partial(jax.jit, static_argnames=("names",))
@@ -349,7 +279,7 @@ class JaxBackend:
     def export(self, model: Any) -> dict[str, np.ndarray]:
         """Canonical weights of ``model``, bit for bit."""
         native = {name: np.array(v.get_value()) for name, v in self._nnx.params(model).items()}
-        return dict(from_native(model.spec, native))
+        return dict(FLAX.from_native(model.spec, native))
 
     def forward(self, model: Any, images: np.ndarray, capture: Iterable[str] | str = ()) -> dict[str, np.ndarray]:
         """NHWC images -> ``{"output": ..., capture: ...}`` as float32 NumPy, in eval mode."""

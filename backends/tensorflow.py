@@ -12,8 +12,8 @@ already set to another backend, rather than run silently on it.
 
 Native weight names are the Keras variable paths below the model (``blocks_0/attn/qkv/kernel``);
 query, key and value are fused into one ``(D, 3D)`` kernel, the rest matches the canonical table.
-``native_layout``, ``to_native``, ``from_native`` and ``h5_layout`` are NumPy only: importing this
-module does not import TensorFlow or Keras; the first ``TensorFlowBackend()`` does.
+The table is ``vitspec.layouts.keras.KERAS`` (and ``h5_layout`` for ``.weights.h5`` files); importing
+this module does not import TensorFlow or Keras; the first ``TensorFlowBackend()`` does.
 """
 
 from __future__ import annotations
@@ -32,119 +32,14 @@ import numpy as np
 
 from vitspec.errors import BackendError
 from vitspec.init import init_weights
-from vitspec.layout import check_capture, param_table
+from vitspec.layout import check_capture
+from vitspec.layouts.keras import KERAS
 from vitspec.reference import check_images, sincos2d
 from vitspec.spec import Spec
 from vitspec.weights import check_weights
 
 # XLA fuses the norms, GELU and attention reshapes; measured faster than plain graphs on CPU.
 JIT_COMPILE = True
-
-# ---- the native layout (NumPy only) ---------------------------------------------------------
-
-
-def _block_layout(spec: Spec, i: int) -> list[tuple[str, str | None, tuple[int, ...]]]:
-    """(native name, canonical name or None for the fused qkv, shape) of block ``i``."""
-    d, m, b, n = spec.hidden_dim, spec.mlp_dim, f"blocks.{i}", f"blocks_{i}"
-    rows = [
-        (f"{n}/norm1/scale", f"{b}.norm1.scale", (d,)),
-        (f"{n}/norm1/bias", f"{b}.norm1.bias", (d,)),
-        (f"{n}/attn/qkv/kernel", None, (d, 3 * d)),
-    ]
-    if spec.qkv_bias:
-        rows.append((f"{n}/attn/qkv/bias", None, (3 * d,)))
-    rows += [
-        (f"{n}/attn/out/kernel", f"{b}.attn.out.kernel", (d, d)),
-        (f"{n}/attn/out/bias", f"{b}.attn.out.bias", (d,)),
-        (f"{n}/norm2/scale", f"{b}.norm2.scale", (d,)),
-        (f"{n}/norm2/bias", f"{b}.norm2.bias", (d,)),
-        (f"{n}/mlp/fc1/kernel", f"{b}.mlp.fc1.kernel", (d, m)),
-        (f"{n}/mlp/fc1/bias", f"{b}.mlp.fc1.bias", (m,)),
-        (f"{n}/mlp/fc2/kernel", f"{b}.mlp.fc2.kernel", (m, d)),
-        (f"{n}/mlp/fc2/bias", f"{b}.mlp.fc2.bias", (d,)),
-    ]
-    return rows
-
-
-def _layout(spec: Spec) -> list[tuple[str, str | None, tuple[int, ...]]]:
-    """Every native tensor in forward order with the canonical tensor it holds (None: fused qkv)."""
-    shapes = {p.name: p.shape for p in param_table(spec)}
-    rows: list[tuple[str, str | None, tuple[int, ...]]] = []
-    for name in ("patch_embed.kernel", "patch_embed.bias", "class_token", "pos_embed"):
-        if name in shapes:
-            rows.append((name.replace(".", "/"), name, shapes[name]))
-    for i in range(spec.depth):
-        rows += _block_layout(spec, i)
-    for name in ("norm.scale", "norm.bias", "pre_logits.kernel", "pre_logits.bias", "head.kernel", "head.bias"):
-        if name in shapes:
-            rows.append((name.replace(".", "/"), name, shapes[name]))
-    return rows
-
-
-_QKV = ("query", "key", "value")
-
-
-def native_layout(spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
-    """Native (Keras variable path below the model) name and shape of every weight, in forward order."""
-    return [(native, shape) for native, _, shape in _layout(spec)]
-
-
-def to_native(spec: Spec, weights: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
-    """Canonical -> native names and arrays, in ``native_layout`` order; qkv kernels are fused."""
-    for native, canonical, _ in _layout(spec):
-        if canonical is not None:
-            yield native, np.asarray(weights[canonical])
-            continue
-        block, leaf = native.split("/")[0].replace("_", "."), native.rsplit("/", 1)[1]
-        # [query | key | value] along the output (last) axis, heads contiguous within each.
-        parts = [np.asarray(weights[f"{block}.attn.{p}.{leaf}"]) for p in _QKV]
-        yield native, np.concatenate(parts, axis=-1)
-
-
-def from_native(spec: Spec, native: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
-    """Native -> canonical names and arrays, in canonical table order (qkv split back bit for bit)."""
-    d = spec.hidden_dim
-    where = {canonical: name for name, canonical, _ in _layout(spec) if canonical is not None}
-    fused_name, fused = "", np.empty(0)
-    for param in param_table(spec):
-        if param.name in where:
-            yield param.name, np.asarray(native[where[param.name]])
-            continue
-        block, _, part, leaf = param.name.rsplit(".", 3)  # blocks.3 attn query kernel
-        name = f"{block.replace('.', '_')}/attn/qkv/{leaf}"
-        if name != fused_name:  # read each fused tensor once; hold one block's qkv at a time
-            fused_name, fused = name, np.asarray(native[name])
-        j = _QKV.index(part)
-        yield param.name, np.ascontiguousarray(fused[..., j * d : (j + 1) * d])
-
-
-# Where a .weights.h5 file keeps each top-level layer (see h5_layout); blocks_{i} and head keep
-# their attribute name, layers whose attribute sorts after "layers" go under layers/<class name>.
-_H5_GROUPS = {"patch_embed": "layers/patch_embed", "norm": "layers/layer_norm", "pre_logits": "layers/dense"}
-
-
-def h5_layout(spec: Spec) -> list[tuple[str, str]]:
-    """(native name, HDF5 dataset path) of every weight in ``model.save_weights("x.weights.h5")``.
-
-    Keras 3 writes each layer's own variables as ``<group>/vars/<index in creation order>`` and
-    the model's own variables (class token, position embedding) as ``vars/<index>`` at the root.
-    The group is the attribute path that first reaches the layer when Keras walks the model's
-    attributes in sorted order; the model's ``layers`` property is walked too (as a list whose
-    items are named by class), so ``norm``, ``patch_embed`` and ``pre_logits``, which sort after
-    it, are stored as ``layers/layer_norm``, ``layers/patch_embed`` and ``layers/dense``.
-    A file saved after ``compile``/``fit`` also holds optimizer and metric groups; they are not
-    listed. Checked against a real file by tests/test_backend_tensorflow.py.
-    """
-    paths: list[tuple[str, str]] = []
-    counts: dict[str, int] = {}
-    for native, _ in native_layout(spec):
-        layer = native.rpartition("/")[0]
-        top, _, rest = layer.partition("/")
-        group = "/".join(filter(None, (_H5_GROUPS.get(top, top), rest)))
-        index = counts[group] = counts.get(group, -1) + 1
-        paths.append((native, f"{group}/vars/{index}" if group else f"vars/{index}"))
-    return paths
-
 
 # ---- Keras (imported on first use) ------------------------------------------------------------
 
@@ -348,9 +243,9 @@ def _classes() -> dict[str, type]:
             self.build((None, *spec.image_size, spec.in_channels))
             if weights is not None:
                 check_weights(spec, weights)
-                _assign(self, to_native(spec, weights))
+                _assign(self, KERAS.to_native(spec, weights))
             elif seed is not None:
-                _assign(self, to_native(spec, init_weights(spec, seed)))
+                _assign(self, KERAS.to_native(spec, init_weights(spec, seed)))
 
         def build(self, input_shape: Any) -> None:
             s = self.spec
@@ -458,11 +353,11 @@ class TensorFlowBackend:
 
     def load(self, model: Any, weights: Mapping[str, np.ndarray]) -> Any:
         check_weights(model.spec, weights)
-        _assign(model, to_native(model.spec, weights))
+        _assign(model, KERAS.to_native(model.spec, weights))
         return model
 
     def export(self, model: Any) -> dict[str, np.ndarray]:
-        return dict(from_native(model.spec, _VariableArrays(_variables(model))))
+        return dict(KERAS.from_native(model.spec, _VariableArrays(_variables(model))))
 
     def forward(self, model: Any, images: np.ndarray, capture: Iterable[str] | str = ()) -> dict[str, np.ndarray]:
         spec = model.spec

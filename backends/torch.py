@@ -5,9 +5,9 @@ The native model, ``VisionTransformer(spec)``, takes NCHW float tensors and work
 state_dict uses timm's ``VisionTransformer`` names and shapes (fused ``qkv``, ``(out, in)`` linears,
 an OIHW patch convolution), so timm code and checkpoints fit where timm has the concept.
 
-Importing this module does not import torch: ``native_layout``, ``to_native`` and ``from_native``
-(the one place canonical and native layouts meet) are NumPy only, so converters can stream
-tensors without a framework. The model classes are defined on first use (``VisionTransformer``,
+The native layout (state_dict names and shapes, and the moves to and from canonical) is the table
+``vitspec.layouts.timm.TORCH``. Importing this module does not import torch: the model classes
+are defined on first use (``VisionTransformer``,
 ``Block``, ``Attention``, ``Mlp``, ``PatchEmbed`` are module attributes that import torch then).
 """
 
@@ -20,129 +20,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vitspec.init import init_weights
-from vitspec.layout import capture_points, check_capture, param_table
+from vitspec.layout import capture_points, check_capture
+from vitspec.layouts.timm import TORCH
 from vitspec.reference import check_images, sincos2d
 from vitspec.spec import Spec
 from vitspec.weights import check_weights
 
 if TYPE_CHECKING:
     import torch
-
-
-# ---- the layout mapping (NumPy only) -----------------------------------------------------------
-#
-# Each native tensor is canonical tensors rearranged by one kind of move (same, dense, conv, token,
-# posemb, qkv); every move is a transpose, reshape, concatenation or slice, so conversion is exact.
-
-def _entries(spec: Spec) -> list[tuple[str, tuple[int, ...], str, tuple[str, ...]]]:
-    """(native name, native shape, kind, canonical names) in the native model's state_dict order."""
-    d, m, c, (ph, pw) = spec.hidden_dim, spec.mlp_dim, spec.in_channels, spec.patch_size
-    out: list[tuple[str, tuple[int, ...], str, tuple[str, ...]]] = []
-    if spec.class_token:
-        out.append(("cls_token", (1, 1, d), "token", ("class_token",)))
-    if spec.pos_embed == "learned":
-        out.append(("pos_embed", (1, spec.n_positions, d), "posemb", ("pos_embed",)))
-    out += [
-        ("patch_embed.proj.weight", (d, c, ph, pw), "conv", ("patch_embed.kernel",)),
-        ("patch_embed.proj.bias", (d,), "same", ("patch_embed.bias",)),
-    ]
-    for i in range(spec.depth):
-        b = f"blocks.{i}"
-        qkv = tuple(f"{b}.attn.{part}" for part in ("query", "key", "value"))
-        out += [
-            (f"{b}.norm1.weight", (d,), "same", (f"{b}.norm1.scale",)),
-            (f"{b}.norm1.bias", (d,), "same", (f"{b}.norm1.bias",)),
-            (f"{b}.attn.qkv.weight", (3 * d, d), "qkv", tuple(f"{p}.kernel" for p in qkv)),
-        ]
-        if spec.qkv_bias:
-            out.append((f"{b}.attn.qkv.bias", (3 * d,), "qkv", tuple(f"{p}.bias" for p in qkv)))
-        out += [
-            (f"{b}.attn.proj.weight", (d, d), "dense", (f"{b}.attn.out.kernel",)),
-            (f"{b}.attn.proj.bias", (d,), "same", (f"{b}.attn.out.bias",)),
-            (f"{b}.norm2.weight", (d,), "same", (f"{b}.norm2.scale",)),
-            (f"{b}.norm2.bias", (d,), "same", (f"{b}.norm2.bias",)),
-            (f"{b}.mlp.fc1.weight", (m, d), "dense", (f"{b}.mlp.fc1.kernel",)),
-            (f"{b}.mlp.fc1.bias", (m,), "same", (f"{b}.mlp.fc1.bias",)),
-            (f"{b}.mlp.fc2.weight", (d, m), "dense", (f"{b}.mlp.fc2.kernel",)),
-            (f"{b}.mlp.fc2.bias", (d,), "same", (f"{b}.mlp.fc2.bias",)),
-        ]
-    # timm calls the final norm `norm` when it acts on every token and `fc_norm` after pooling.
-    final = "norm" if spec.final_norm == "before_pool" else "fc_norm"
-    out += [
-        (f"{final}.weight", (d,), "same", ("norm.scale",)),
-        (f"{final}.bias", (d,), "same", ("norm.bias",)),
-    ]
-    if spec.pre_logits_dim:
-        r = spec.pre_logits_dim
-        out += [
-            ("pre_logits.fc.weight", (r, d), "dense", ("pre_logits.kernel",)),
-            ("pre_logits.fc.bias", (r,), "same", ("pre_logits.bias",)),
-        ]
-    if spec.n_classes:
-        k = spec.n_classes
-        out += [
-            ("head.weight", (k, spec.features_dim), "dense", ("head.kernel",)),
-            ("head.bias", (k,), "same", ("head.bias",)),
-        ]
-    return out
-
-
-def native_layout(spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
-    """Every tensor of the native state_dict: (timm-style name, shape), in state_dict order."""
-    return [(name, shape) for name, shape, _, _ in _entries(spec)]
-
-
-def _to_native_array(kind: str, parts: list[np.ndarray]) -> np.ndarray:
-    if kind == "dense":
-        return parts[0].T
-    if kind == "conv":  # HWIO -> OIHW
-        return parts[0].transpose(3, 2, 0, 1)
-    if kind == "token":
-        return parts[0].reshape(1, 1, -1)
-    if kind == "posemb":
-        return parts[0][None]
-    if kind == "qkv":  # three (in, out) kernels -> one (3 * out, in) weight; biases concatenate
-        return np.concatenate([p.T for p in parts] if parts[0].ndim == 2 else parts, axis=0)
-    return parts[0]
-
-
-def to_native(spec: Spec, weights: Mapping[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
-    """Canonical weights -> (native name, array), one tensor at a time, in native_layout order.
-
-    ``weights`` may read lazily; each canonical tensor is read once. Shapes are not checked here
-    (``TorchBackend.load`` checks them first with ``vitspec.weights.check_weights``).
-    """
-    for name, _, kind, canonical in _entries(spec):
-        parts = [np.asarray(weights[c]) for c in canonical]
-        yield name, np.ascontiguousarray(_to_native_array(kind, parts))
-
-
-def from_native(spec: Spec, native: Mapping[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
-    """Native state_dict arrays -> (canonical name, array), one tensor at a time, in table order.
-
-    ``native`` may read lazily; the fused qkv tensor is read once for its three parts.
-    """
-    d = spec.hidden_dim
-    source: dict[str, tuple[str, str, int]] = {}
-    for name, _, kind, canonical in _entries(spec):
-        for j, c in enumerate(canonical):
-            source[c] = (name, kind, j)
-    cached: tuple[str, np.ndarray] | None = None
-    for param in param_table(spec):
-        name, kind, j = source[param.name]
-        if cached is None or cached[0] != name:
-            cached = (name, np.asarray(native[name]))
-        value = cached[1]
-        if kind == "dense":
-            value = value.T
-        elif kind == "conv":  # OIHW -> HWIO
-            value = value.transpose(2, 3, 1, 0)
-        elif kind in ("token", "posemb"):
-            value = value.reshape(param.shape)
-        elif kind == "qkv":
-            value = value[j * d : (j + 1) * d]
-            value = value.T if value.ndim == 2 else value
-        yield param.name, np.ascontiguousarray(value)
 
 
 def drop_path_rates(spec: Spec) -> list[float]:
@@ -410,7 +295,7 @@ def _copy_weights(model: Any, weights: Mapping[str, Any]) -> None:
     check_weights(model.spec, weights)
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, array in to_native(model.spec, weights):
+        for name, array in TORCH.to_native(model.spec, weights):
             if array.dtype.name not in ("float16", "float32", "float64"):
                 array = array.astype(np.float32)  # e.g. ml_dtypes bfloat16, which torch cannot wrap
             if not array.flags.writeable:
@@ -459,7 +344,7 @@ class TorchBackend:
             def __len__(self) -> int:
                 return len(state)
 
-        return dict(from_native(model.spec, _Native()))
+        return dict(TORCH.from_native(model.spec, _Native()))
 
     def forward(self, model: Any, images: np.ndarray, capture: Iterable[str] | str = ()) -> dict[str, np.ndarray]:
         """NHWC NumPy images in; float32 NumPy ``output`` and the requested capture points out.

@@ -133,7 +133,7 @@ def inspect(file: Path, from_format: str | None, spec: str | None) -> None:
 
     out = console()
     fmt = from_format or detect(file)
-    module = get_format(fmt)
+    record = get_format(fmt)
     given = load_partial_spec(spec)
     with open_source(file, fmt) as source:
         rows = [(n, str(d), shape_str(s), f"{math.prod(s):,}") for n, (s, d) in source.entries.items()]
@@ -146,7 +146,7 @@ def inspect(file: Path, from_format: str | None, spec: str | None) -> None:
             out.print("[bold]metadata:[/] " + ", ".join(f"{k}={v}" for k, v in meta.items()))
         problem: Exception | None = None
         try:
-            inference = infer_spec(module, source, given)
+            inference = infer_spec(record, source, given)
             where = "embedded in the file" if SPEC_KEY in source.metadata else "inferred from the tensors"
             out.print(f"[bold]spec[/] ({where}):")
             for line in inference.spec.to_yaml().rstrip().splitlines():
@@ -154,9 +154,9 @@ def inspect(file: Path, from_format: str | None, spec: str | None) -> None:
                 mark = "  [yellow]# default, not in the file[/]" if key in inference.defaulted else ""
                 out.print(line + mark, markup=True)
             print_defaults(inference, console(stderr=True))
-            if hasattr(module, "prepare"):
-                source = module.prepare(inference.spec, source)
-            check_layout(module, inference.spec, source)
+            if record.prepare is not None:
+                source = record.prepare(inference.spec, source)
+            check_layout(record, inference.spec, source)
         except (SpecError, WeightsError) as exc:
             problem = exc
         out.print(table(f"{len(rows)} tensors, {total:,} values", ["name", "dtype", "shape", "values"], rows, ["left", "left", "left", "right"]))

@@ -21,6 +21,7 @@ import vitspec
 from vitspec import reference
 from vitspec.backends import tensorflow as tfb
 from vitspec.families import family
+from vitspec.layouts.keras import KERAS, h5_layout
 
 pytest.importorskip("tensorflow")
 h5py = pytest.importorskip("h5py")
@@ -68,12 +69,13 @@ def test_layout_functions_import_no_framework() -> None:
         import vitspec
         from vitspec.backends import tensorflow as tfb
         from vitspec.families import family
+        from vitspec.layouts.keras import KERAS, h5_layout
 
         spec = family("vit_paper_pre_logits", depth=2)
         weights = vitspec.init_weights(spec, seed=1, scheme="random")
-        native = dict(tfb.to_native(spec, weights))
-        back = dict(tfb.from_native(spec, native))
-        assert list(native) == [n for n, _ in tfb.native_layout(spec)] == [n for n, _ in tfb.h5_layout(spec)]
+        native = dict(KERAS.to_native(spec, weights))
+        back = dict(KERAS.from_native(spec, native))
+        assert list(native) == [n for n, _ in KERAS.native_layout(spec)] == [n for n, _ in h5_layout(spec)]
         assert all(np.array_equal(back[k], weights[k]) for k in weights)
         loaded = sorted(m for m in ("tensorflow", "keras", "jax", "torch") if m in sys.modules)
         print("frameworks:", loaded)
@@ -88,14 +90,14 @@ def test_layout_functions_import_no_framework() -> None:
 def test_native_round_trip_is_bit_exact_and_fuses_qkv(name: str) -> None:
     spec = family(name, depth=2)
     weights = vitspec.init_weights(spec, seed=2, scheme="random")
-    native = dict(tfb.to_native(spec, weights))
-    assert [(k, v.shape) for k, v in native.items()] == tfb.native_layout(spec)
+    native = dict(KERAS.to_native(spec, weights))
+    assert [(k, v.shape) for k, v in native.items()] == KERAS.native_layout(spec)
     d = spec.hidden_dim
     qkv = native["blocks_1/attn/qkv/kernel"]
     assert qkv.shape == (d, 3 * d)
     assert np.array_equal(qkv[:, d : 2 * d], weights["blocks.1.attn.key.kernel"])
     assert ("blocks_0/attn/qkv/bias" in native) == spec.qkv_bias
-    back = dict(tfb.from_native(spec, native))
+    back = dict(KERAS.from_native(spec, native))
     assert list(back) == list(weights)
     for k, v in weights.items():
         assert back[k].flags.c_contiguous and np.array_equal(back[k].view(np.uint32), v.view(np.uint32)), k
@@ -105,7 +107,7 @@ def test_native_names_are_the_keras_variable_paths(backend) -> None:
     spec = family("vit_paper_pre_logits", depth=2)
     model = backend.build(spec)
     paths = {v.path: tuple(v.shape) for v in model.weights}
-    assert paths == {f"vision_transformer/{name}": shape for name, shape in tfb.native_layout(spec)}
+    assert paths == {f"vision_transformer/{name}": shape for name, shape in KERAS.native_layout(spec)}
     assert all(v.trainable for v in model.weights)  # no seed or counter state hides among the weights
 
 
@@ -118,8 +120,8 @@ _H5_SPECS = [
 @pytest.mark.parametrize("spec", _H5_SPECS, ids=["pre_logits_and_head", "gap_no_head"])
 def test_h5_layout_matches_save_weights_and_load_weights(backend, tmp_path: Path, spec: vitspec.Spec) -> None:
     weights = vitspec.init_weights(spec, seed=4, scheme="random")
-    native = dict(tfb.to_native(spec, weights))
-    layout = tfb.h5_layout(spec)
+    native = dict(KERAS.to_native(spec, weights))
+    layout = h5_layout(spec)
 
     written = tmp_path / "real.weights.h5"
     backend.build(spec, weights).save_weights(written)
@@ -173,10 +175,10 @@ def test_fit_lowers_the_loss_with_dropout_on(backend, tmp_path: Path) -> None:
     assert after < 0.85 * before, (before, after)
     # A trained model's file adds optimizer groups; the weights stay where h5_layout says.
     model.save_weights(tmp_path / "trained.weights.h5")
-    native = dict(tfb.to_native(spec, backend.export(model)))
+    native = dict(KERAS.to_native(spec, backend.export(model)))
     with h5py.File(tmp_path / "trained.weights.h5", "r") as f:
         assert "optimizer" in f
-        for name, path in tfb.h5_layout(spec):
+        for name, path in h5_layout(spec):
             assert np.array_equal(f[path][()], native[name]), name
 
 
@@ -247,8 +249,9 @@ def test_refuses_keras_running_on_another_backend() -> None:
         import vitspec
         from vitspec.errors import BackendError
         from vitspec.backends import tensorflow as tfb
+        from vitspec.layouts.keras import KERAS
 
-        print("layout works:", len(tfb.native_layout(vitspec.load_spec("Ti/16"))) > 0)
+        print("layout works:", len(KERAS.native_layout(vitspec.load_spec("Ti/16"))) > 0)
         try:
             tfb.TensorFlowBackend()
         except BackendError as exc:

@@ -21,6 +21,7 @@ import vitspec
 from vitspec import reference
 from vitspec.families import FAMILIES, family
 from vitspec.layout import param_table
+from vitspec.layouts.timm import TORCH
 
 torch = pytest.importorskip("torch")
 tb = pytest.importorskip("vitspec.backends.torch")
@@ -58,14 +59,14 @@ _LAYOUT_SPECS = [
 def test_native_layout_is_the_state_dict(spec: vitspec.Spec) -> None:
     model = _model(spec)
     state = model.state_dict()
-    assert [(k, tuple(v.shape)) for k, v in state.items()] == tb.native_layout(spec)
+    assert [(k, tuple(v.shape)) for k, v in state.items()] == TORCH.native_layout(spec)
     assert all(v.dtype == torch.float32 for v in state.values())
     assert sum(v.numel() for v in state.values()) == spec.n_params
 
 
 def test_layout_names_follow_timm() -> None:
     spec = family("vit_paper", depth=1, pre_logits_dim=24)
-    assert dict(tb.native_layout(spec)) == {
+    assert dict(TORCH.native_layout(spec)) == {
         "cls_token": (1, 1, 32), "pos_embed": (1, 17, 32),
         "patch_embed.proj.weight": (32, 3, 8, 8), "patch_embed.proj.bias": (32,),
         "blocks.0.norm1.weight": (32,), "blocks.0.norm1.bias": (32,),
@@ -78,19 +79,19 @@ def test_layout_names_follow_timm() -> None:
         "pre_logits.fc.weight": (24, 32), "pre_logits.fc.bias": (24,),
         "head.weight": (10, 24), "head.bias": (10,),
     }
-    no_bias = dict(tb.native_layout(family("timm_no_qkv_bias", depth=1)))
+    no_bias = dict(TORCH.native_layout(family("timm_no_qkv_bias", depth=1)))
     assert "blocks.0.attn.qkv.bias" not in no_bias
-    fc_norm = dict(tb.native_layout(family("timm_avg_fc_norm", depth=1)))
+    fc_norm = dict(TORCH.native_layout(family("timm_avg_fc_norm", depth=1)))
     assert "fc_norm.weight" in fc_norm and "norm.weight" not in fc_norm
-    sincos = dict(tb.native_layout(family("big_vision_sincos", depth=1)))
+    sincos = dict(TORCH.native_layout(family("big_vision_sincos", depth=1)))
     assert "pos_embed" not in sincos and "cls_token" not in sincos
 
 
 def test_to_native_rearranges_exactly() -> None:
     spec = family("vit_paper", depth=1)
     w = vitspec.init_weights(spec, seed=2, scheme="random")
-    native = dict(tb.to_native(spec, w))
-    assert list(native) == [name for name, _ in tb.native_layout(spec)]
+    native = dict(TORCH.to_native(spec, w))
+    assert list(native) == [name for name, _ in TORCH.native_layout(spec)]
     d = spec.hidden_dim
     qkv = native["blocks.0.attn.qkv.weight"]
     assert np.array_equal(qkv[d : 2 * d], w["blocks.0.attn.key.kernel"].T)
@@ -98,7 +99,7 @@ def test_to_native_rearranges_exactly() -> None:
     # conv weight (out, in, kh, kw) against the HWIO kernel
     assert native["patch_embed.proj.weight"][5, 2, 1, 7] == w["patch_embed.kernel"][1, 7, 2, 5]
     assert np.array_equal(native["head.weight"], w["head.kernel"].T)
-    back = dict(tb.from_native(spec, native))
+    back = dict(TORCH.from_native(spec, native))
     assert list(back) == [p.name for p in param_table(spec)]
     for name, value in w.items():
         assert back[name].dtype == value.dtype and np.array_equal(back[name].view(np.uint32), value.view(np.uint32)), name
@@ -109,13 +110,14 @@ def test_layout_functions_do_not_import_torch() -> None:
         import sys
         import numpy as np
         import vitspec
-        from vitspec.backends import torch as tb
+        from vitspec.backends import torch as tb  # noqa: F401
+        from vitspec.layouts.timm import TORCH
         from vitspec.families import family
         spec = family("timm_avg_fc_norm", pre_logits_dim=8)
         w = vitspec.init_weights(spec, seed=1, scheme="random")
-        native = dict(tb.to_native(spec, w))
-        assert [(k, v.shape) for k, v in native.items()] == tb.native_layout(spec)
-        back = dict(tb.from_native(spec, native))
+        native = dict(TORCH.to_native(spec, w))
+        assert [(k, v.shape) for k, v in native.items()] == TORCH.native_layout(spec)
+        back = dict(TORCH.from_native(spec, native))
         assert all(np.array_equal(back[k], w[k]) for k in w)
         print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
     """)

@@ -20,6 +20,7 @@ import vitspec
 from vitspec import formats
 from vitspec.cli.main import main
 from vitspec.families import family
+from vitspec.formats.format import Format
 from vitspec.tensorfile import read_tensors, write_tensors
 
 SPEC = family("vit_paper")
@@ -206,7 +207,7 @@ def test_corrupt_compressed_npz_member(capsys, tmp_path: Path, canonical: Path) 
     raw[mid : mid + 16] = bytes(16)
     npz.write_bytes(bytes(raw))
     with pytest.raises(vitspec.FileFormatError, match="is corrupt"):
-        src = formats.get_format("google").open(npz)
+        src = formats.get_format("google").read(npz)
         src[info.filename[:-4]]
 
 
@@ -316,16 +317,15 @@ def test_unknown_file_and_format_errors(capsys, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("to", ["timm", "hf", "google", "keras"])
 def test_an_interrupted_conversion_leaves_nothing(tmp_path: Path, canonical: Path, monkeypatch, to: str) -> None:
-    module = formats.get_format(to)
-    real = module.to_native
+    real = Format.to_native
 
-    def interrupted(spec, weights):
-        for i, item in enumerate(real(spec, weights)):
+    def interrupted(self, spec, weights):
+        for i, item in enumerate(real(self, spec, weights)):
             if i == 5:
                 raise KeyboardInterrupt
             yield item
 
-    monkeypatch.setattr(module, "to_native", interrupted)
+    monkeypatch.setattr(Format, "to_native", interrupted)
     out = tmp_path / {"hf": "hf", "google": "g.npz", "keras": "k.weights.h5"}.get(to, "t.safetensors")
     with pytest.raises(KeyboardInterrupt):
         formats.convert(canonical, out, to_format=to)
@@ -336,7 +336,7 @@ def test_interrupt_in_the_cli_exits_130_with_a_message(capsys, tmp_path: Path, c
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(formats.get_format("timm"), "to_native", stop)
+    monkeypatch.setattr(Format, "to_native", stop)
     code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(tmp_path / "t.safetensors"), "--to", "timm")
     assert code == 130 and ("aborted" in err or "interrupted" in err)
     assert _folder_files(tmp_path) == {"c.safetensors"}

@@ -375,7 +375,7 @@ def _stem(name: str) -> str:
 
 
 def test_convert_docs_name_every_native_tensor() -> None:
-    from vitspec.backends.tensorflow import h5_layout
+    from vitspec.layouts.keras import h5_layout
 
     page = (Path(__file__).resolve().parent.parent / "docs" / "convert.md").read_text()
     headings = [line for line in page.splitlines() if line.startswith("#### ")]

@@ -1,6 +1,8 @@
 """Checkpoint formats and lossless, streaming conversion between them (``vitspec convert``).
 
-Every format is one module here with the same functions, so a user who learned one knows all:
+Every format is one record (``vitspec.formats.format.Format``) in ``FORMATS``: a layout table
+(``vitspec.layouts``) plus the containers that hold it, how to recognise it, how to infer a spec
+from a file, a reader and a writer:
 
 ==============  ===========================================================================
 ``canonical``   vitspec's own safetensors file: canonical names, spec in the metadata
@@ -13,11 +15,6 @@ Every format is one module here with the same functions, so a user who learned o
 ``big_vision``  big_vision's ViT ``.npz``
 ==============  ===========================================================================
 
-A format module has ``NAME``, ``SUMMARY``, ``check_spec(spec)`` (an error when the format cannot
-express a spec), ``native_layout(spec)``, ``to_native(spec, weights)``, ``from_native(spec, native)``,
-``canonical(spec, native)`` (a lazy random-access view, or None for formats read as a stream),
-``looks_like(names)``, ``infer(source, given)``, ``open(path)`` and ``write(path, spec, items, ...)``.
-
 A conversion never holds the model twice: the source is opened lazily (memory-mapped where the
 container allows), each canonical tensor is computed from the source tensor(s) when the writer asks
 for it, and the writer writes it at once (docs/convert.md).
@@ -25,35 +22,37 @@ for it, and the writer writes it at once (docs/convert.md).
 
 from __future__ import annotations
 
-import importlib
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from vitspec.errors import FileFormatError, SpecError, WeightsError
 from vitspec.files import check_destination
-from vitspec.formats import _io
+from vitspec.formats import _io, canonical, flax, flax_npz, hf, keras, timm, torch
 from vitspec.formats._common import Materialized
+from vitspec.formats.format import Format
 from vitspec.formats.infer import Facts, Inference, load_partial_spec, resolve
 from vitspec.layout import param_table
 from vitspec.spec import Spec
 from vitspec.weights import name_problems
 
-FORMATS: dict[str, str] = {
-    "canonical": "vitspec.formats.canonical",
-    "torch": "vitspec.formats.torch",
-    "keras": "vitspec.formats.keras",
-    "flax": "vitspec.formats.flax",
-    "timm": "vitspec.formats.timm",
-    "hf": "vitspec.formats.hf",
-    "google": "vitspec.formats.google",
-    "big_vision": "vitspec.formats.big_vision",
+FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in (
+        canonical.FORMAT,
+        torch.FORMAT,
+        keras.FORMAT,
+        flax.FORMAT,
+        timm.FORMAT,
+        hf.FORMAT,
+        flax_npz.GOOGLE_FORMAT,
+        flax_npz.BIG_VISION_FORMAT,
+    )
 }
 # Files over this size get a progress bar in the CLI.
 PROGRESS_BYTES = 100 * 1024 * 1024
@@ -79,11 +78,11 @@ _KINDS = {
 }
 
 
-def get_format(name: str) -> ModuleType:
-    """The module of format ``name``."""
+def get_format(name: str) -> Format:
+    """The record of format ``name``."""
     if name not in FORMATS:
         raise FileFormatError(f"unknown format {name!r}; known formats: {', '.join(FORMATS)}")
-    return importlib.import_module(FORMATS[name])
+    return FORMATS[name]
 
 
 # ---- detection -------------------------------------------------------------------------------
@@ -94,7 +93,7 @@ def detect(path: str | os.PathLike[str]) -> str:
     path = Path(path)
     container = _io.sniff_container(path)
     if container == "folder":
-        get_format("hf").find_weights(path)
+        hf.find_weights(path)
         return "hf"
     if container == "msgpack":
         raise FileFormatError(
@@ -166,15 +165,12 @@ class Checkpoint:
         return self.inference.spec
 
     @property
-    def module(self) -> ModuleType:
+    def record(self) -> Format:
         return get_format(self.format)
 
     def canonical(self) -> Mapping[str, np.ndarray]:
-        """Canonical tensors computed from the file as they are asked for (a stream for native formats)."""
-        view = self.module.canonical
-        if view is not None:
-            return view(self.spec, self.source)
-        return _Stream(self.spec, self.module.from_native(self.spec, self.source))
+        """Canonical tensors computed from the file as they are asked for."""
+        return self.record.canonical(self.spec, self.source)
 
     def close(self) -> None:
         self.source.close()
@@ -198,14 +194,14 @@ def open_checkpoint(
     """
     path = Path(path)
     fmt = from_format or detect(path)
-    module = get_format(fmt)
+    record = get_format(fmt)
     given = load_partial_spec(spec)
     source = open_source(path, fmt)
     try:
-        inference = infer_spec(module, source, given)
-        if hasattr(module, "prepare"):
-            source = module.prepare(inference.spec, source)
-        check_layout(module, inference.spec, source)
+        inference = infer_spec(record, source, given)
+        if record.prepare is not None:
+            source = record.prepare(inference.spec, source)
+        check_layout(record, inference.spec, source)
     except BaseException:
         source.close()
         raise
@@ -215,32 +211,32 @@ def open_checkpoint(
 def open_source(path: str | os.PathLike[str], fmt: str) -> _io.Source:
     """The file's tensors under the native names of format ``fmt`` (nothing read yet)."""
     path = Path(path)
-    module = get_format(fmt)
+    record = get_format(fmt)
     container = _io.sniff_container(path)
-    if container not in module.CONTAINERS:
+    if container not in record.containers:
         kind = _KINDS.get(container, container)
-        raise FileFormatError(f"{path}: is {kind}, which cannot hold a {fmt} checkpoint ({module.SUMMARY}); check --from")
-    return module.open(path)
+        raise FileFormatError(f"{path}: is {kind}, which cannot hold a {fmt} checkpoint ({record.summary}); check --from")
+    return record.read(path)
 
 
-def infer_spec(module: ModuleType, source: _io.Source, given: dict[str, Any]) -> Inference:
+def infer_spec(record: Format, source: _io.Source, given: dict[str, Any]) -> Inference:
     """The spec of an opened file: the embedded one if any, else the format's inference; ``given`` merged."""
     from vitspec.weights import SPEC_KEY, spec_from_metadata
 
     if SPEC_KEY in source.metadata:
         embedded = spec_from_metadata(source.metadata, str(source.path))
         assert embedded is not None
-        facts = Facts(module.NAME, known=embedded.to_dict())
-        facts.family = f"{module.NAME} (embedded spec)"
+        facts = Facts(record.name, known=embedded.to_dict())
+        facts.family = f"{record.name} (embedded spec)"
     else:
-        facts = module.infer(source, given)
+        facts = record.infer(source, given)
     return resolve(facts, given, str(source.path))
 
 
-def check_layout(module: ModuleType, spec: Spec, source: _io.Source) -> None:
+def check_layout(record: Format, spec: Spec, source: _io.Source) -> None:
     """One WeightsError listing every missing, unexpected, misshapen or non-float tensor."""
     try:
-        expected = dict(module.native_layout(spec))
+        expected = dict(record.native_layout(spec))
     except SpecError as exc:
         raise WeightsError(exc.problems, str(source.path)) from None
     problems = name_problems(expected, source.entries)
@@ -253,46 +249,7 @@ def check_layout(module: ModuleType, spec: Spec, source: _io.Source) -> None:
         if not _io.is_float(dtype):
             problems.append(f"{name}: expected a float dtype ({', '.join(_io.FLOAT_KINDS)}), found {dtype}")
     if problems:
-        raise WeightsError(problems, f"{source.path} ({module.NAME} format, spec inferred as above)")
-
-
-class _Stream(Mapping[str, np.ndarray]):
-    """A canonical generator seen as a mapping: each tensor is handed out once, then forgotten.
-
-    Tensors the reader skips over wait in a buffer until asked for, so a writer that wants them
-    in another order than the generator's still gets them, holding only what it skipped.
-    """
-
-    def __init__(self, spec: Spec, items: Iterator[tuple[str, np.ndarray]]) -> None:
-        self._names = [p.name for p in param_table(spec)]
-        self._known = set(self._names)
-        self._items = iter(items)
-        self._waiting: dict[str, np.ndarray] = {}
-        self._taken: set[str] = set()
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self._known:
-            raise KeyError(name)
-        if name in self._waiting:
-            self._taken.add(name)
-            return self._waiting.pop(name)
-        if name in self._taken:
-            raise RuntimeError(f"internal error: canonical tensor {name} was read twice from a one-pass stream")
-        for got, array in self._items:
-            if got == name:
-                self._taken.add(name)
-                return array
-            self._waiting[got] = array
-        raise KeyError(name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._known
+        raise WeightsError(problems, f"{source.path} ({record.name} format, spec inferred as above)")
 
 
 def load(
@@ -321,12 +278,12 @@ def save(
 
     path = Path(path)
     fmt = to_format or destination_format(path)
-    module = get_format(fmt)
+    record = get_format(fmt)
     check_weights(spec, weights, source=str(path))
-    module.check_spec(spec)
+    record.check_spec(spec)
     check_destination(path, overwrite)
     dtype = _output_dtype({np.asarray(w).dtype for w in weights.values()})
-    module.write(path, spec, module.to_native(spec, weights), dtype, overwrite=overwrite)
+    record.write(path, spec, record.to_native(spec, weights), dtype, overwrite=overwrite)
 
 
 # ---- converting ------------------------------------------------------------------------------
@@ -387,7 +344,7 @@ def convert(
         layout = target.native_layout(out_spec)
         total = sum(int(np.prod(shape)) * dtype.itemsize for _, shape in layout)
         weights = ckpt.canonical()
-        if getattr(ckpt.module, "DENSE", "in_out") != getattr(target, "DENSE", "in_out"):
+        if ckpt.record.layout.dense != target.layout.dense:
             # The kernels change orientation: transpose each once, cache-blocked, as it is read.
             # (Between two (out, in) formats the canonical views cancel out and nothing is copied.)
             weights = Materialized(weights)

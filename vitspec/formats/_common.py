@@ -1,10 +1,9 @@
-"""Pieces every format adapter shares: lazy canonical views, table checks, small shape helpers."""
+"""Pieces every format shares: reading a spec from tensor names, refusals, fast transposes."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import functools
-import importlib
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -19,33 +18,8 @@ from vitspec.spec import Spec
 Shape = tuple[int, ...]
 
 
-def backend_layout(backend: str) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
-    """``native_layout``, ``to_native``, ``from_native`` of ``vitspec.backends.<backend>``.
-
-    A native format is its backend's own layout: these call the backend module's functions,
-    importing it on first use (it imports no framework).
-    """
-
-    def module() -> Any:
-        return importlib.import_module(f"vitspec.backends.{backend}")
-
-    def native_layout(spec: Spec) -> list[tuple[str, Shape]]:
-        return module().native_layout(spec)
-
-    def to_native(spec: Spec, weights: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
-        return module().to_native(spec, weights)
-
-    def from_native(spec: Spec, native: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
-        return module().from_native(spec, native)
-
-    return native_layout, to_native, from_native
-
-
 class LazyView(Mapping[str, np.ndarray]):
-    """Canonical names of ``spec``, each computed from a native mapping when it is looked up.
-
-    Nothing is cached: a tensor costs nothing until asked for, and is gone when the caller drops it.
-    """
+    """Canonical names of ``spec``, each computed when it is looked up (nothing cached)."""
 
     def __init__(self, spec: Spec, compute: Callable[[str], np.ndarray]) -> None:
         self._names = [p.name for p in param_table(spec)]
@@ -65,11 +39,6 @@ class LazyView(Mapping[str, np.ndarray]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._known
-
-
-def in_table_order(spec: Spec, view: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
-    for p in param_table(spec):
-        yield p.name, view[p.name]
 
 
 def block_count(names: list[str], pattern: str, what: str) -> int:

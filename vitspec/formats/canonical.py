@@ -15,35 +15,15 @@ import numpy as np
 
 from vitspec.errors import WeightsError
 from vitspec.formats import _io
-from vitspec.formats._common import block_count, in_table_order, need
+from vitspec.formats._common import block_count, need
+from vitspec.formats.format import Format
 from vitspec.formats.infer import Facts, add_default_heads, place_positions
-from vitspec.layout import param_table
+from vitspec.layouts import CANONICAL
 from vitspec.spec import Spec
-from vitspec.weights import FORMAT, SPEC_KEY
+from vitspec.weights import FORMAT as FORMAT_TAG
+from vitspec.weights import SPEC_KEY
 
 NAME = "canonical"
-SUMMARY = "vitspec canonical safetensors (spec in the metadata)"
-CONTAINERS = ("safetensors",)  # what vitspec.formats._io.sniff_container may call a file of this format
-
-
-def check_spec(spec: Spec) -> None:
-    """Every spec has a canonical layout."""
-
-
-def native_layout(spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
-    return [(p.name, p.shape) for p in param_table(spec)]
-
-
-def to_native(spec: Spec, weights: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
-    return in_table_order(spec, weights)
-
-
-def canonical(spec: Spec, native: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
-    return native
-
-
-def from_native(spec: Spec, native: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
-    return in_table_order(spec, native)
 
 
 def looks_like(names: list[str]) -> bool:
@@ -95,12 +75,20 @@ def infer_from_shapes(shapes: Mapping[str, tuple[int, ...]], given: dict[str, An
     return facts
 
 
-def open(path: Path) -> _io.Source:
-    return _io.open_safetensors(path)
-
-
 def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype: np.dtype, *, overwrite: bool, progress: _io.Progress | None = None) -> None:
     from vitspec import __version__
 
-    metadata = {"format": FORMAT, SPEC_KEY: spec.to_json(), "vitspec.version": __version__}
-    _io.write_safetensors(path, native_layout(spec), items, dtype, metadata, overwrite=overwrite, progress=progress)
+    metadata = {"format": FORMAT_TAG, SPEC_KEY: spec.to_json(), "vitspec.version": __version__}
+    _io.write_safetensors(path, CANONICAL.native_layout(spec), items, dtype, metadata, overwrite=overwrite, progress=progress)
+
+
+FORMAT = Format(
+    name=NAME,
+    summary="vitspec canonical safetensors (spec in the metadata)",
+    containers=("safetensors",),
+    layout=CANONICAL,
+    looks_like=looks_like,
+    infer=infer,
+    read=_io.open_safetensors,
+    write=write,
+)

@@ -24,22 +24,13 @@ from typing import Any
 import numpy as np
 
 from vitspec.formats import _io
-from vitspec.formats._common import backend_layout
 from vitspec.formats.canonical import infer_from_shapes
+from vitspec.formats.format import Format
 from vitspec.formats.infer import Facts, place_positions
+from vitspec.layouts.flax import FLAX
 from vitspec.spec import Spec
 
 NAME = "flax"
-SUMMARY = "vitspec's Flax NNX model state (safetensors of flattened nnx.state paths)"
-CONTAINERS = ("safetensors",)  # what vitspec.formats._io.sniff_container may call a file of this format
-
-
-def check_spec(spec: Spec) -> None:
-    """Every spec has a Flax model."""
-
-
-native_layout, to_native, from_native = backend_layout("jax")
-canonical = None  # a stream only: conversions read this format through from_native
 
 
 def looks_like(names: list[str]) -> bool:
@@ -73,10 +64,18 @@ def infer(source: _io.Source, given: dict[str, Any]) -> Facts:
     return facts
 
 
-def open(path: Path) -> _io.Source:
-    return _io.open_safetensors(path)
-
-
 def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype: np.dtype, *, overwrite: bool, progress: _io.Progress | None = None) -> None:
     metadata = {"vitspec.format": NAME, "vitspec.spec": spec.to_json()}
-    _io.write_safetensors(path, native_layout(spec), items, dtype, metadata, overwrite=overwrite, progress=progress)
+    _io.write_safetensors(path, FLAX.native_layout(spec), items, dtype, metadata, overwrite=overwrite, progress=progress)
+
+
+FORMAT = Format(
+    name=NAME,
+    summary="vitspec's Flax NNX model state (safetensors of flattened nnx.state paths)",
+    containers=("safetensors",),
+    layout=FLAX,
+    looks_like=looks_like,
+    infer=infer,
+    read=_io.open_safetensors,
+    write=write,
+)

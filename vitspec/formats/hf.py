@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,22 +40,13 @@ import numpy as np
 from vitspec.errors import FileFormatError, SpecError, WeightsError
 from vitspec.files import atomic_dir
 from vitspec.formats import _io
-from vitspec.formats._common import (
-    LazyView,
-    block_count,
-    in_table_order,
-    need,
-    refuse,
-    reject_features,
-)
+from vitspec.formats._common import block_count, need, refuse, reject_features
+from vitspec.formats.format import Format
 from vitspec.formats.infer import Facts, add_default_heads, place_positions
+from vitspec.layouts.hf import HF
 from vitspec.spec import Spec
 
 NAME = "hf"
-# Dense kernels are stored (out, in), as torch.nn.Linear keeps them.
-DENSE = "out_in"
-SUMMARY = "HF transformers ViTModel / ViTForImageClassification (save_pretrained folder)"
-CONTAINERS = ("folder", "safetensors", "safetensors-index", "torch-pickle")  # what vitspec.formats._io.sniff_container may call a file of this format
 
 EXACT_ACTS = ("gelu",)
 TANH_ACTS = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
@@ -80,130 +71,6 @@ def check_spec(spec: Spec) -> None:
             "HF ViT has either a classifier (ViTForImageClassification) or a dense+tanh pooler (ViTModel), not both"
         )
     refuse(problems, NAME)
-
-
-def _prefix(spec: Spec) -> str:
-    return "vit." if spec.n_classes else ""
-
-
-def native_layout(spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
-    """Every HF tensor for ``spec`` (ViTForImageClassification when it has classes, else ViTModel)."""
-    check_spec(spec)
-    d, m, (ph, pw), c = spec.hidden_dim, spec.mlp_dim, spec.patch_size, spec.in_channels
-    p = _prefix(spec)
-    out: list[tuple[str, tuple[int, ...]]] = [
-        (f"{p}embeddings.cls_token", (1, 1, d)),
-        (f"{p}embeddings.position_embeddings", (1, spec.n_positions, d)),
-        (f"{p}embeddings.patch_embeddings.projection.weight", (d, c, ph, pw)),
-        (f"{p}embeddings.patch_embeddings.projection.bias", (d,)),
-    ]
-    for i in range(spec.depth):
-        b = f"{p}encoder.layer.{i}"
-        out += [(f"{b}.layernorm_before.weight", (d,)), (f"{b}.layernorm_before.bias", (d,))]
-        for part in ("query", "key", "value"):
-            out.append((f"{b}.attention.attention.{part}.weight", (d, d)))
-            if spec.qkv_bias:
-                out.append((f"{b}.attention.attention.{part}.bias", (d,)))
-        out += [
-            (f"{b}.attention.output.dense.weight", (d, d)),
-            (f"{b}.attention.output.dense.bias", (d,)),
-            (f"{b}.layernorm_after.weight", (d,)),
-            (f"{b}.layernorm_after.bias", (d,)),
-            (f"{b}.intermediate.dense.weight", (m, d)),
-            (f"{b}.intermediate.dense.bias", (m,)),
-            (f"{b}.output.dense.weight", (d, m)),
-            (f"{b}.output.dense.bias", (d,)),
-        ]
-    out += [(f"{p}layernorm.weight", (d,)), (f"{p}layernorm.bias", (d,))]
-    if spec.pre_logits_dim:
-        r = spec.pre_logits_dim
-        out += [("pooler.dense.weight", (r, d)), ("pooler.dense.bias", (r,))]
-    if spec.n_classes:
-        k = spec.n_classes
-        out += [("classifier.weight", (k, d)), ("classifier.bias", (k,))]
-    return out
-
-
-# canonical block suffix -> HF layer suffix
-_BLOCK = {
-    "norm1.scale": "layernorm_before.weight",
-    "norm1.bias": "layernorm_before.bias",
-    "attn.query.kernel": "attention.attention.query.weight",
-    "attn.query.bias": "attention.attention.query.bias",
-    "attn.key.kernel": "attention.attention.key.weight",
-    "attn.key.bias": "attention.attention.key.bias",
-    "attn.value.kernel": "attention.attention.value.weight",
-    "attn.value.bias": "attention.attention.value.bias",
-    "attn.out.kernel": "attention.output.dense.weight",
-    "attn.out.bias": "attention.output.dense.bias",
-    "norm2.scale": "layernorm_after.weight",
-    "norm2.bias": "layernorm_after.bias",
-    "mlp.fc1.kernel": "intermediate.dense.weight",
-    "mlp.fc1.bias": "intermediate.dense.bias",
-    "mlp.fc2.kernel": "output.dense.weight",
-    "mlp.fc2.bias": "output.dense.bias",
-}
-_TOP = {
-    "patch_embed.bias": "embeddings.patch_embeddings.projection.bias",
-    "norm.scale": "layernorm.weight",
-    "norm.bias": "layernorm.bias",
-}
-
-
-def _native_name(spec: Spec, canonical_name: str) -> str:
-    p = _prefix(spec)
-    if canonical_name.startswith("blocks."):
-        _, i, rest = canonical_name.split(".", 2)
-        return f"{p}encoder.layer.{i}.{_BLOCK[rest]}"
-    if canonical_name in _TOP:
-        return p + _TOP[canonical_name]
-    return {
-        "patch_embed.kernel": f"{p}embeddings.patch_embeddings.projection.weight",
-        "class_token": f"{p}embeddings.cls_token",
-        "pos_embed": f"{p}embeddings.position_embeddings",
-        "pre_logits.kernel": "pooler.dense.weight",
-        "pre_logits.bias": "pooler.dense.bias",
-        "head.kernel": "classifier.weight",
-        "head.bias": "classifier.bias",
-    }[canonical_name]
-
-
-def _from_canonical(spec: Spec, name: str, value: np.ndarray) -> np.ndarray:
-    if name == "patch_embed.kernel":
-        return value.transpose(3, 2, 0, 1)
-    if name == "class_token":
-        return value.reshape(1, 1, spec.hidden_dim)
-    if name == "pos_embed":
-        return value.reshape(1, spec.n_positions, spec.hidden_dim)
-    return value.T if value.ndim == 2 else value
-
-
-def to_native(spec: Spec, weights: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
-    """Canonical -> HF, one tensor at a time, in the order of ``native_layout``."""
-    back = {_native_name(spec, n): n for n in weights}
-    for name, _shape in native_layout(spec):
-        yield name, _from_canonical(spec, back[name], weights[back[name]])
-
-
-def canonical(spec: Spec, native: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
-    """HF -> canonical as a lazy mapping (each tensor a transposed or reshaped view)."""
-    d = spec.hidden_dim
-
-    def compute(name: str) -> np.ndarray:
-        value = native[_native_name(spec, name)]
-        if name == "patch_embed.kernel":
-            return value.transpose(2, 3, 1, 0)
-        if name == "class_token":
-            return value.reshape(d)
-        if name == "pos_embed":
-            return value.reshape(spec.n_positions, d)
-        return value.T if value.ndim == 2 else value
-
-    return LazyView(spec, compute)
-
-
-def from_native(spec: Spec, native: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
-    return in_table_order(spec, canonical(spec, native))
 
 
 # ---- reading ---------------------------------------------------------------------------------
@@ -270,7 +137,7 @@ def read_config(path: Path) -> dict[str, Any]:
     return data
 
 
-def open(path: Path) -> _io.Source:
+def read(path: Path) -> _io.Source:
     weights, config_path = find_weights(path)
     container = _io.sniff_container(weights)
     if container == "safetensors-index":
@@ -403,4 +270,17 @@ def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype
     metadata = {"format": "pt", "vitspec.format": NAME, "vitspec.spec": spec.to_json()}
     with atomic_dir(path, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        _io.write_safetensors(tmp / "model.safetensors", native_layout(spec), items, dtype, metadata, overwrite=True, progress=progress)
+        _io.write_safetensors(tmp / "model.safetensors", HF.native_layout(spec), items, dtype, metadata, overwrite=True, progress=progress)
+
+
+FORMAT = Format(
+    name=NAME,
+    summary="HF transformers ViTModel / ViTForImageClassification (save_pretrained folder)",
+    containers=("folder", "safetensors", "safetensors-index", "torch-pickle"),
+    layout=HF,
+    looks_like=looks_like,
+    infer=infer,
+    read=read,
+    write=write,
+    check_spec=check_spec,
+)

@@ -3,8 +3,8 @@
 Exactly what ``model.save_weights("x.weights.h5")`` writes, so ``model.load_weights`` reads it:
 each layer's variables are datasets ``<layer path>/vars/<index>`` in creation order, every layer
 has a ``vars`` group named after it, and the model's own variables (class token, position
-embedding) sit in the root ``vars`` group. Where each weight lands is the backend's
-``h5_layout(spec)``; the shapes are Keras's (fused ``(D, 3D)`` qkv kernel, HWIO patch kernel,
+embedding) sit in the root ``vars`` group. Where each weight lands is
+``vitspec.layouts.keras.h5_layout(spec)``; the shapes are Keras's (fused ``(D, 3D)`` qkv kernel, HWIO patch kernel,
 ``(in, out)`` dense kernels). vitspec adds the spec as the root attribute ``vitspec.spec``
 (Keras ignores it). Written with h5py, one dataset at a time.
 """
@@ -20,29 +20,14 @@ import numpy as np
 
 from vitspec.files import atomic_file
 from vitspec.formats import _io
-from vitspec.formats._common import backend_layout
 from vitspec.formats.canonical import infer_from_shapes
+from vitspec.formats.format import Format
 from vitspec.formats.infer import Facts
+from vitspec.layouts.keras import KERAS, h5_layout
 from vitspec.spec import Spec
 
 NAME = "keras"
-SUMMARY = "vitspec's Keras model .weights.h5 (as model.save_weights writes it)"
-CONTAINERS = ("h5",)  # what vitspec.formats._io.sniff_container may call a file of this format
 MODEL_NAME = "vision_transformer"
-
-
-def _backend() -> Any:
-    from vitspec.backends import tensorflow as backend
-
-    return backend
-
-
-def check_spec(spec: Spec) -> None:
-    """Every spec has a Keras model."""
-
-
-native_layout, to_native, from_native = backend_layout("tensorflow")
-canonical = None  # a stream only: conversions read this format through from_native
 
 
 def looks_like(names: list[str]) -> bool:
@@ -51,7 +36,7 @@ def looks_like(names: list[str]) -> bool:
 
 def prepare(spec: Spec, source: _io.Source) -> _io.Source:
     """Dataset paths -> native names, now that the spec says which dataset holds what."""
-    return source.renamed({dataset: native for native, dataset in _backend().h5_layout(spec)})
+    return source.renamed({dataset: native for native, dataset in h5_layout(spec)})
 
 
 _BLOCK = re.compile(r"^blocks_(\d+)/(.+)/vars/(\d)$")
@@ -86,15 +71,11 @@ def infer(source: _io.Source, given: dict[str, Any]) -> Facts:
     return infer_from_shapes(shapes, given, NAME, "a .weights.h5 file has no spec of its own")
 
 
-def open(path: Path) -> _io.Source:
-    return _io.open_h5(path)
-
-
 def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype: np.dtype, *, overwrite: bool, progress: _io.Progress | None = None) -> None:
     """A ``.weights.h5`` laid out as Keras writes it, filled one dataset at a time."""
     import h5py
 
-    layout = _backend().h5_layout(spec)
+    layout = h5_layout(spec)
     with atomic_file(path, overwrite=overwrite) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["vitspec.spec"] = spec.to_json()
@@ -123,3 +104,16 @@ def _make_groups(f: Any, layout: list[tuple[str, str]]) -> None:
                     f.create_group(vars_group).attrs["name"] = parts[n - 1]
         elif f"{group}/vars" not in f:
             f.create_group(f"{group}/vars").attrs["name"] = layer
+
+
+FORMAT = Format(
+    name=NAME,
+    summary="vitspec's Keras model .weights.h5 (as model.save_weights writes it)",
+    containers=("h5",),
+    layout=KERAS,
+    looks_like=looks_like,
+    infer=infer,
+    read=_io.open_h5,
+    write=write,
+    prepare=prepare,
+)

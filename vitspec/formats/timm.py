@@ -26,7 +26,7 @@ cannot tell: LayerNorm eps 1e-6, exact GELU, and heads from the preset of that w
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,22 +34,13 @@ import numpy as np
 
 from vitspec.errors import WeightsError
 from vitspec.formats import _io
-from vitspec.formats._common import (
-    LazyView,
-    block_count,
-    in_table_order,
-    need,
-    refuse,
-    reject_features,
-)
+from vitspec.formats._common import block_count, need, refuse, reject_features
+from vitspec.formats.format import Format
 from vitspec.formats.infer import Facts, add_default_heads, place_positions
+from vitspec.layouts.timm import TIMM
 from vitspec.spec import Spec
 
 NAME = "timm"
-# Dense kernels are stored (out, in), as torch.nn.Linear keeps them.
-DENSE = "out_in"
-SUMMARY = "timm VisionTransformer state_dict (safetensors or .pt/.pth)"
-CONTAINERS = ("safetensors", "torch-pickle")  # what vitspec.formats._io.sniff_container may call a file of this format
 
 # Tensors of timm options a vitspec spec has no field for.
 UNSUPPORTED = {
@@ -71,126 +62,6 @@ def check_spec(spec: Spec) -> None:
     if spec.pos_embed == "sincos2d":
         problems.append("timm's VisionTransformer has no fixed sin-cos position embedding (spec has pos_embed 'sincos2d')")
     refuse(problems, NAME)
-
-
-def final_norm_name(spec: Spec) -> str:
-    return "norm" if spec.final_norm == "before_pool" else "fc_norm"
-
-
-def native_layout(spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
-    """Every timm tensor for ``spec``, in timm's ``state_dict`` order."""
-    check_spec(spec)
-    d, m, (ph, pw), c = spec.hidden_dim, spec.mlp_dim, spec.patch_size, spec.in_channels
-    out: list[tuple[str, tuple[int, ...]]] = []
-    if spec.class_token:
-        out.append(("cls_token", (1, 1, d)))
-    if spec.pos_embed == "learned":
-        out.append(("pos_embed", (1, spec.n_positions, d)))
-    out += [("patch_embed.proj.weight", (d, c, ph, pw)), ("patch_embed.proj.bias", (d,))]
-    for i in range(spec.depth):
-        b = f"blocks.{i}"
-        out += [(f"{b}.norm1.weight", (d,)), (f"{b}.norm1.bias", (d,)), (f"{b}.attn.qkv.weight", (3 * d, d))]
-        if spec.qkv_bias:
-            out.append((f"{b}.attn.qkv.bias", (3 * d,)))
-        out += [
-            (f"{b}.attn.proj.weight", (d, d)),
-            (f"{b}.attn.proj.bias", (d,)),
-            (f"{b}.norm2.weight", (d,)),
-            (f"{b}.norm2.bias", (d,)),
-            (f"{b}.mlp.fc1.weight", (m, d)),
-            (f"{b}.mlp.fc1.bias", (m,)),
-            (f"{b}.mlp.fc2.weight", (d, m)),
-            (f"{b}.mlp.fc2.bias", (d,)),
-        ]
-    norm = final_norm_name(spec)
-    out += [(f"{norm}.weight", (d,)), (f"{norm}.bias", (d,))]
-    if spec.n_classes:
-        out += [("head.weight", (spec.n_classes, d)), ("head.bias", (spec.n_classes,))]
-    return out
-
-
-_PLAIN = {  # canonical suffix -> timm suffix, for the tensors that only change name (and maybe transpose)
-    "norm1.scale": "norm1.weight",
-    "norm1.bias": "norm1.bias",
-    "norm2.scale": "norm2.weight",
-    "norm2.bias": "norm2.bias",
-    "attn.out.kernel": "attn.proj.weight",
-    "attn.out.bias": "attn.proj.bias",
-    "mlp.fc1.kernel": "mlp.fc1.weight",
-    "mlp.fc1.bias": "mlp.fc1.bias",
-    "mlp.fc2.kernel": "mlp.fc2.weight",
-    "mlp.fc2.bias": "mlp.fc2.bias",
-}
-_QKV = ("query", "key", "value")
-
-
-def to_native(spec: Spec, weights: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
-    """Canonical -> timm, one tensor at a time (q, k and v of one block are joined into qkv)."""
-    d = spec.hidden_dim
-    norm = final_norm_name(spec)
-    for name, _shape in native_layout(spec):
-        if name == "cls_token":
-            yield name, weights["class_token"].reshape(1, 1, d)
-        elif name == "pos_embed":
-            yield name, weights["pos_embed"].reshape(1, spec.n_positions, d)
-        elif name == "patch_embed.proj.weight":
-            yield name, weights["patch_embed.kernel"].transpose(3, 2, 0, 1)
-        elif name == "patch_embed.proj.bias":
-            yield name, weights["patch_embed.bias"]
-        elif name.startswith(f"{norm}."):
-            yield name, weights["norm.scale" if name.endswith(".weight") else "norm.bias"]
-        elif name.startswith("head."):
-            yield name, weights["head.kernel"].T if name.endswith(".weight") else weights["head.bias"]
-        else:
-            _, i, rest = name.split(".", 2)
-            b = f"blocks.{i}"
-            if rest == "attn.qkv.weight":
-                yield name, np.concatenate([weights[f"{b}.attn.{p}.kernel"].T for p in _QKV], axis=0)
-            elif rest == "attn.qkv.bias":
-                yield name, np.concatenate([weights[f"{b}.attn.{p}.bias"] for p in _QKV], axis=0)
-            else:
-                canonical = next(k for k, v in _PLAIN.items() if v == rest)
-                value = weights[f"{b}.{canonical}"]
-                yield name, value.T if value.ndim == 2 else value
-
-
-def canonical(spec: Spec, native: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
-    """timm -> canonical as a lazy mapping: each canonical tensor is a view of one timm tensor."""
-    d = spec.hidden_dim
-    norm = final_norm_name(spec)
-
-    def compute(name: str) -> np.ndarray:
-        if name == "patch_embed.kernel":
-            return native["patch_embed.proj.weight"].transpose(2, 3, 1, 0)
-        if name == "patch_embed.bias":
-            return native["patch_embed.proj.bias"]
-        if name == "class_token":
-            return native["cls_token"].reshape(d)
-        if name == "pos_embed":
-            return native["pos_embed"].reshape(spec.n_positions, d)
-        if name in ("norm.scale", "norm.bias"):
-            return native[f"{norm}.weight" if name == "norm.scale" else f"{norm}.bias"]
-        if name == "head.kernel":
-            return native["head.weight"].T
-        if name == "head.bias":
-            return native["head.bias"]
-        _, i, rest = name.split(".", 2)
-        b = f"blocks.{i}"
-        part, _, kind = rest.removeprefix("attn.").partition(".")
-        if rest.startswith("attn.") and part in _QKV:
-            k = _QKV.index(part)
-            if kind == "kernel":
-                return native[f"{b}.attn.qkv.weight"][k * d : (k + 1) * d].T
-            return native[f"{b}.attn.qkv.bias"][k * d : (k + 1) * d]
-        value = native[f"{b}.{_PLAIN[rest]}"]
-        return value.T if value.ndim == 2 else value
-
-    return LazyView(spec, compute)
-
-
-def from_native(spec: Spec, native: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
-    """timm -> canonical in the canonical table's order."""
-    return in_table_order(spec, canonical(spec, native))
 
 
 # ---- reading ---------------------------------------------------------------------------------
@@ -244,7 +115,7 @@ def infer(source: _io.Source, given: dict[str, Any]) -> Facts:
     return facts
 
 
-def open(path: Path) -> _io.Source:
+def read(path: Path) -> _io.Source:
     container = _io.sniff_container(path)
     if container == "torch-pickle":
         return _io.open_torch_pickle(path)
@@ -257,4 +128,17 @@ def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype
         _io.write_torch_pickle(path, items, overwrite=overwrite, progress=progress)
         return
     metadata = {"format": "pt", "vitspec.format": NAME, "vitspec.spec": spec.to_json()}
-    _io.write_safetensors(path, native_layout(spec), items, dtype, metadata, overwrite=overwrite, progress=progress)
+    _io.write_safetensors(path, TIMM.native_layout(spec), items, dtype, metadata, overwrite=overwrite, progress=progress)
+
+
+FORMAT = Format(
+    name=NAME,
+    summary="timm VisionTransformer state_dict (safetensors or .pt/.pth)",
+    containers=("safetensors", "torch-pickle"),
+    layout=TIMM,
+    looks_like=looks_like,
+    infer=infer,
+    read=read,
+    write=write,
+    check_spec=check_spec,
+)

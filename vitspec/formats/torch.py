@@ -1,6 +1,6 @@
 """torch: the ``state_dict`` of vitspec's own PyTorch model (``vitspec.backends.torch``).
 
-The names and shapes are the backend's (``vitspec.backends.torch.native_layout``): timm's
+The names and shapes are the backend's (``vitspec.layouts.timm.TORCH``): timm's
 ``VisionTransformer`` names, plus ``pre_logits.fc.weight|bias`` for a pre-logits layer, which
 timm lacks. The file is safetensors with the spec in its metadata (``vitspec.format: torch``), so
 ``model.load_state_dict(safetensors.torch.load_file(path))`` works on a model built from that spec;
@@ -17,23 +17,13 @@ from typing import Any
 import numpy as np
 
 from vitspec.formats import _io, timm
-from vitspec.formats._common import backend_layout, need
+from vitspec.formats._common import need
+from vitspec.formats.format import Format
 from vitspec.formats.infer import Facts
+from vitspec.layouts.timm import TORCH
 from vitspec.spec import Spec
 
 NAME = "torch"
-# Dense kernels are stored (out, in), as torch.nn.Linear keeps them.
-DENSE = "out_in"
-SUMMARY = "vitspec's PyTorch model state_dict (safetensors or .pt/.pth)"
-CONTAINERS = ("safetensors", "torch-pickle")  # what vitspec.formats._io.sniff_container may call a file of this format
-
-
-def check_spec(spec: Spec) -> None:
-    """Every spec has a PyTorch model."""
-
-
-native_layout, to_native, from_native = backend_layout("torch")
-canonical = None  # a stream only: conversions read this format through from_native
 
 
 def looks_like(names: list[str]) -> bool:
@@ -50,13 +40,21 @@ def infer(source: _io.Source, given: dict[str, Any]) -> Facts:
     return facts
 
 
-def open(path: Path) -> _io.Source:
-    return timm.open(path)
-
-
 def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype: np.dtype, *, overwrite: bool, progress: _io.Progress | None = None) -> None:
     if path.suffix.lower() in (".pt", ".pth"):
         _io.write_torch_pickle(path, items, overwrite=overwrite, progress=progress)
         return
     metadata = {"format": "pt", "vitspec.format": NAME, "vitspec.spec": spec.to_json()}
-    _io.write_safetensors(path, native_layout(spec), items, dtype, metadata, overwrite=overwrite, progress=progress)
+    _io.write_safetensors(path, TORCH.native_layout(spec), items, dtype, metadata, overwrite=overwrite, progress=progress)
+
+
+FORMAT = Format(
+    name=NAME,
+    summary="vitspec's PyTorch model state_dict (safetensors or .pt/.pth)",
+    containers=("safetensors", "torch-pickle"),
+    layout=TORCH,
+    looks_like=looks_like,
+    infer=infer,
+    read=timm.read,
+    write=write,
+)
