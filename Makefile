@@ -7,7 +7,7 @@ VITSPEC := $(VENV)/bin/vitspec
 CONSTRAINTS := constraints.txt
 PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q -c $(CONSTRAINTS)
 
-.PHONY: demo test lint pytest install lock bench cases docs clean
+.PHONY: demo test test-core lint typecheck pytest install lock bench cases docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,11 +32,23 @@ demo: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
+typecheck: install
+	$(VENV)/bin/mypy
+
+# Every framework and peer library is installed here, so a skipped test fails the run.
 pytest: install
-	$(VENV)/bin/pytest
+	VITSPEC_REQUIRE_ALL=1 $(VENV)/bin/pytest
 
-test: lint pytest
+test: lint typecheck pytest
+
+# The core alone (no framework, no peer library): framework tests skip, each saying which and why.
+CORE_VENV ?= .venv-core
+test-core:
+	test -x $(CORE_VENV)/bin/python || $(PYTHON) -m venv $(CORE_VENV)
+	$(CORE_VENV)/bin/python -m pip install --disable-pip-version-check -q -c $(CONSTRAINTS) -e ".[test-core]"
+	$(CORE_VENV)/bin/pytest -rs
 
 lock: | $(PY)
 	$(PY) -m pip install -q -e ".[all,test]"
@@ -47,4 +59,4 @@ cases: install
 	$(PY) -m vitspec.conformance.generate
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(CORE_VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -74,7 +74,7 @@ def presets() -> None:
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json"]), default="table", show_default=True)
 def layout(spec: str, fmt: str) -> None:
     """Print the canonical parameter table of SPEC: name, shape, meaning."""
-    from vitspec.layout import param_table
+    from vitspec.layout import CAPTURE_MEANINGS, param_table
     from vitspec.spec import load_spec
 
     s = load_spec(spec)
@@ -92,6 +92,8 @@ def layout(spec: str, fmt: str) -> None:
     out = console()
     out.print(table(f"Canonical layout of {spec}", ["name", "shape", "parameters", "meaning"], rows, ["left", "left", "right", "left"]))
     out.print(f"total: [bold]{s.n_params:,}[/] parameters in {len(params)} tensors")
+    captures = [(n, shape, meaning) for n, (shape, meaning) in CAPTURE_MEANINGS.items() if n != "pre_logits" or s.pre_logits_dim]
+    out.print(table("Capture points (B batch, N seq_len, D hidden_dim)", ["name", "shape", "meaning"], captures, ["left", "left", "left"]))
 
 
 def _collapse_blocks(params: list, depth: int) -> list[tuple[str, str, str, str]]:

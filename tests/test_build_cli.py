@@ -59,6 +59,7 @@ def test_summary_has_the_tutorial_shapes_the_parameter_counts_and_a_passing_chec
     assert float(re.search(r"= ([0-9.e+-]+) \(ok", check).group(1)) <= 1e-5
 
 
+@pytest.mark.needs("torch", "jax")
 def test_out_writes_the_init_weights_and_weights_reads_them_back(capsys, tmp_path: Path) -> None:
     out = tmp_path / "w.safetensors"
     code, _, err = vitspec_cli(capsys, "build", "--backend", "jax", MNIST, "--seed", "3", "--out", str(out))
@@ -71,6 +72,7 @@ def test_out_writes_the_init_weights_and_weights_reads_them_back(capsys, tmp_pat
     assert code == 0 and f"weights from {out}" in out_text, err
 
 
+@pytest.mark.needs("torch")
 def test_existing_outputs_need_force_and_are_refused_before_any_work(capsys, tmp_path: Path) -> None:
     out = tmp_path / "w.safetensors"
     out.write_bytes(b"keep me")
@@ -138,6 +140,7 @@ def test_export_writes_an_artifact_the_framework_runs_alone_for_any_batch(capsys
         assert rel_err(got, vitspec.reference.forward(SPEC, weights, images)["output"]) <= 1e-5
 
 
+@pytest.mark.needs("jax")
 def test_export_batch_fixes_the_batch_and_force_replaces_an_artifact(capsys, tmp_path: Path) -> None:
     artifact = tmp_path / "vit.jax"
     artifact.write_bytes(b"old")
@@ -168,6 +171,7 @@ def test_an_interrupted_export_leaves_nothing(capsys, tmp_path: Path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.needs("jax")
 @pytest.mark.parametrize("name", ["no_head", "vit_paper_pre_logits", "timm_avg_fc_norm", "big_vision_sincos"])
 def test_families_that_change_the_summary_build_and_check(capsys, tmp_path: Path, name: str) -> None:
     spec = family(name)

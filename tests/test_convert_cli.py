@@ -78,6 +78,7 @@ def test_convert_prints_the_defaults_it_used_and_writes(capsys, tmp_path: Path, 
     assert formats.detect(out) == "flax"
 
 
+@pytest.mark.needs("torch", "tensorflow", "jax")
 def test_timm_to_jax_to_torch_to_hf_to_tensorflow_chain(capsys, tmp_path: Path, timm_file: Path) -> None:
     steps = [("jax.safetensors", "flax"), ("torch.safetensors", "torch"), ("hf", "hf"), ("model.weights.h5", "keras"), ("end.safetensors", "canonical")]
     src = timm_file

@@ -18,6 +18,16 @@ def test_layout_page_has_the_generated_b16_table() -> None:
     assert generated.strip() in (DOCS / "layout.md").read_text()
 
 
+def test_layout_page_tables_every_capture_point_as_the_code_describes_it() -> None:
+    from vitspec.layout import CAPTURE_MEANINGS
+
+    page = (DOCS / "layout.md").read_text()
+    rows = dict(re.findall(r"^\| `([^`]+)` \| (\(B[^|]*\)) \| [^|]+ \|$", page, re.M))
+    assert rows == {name: shape for name, (shape, _) in CAPTURE_MEANINGS.items()}
+    for name, (shape, meaning) in CAPTURE_MEANINGS.items():
+        assert f"| `{name}` | {shape} | {meaning} |" in page, name
+
+
 def test_spec_page_quotes_real_validate_output() -> None:
     page = (DOCS / "spec.md").read_text()
     out = run("validate", "examples/mnist.yaml", "B/16", cwd=DOCS.parent).stdout

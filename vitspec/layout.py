@@ -15,9 +15,10 @@ Init weights, backends, converters and docs all read this table.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from vitspec.spec import Spec
+if TYPE_CHECKING:  # layout reads a spec's properties; only spec.py builds one
+    from vitspec.spec import Spec
 
 Init = Literal["lecun", "dense", "zeros", "ones", "tiny", "posemb"]
 
@@ -121,18 +122,20 @@ def capture_shapes(spec: Spec, batch: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-CAPTURE_MEANINGS = {
-    "patch_embed": "patch tokens after the patch projection, before class token and position",
-    "embed": "tokens entering block 0: class token prepended, position embedding added",
-    "attn_probs": "softmax attention probabilities per head (B, heads, N, N)",
-    "attn_heads": "each head's output before the output projection (B, heads, N, head_dim)",
-    "attn": "attention output after the output projection, before the residual add",
-    "mlp": "MLP output, before the residual add",
-    "block": "block output (after both residual adds)",
-    "encoded": "tokens after the encoder (after the final norm when it comes before pooling)",
-    "pooled": "pooled vector (after the final norm when it comes after pooling)",
-    "pre_logits": "pre-logits layer output (dense + tanh)",
-    "output": "logits, or the features when there is no head",
+# Every capture point's shape and meaning, as docs/layout.md tables them (tests/test_docs.py checks
+# the page against this) and `vitspec layout` prints them. B batch, N seq_len, D hidden_dim.
+CAPTURE_MEANINGS: dict[str, tuple[str, str]] = {
+    "patch_embed": ("(B, patches, D)", "patch tokens after the patch projection, before class token and position"),
+    "embed": ("(B, N, D)", "tokens entering block 0: class token prepended, position embedding added"),
+    "blocks.{i}.attn_probs": ("(B, heads, N, N)", "softmax attention probabilities per head"),
+    "blocks.{i}.attn_heads": ("(B, heads, N, D/heads)", "each head's output before the output projection"),
+    "blocks.{i}.attn": ("(B, N, D)", "attention output after the output projection, before the residual add"),
+    "blocks.{i}.mlp": ("(B, N, D)", "MLP output, before the residual add"),
+    "blocks.{i}": ("(B, N, D)", "block output, after both residual adds"),
+    "encoded": ("(B, N, D)", "tokens after the encoder (after the final norm when it comes before pooling)"),
+    "pooled": ("(B, D)", "pooled vector (after the final norm when it comes after pooling)"),
+    "pre_logits": ("(B, pre_logits_dim)", "dense + tanh layer output, when the spec has one"),
+    "output": ("(B, n_classes)", "logits; with `n_classes: 0`, the pooled or pre-logits vector"),
 }
 
 

@@ -138,6 +138,18 @@ def find_names(names: list[str], pattern: str) -> bool:
     return any(rx.search(n) for n in names)
 
 
+def _flax_vit_limits(spec: Spec, who: str) -> list[str]:
+    """What both Flax ViTs lack: token-free 'gap' only, the norm before pooling, qkv biases."""
+    problems = []
+    if spec.pooling == "avg" and spec.class_token:
+        problems.append(f"{who}'s 'gap' pooling has no class token (spec has pooling 'avg' with class_token true)")
+    if spec.final_norm != "before_pool":
+        problems.append(f"{who} applies encoder_norm before pooling (spec has final_norm 'after_pool')")
+    if not spec.qkv_bias:
+        problems.append("Flax's MultiHeadDotProductAttention always has query/key/value biases (spec has qkv_bias false)")
+    return problems
+
+
 # ---- google ----------------------------------------------------------------------------------
 
 
@@ -147,13 +159,7 @@ def google_check_spec(spec: Spec) -> None:
         problems.append("the original ViT has no sin-cos position embedding (use the big_vision format)")
     if spec.class_token and not spec.pos_embed_class_slot and spec.pos_embed == "learned":
         problems.append("the original ViT's position table has a class-token row (spec has pos_embed_class_slot false; use big_vision)")
-    if spec.pooling == "avg" and spec.class_token:
-        problems.append("the original ViT's 'gap' classifier has no class token (spec has pooling 'avg' with class_token true)")
-    if spec.final_norm != "before_pool":
-        problems.append("the original ViT applies encoder_norm before pooling (spec has final_norm 'after_pool')")
-    if not spec.qkv_bias:
-        problems.append("Flax's MultiHeadDotProductAttention always has query/key/value biases (spec has qkv_bias false)")
-    refuse(problems, "google")
+    refuse(problems + _flax_vit_limits(spec, "the original ViT"), "google")
 
 
 def google_looks_like(names: list[str]) -> bool:
@@ -178,13 +184,7 @@ def big_vision_check_spec(spec: Spec) -> None:
     problems = []
     if spec.pos_embed == "none":
         problems.append("big_vision's ViT has a learned or a sincos2d position embedding (spec has pos_embed 'none')")
-    if spec.pooling == "avg" and spec.class_token:
-        problems.append("big_vision's 'gap' pooling has no class token (spec has pooling 'avg' with class_token true)")
-    if spec.final_norm != "before_pool":
-        problems.append("big_vision applies encoder_norm before pooling (spec has final_norm 'after_pool')")
-    if not spec.qkv_bias:
-        problems.append("Flax's MultiHeadDotProductAttention always has query/key/value biases (spec has qkv_bias false)")
-    refuse(problems, "big_vision")
+    refuse(problems + _flax_vit_limits(spec, "big_vision"), "big_vision")
 
 
 def big_vision_looks_like(names: list[str]) -> bool:

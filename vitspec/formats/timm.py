@@ -35,8 +35,9 @@ import numpy as np
 from vitspec.errors import WeightsError
 from vitspec.formats import _io
 from vitspec.formats._common import block_count, need, refuse, reject_features
-from vitspec.formats.format import Format
+from vitspec.formats.format import Format, Writer
 from vitspec.formats.infer import Facts, add_default_heads, place_positions
+from vitspec.layouts import Layout
 from vitspec.layouts.timm import TIMM
 from vitspec.spec import Spec
 
@@ -122,13 +123,17 @@ def read(path: Path) -> _io.Source:
     return _io.open_safetensors(path)
 
 
-def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype: np.dtype, *, overwrite: bool, progress: _io.Progress | None = None) -> None:
-    """safetensors (with ``format: pt`` as safetensors.torch writes), or ``torch.save`` for .pt/.pth."""
-    if path.suffix.lower() in (".pt", ".pth", ".bin"):
-        _io.write_torch_pickle(path, items, overwrite=overwrite, progress=progress)
-        return
-    metadata = {"format": "pt", "vitspec.format": NAME, "vitspec.spec": spec.to_json()}
-    _io.write_safetensors(path, TIMM.native_layout(spec), items, dtype, metadata, overwrite=overwrite, progress=progress)
+def state_dict_writer(layout: Layout) -> Writer:
+    """safetensors (with ``format: pt`` as safetensors.torch writes), or ``torch.save`` for .pt/.pth/.bin."""
+
+    def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype: np.dtype, *, overwrite: bool, progress: _io.Progress | None = None) -> None:
+        if path.suffix.lower() in (".pt", ".pth", ".bin"):
+            _io.write_torch_pickle(path, items, overwrite=overwrite, progress=progress)
+            return
+        metadata = {"format": "pt", "vitspec.format": layout.name, "vitspec.spec": spec.to_json()}
+        _io.write_safetensors(path, layout.native_layout(spec), items, dtype, metadata, overwrite=overwrite, progress=progress)
+
+    return write
 
 
 FORMAT = Format(
@@ -139,6 +144,6 @@ FORMAT = Format(
     looks_like=looks_like,
     infer=infer,
     read=read,
-    write=write,
+    write=state_dict_writer(TIMM),
     check_spec=check_spec,
 )

@@ -10,18 +10,13 @@ a ``.pt``/``.pth`` file written with ``torch.save(model.state_dict())`` is read 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from vitspec.formats import _io, timm
 from vitspec.formats._common import need
 from vitspec.formats.format import Format
 from vitspec.formats.infer import Facts
 from vitspec.layouts.timm import TORCH
-from vitspec.spec import Spec
 
 NAME = "torch"
 
@@ -40,14 +35,6 @@ def infer(source: _io.Source, given: dict[str, Any]) -> Facts:
     return facts
 
 
-def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype: np.dtype, *, overwrite: bool, progress: _io.Progress | None = None) -> None:
-    if path.suffix.lower() in (".pt", ".pth"):
-        _io.write_torch_pickle(path, items, overwrite=overwrite, progress=progress)
-        return
-    metadata = {"format": "pt", "vitspec.format": NAME, "vitspec.spec": spec.to_json()}
-    _io.write_safetensors(path, TORCH.native_layout(spec), items, dtype, metadata, overwrite=overwrite, progress=progress)
-
-
 FORMAT = Format(
     name=NAME,
     summary="vitspec's PyTorch model state_dict (safetensors or .pt/.pth)",
@@ -56,5 +43,5 @@ FORMAT = Format(
     looks_like=looks_like,
     infer=infer,
     read=timm.read,
-    write=write,
+    write=timm.state_dict_writer(TORCH),
 )
