@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 
 pytest.importorskip("timm", reason="the peer-library tests need timm (pip install 'vitspec[test]')")
-import timm.models.vision_transformer  # noqa: E402, F401 - see below
-import torch  # noqa: E402
-from conftest import rel_err  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+import timm.models.vision_transformer  # noqa: F401 - see below
+import torch
+from conftest import rel_err
+from safetensors.torch import save_file
 
-import vitspec  # noqa: E402
-from vitspec import formats, reference  # noqa: E402
-from vitspec.families import family  # noqa: E402
-from vitspec.formats.resample import resample_grid, resample_pos_embed  # noqa: E402
+import vitspec
+from vitspec import formats, reference
+from vitspec.families import family
+from vitspec.formats.resample import resample_grid, resample_pos_embed
 
 # timm imports torch._dynamo, which loads triton's native library; loading that after TensorFlow
 # segfaults in this environment, so it is imported above, when pytest collects this module.
