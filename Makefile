@@ -34,8 +34,15 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# mypy sees the installed layout (backends/ as vitspec/backends ...) through a tree of links.
+TYPECHECK_TREE := build/typecheck
 typecheck: install
-	$(VENV)/bin/mypy
+	rm -rf $(TYPECHECK_TREE) && mkdir -p $(TYPECHECK_TREE)/vitspec
+	ln -s $(CURDIR)/vitspec/* $(TYPECHECK_TREE)/vitspec/
+	ln -s $(CURDIR)/backends $(TYPECHECK_TREE)/vitspec/backends
+	ln -s $(CURDIR)/conformance $(TYPECHECK_TREE)/vitspec/conformance
+	ln -s $(CURDIR)/cli $(TYPECHECK_TREE)/vitspec/cli
+	cd $(TYPECHECK_TREE) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml --cache-dir $(CURDIR)/.mypy_cache
 
 # Every framework and peer library is installed here, so a skipped test fails the run.
 pytest: install
