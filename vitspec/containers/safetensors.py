@@ -88,11 +88,10 @@ def open_safetensors(path: str | os.PathLike[str]) -> Source:
             raise FileFormatError(
                 f"{path}: tensor {name!r} has dtype {code}, which vitspec cannot read{needs}"
             )
-    length, header = _header(path)
-    begin = {name: 8 + length + header[name]["data_offsets"][0] for name in codes}
-    entries = {
-        name: (shapes[name], _DTYPES[codes[name]]) for name in sorted(codes, key=begin.__getitem__)
-    }
+    length, header = _header(path)  # checked by the library: only its order and offsets are read
+    order = [name for name in header if name != "__metadata__"]  # as written (keys() are sorted)
+    entries = {name: (shapes[name], _DTYPES[codes[name]]) for name in order}
+    begin = {name: 8 + length + header[name]["data_offsets"][0] for name in order}
 
     def read(name: str) -> np.ndarray:
         shape, dtype = entries[name]
