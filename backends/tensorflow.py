@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from vitspec.errors import BackendError
+from vitspec.errors import BackendError, InputError
 from vitspec.init import init_weights
 from vitspec.layout import check_capture, param_table
 from vitspec.reference import check_images, sincos2d
@@ -478,7 +478,7 @@ class TensorFlowBackend:
         with TensorFlow alone: ``tf.saved_model.load(path).signatures["serving_default"]``.
         """
         if batch is not None and (not isinstance(batch, int) or batch < 1):
-            raise ValueError(f"batch: expected a positive integer or None, found {batch!r}")
+            raise InputError(f"batch: expected a positive integer or None, found {batch!r}")
         tf, keras = _import_keras()
         spec = model.spec
         archive = keras.export.ExportArchive()
