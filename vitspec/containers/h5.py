@@ -59,7 +59,7 @@ def open_h5(path: str | os.PathLike[str]) -> Source:
     def read(name: str) -> np.ndarray:
         try:
             array = np.asarray(f[name][()])
-            return array.view(BFLOAT16) if name in bf16 else array
+            return array.view(BFLOAT16) if name in bf16 and BFLOAT16 is not None else array
         except OSError as exc:
             raise FileFormatError(
                 f"{path}: dataset {name} cannot be read (corrupt?): {str(exc).splitlines()[0][:200]}"

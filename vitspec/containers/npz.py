@@ -13,6 +13,7 @@ import os
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -82,7 +83,7 @@ def open_npz(path: str | os.PathLike[str]) -> Source:
     def read(name: str) -> np.ndarray:
         info, header_len, fortran, offset = where[name]
         shape, dtype = entries[name]
-        order = "F" if fortran else "C"
+        order: Literal["C", "F"] = "F" if fortran else "C"
         if offset is not None:
             mapped = np.memmap(
                 path,
@@ -149,7 +150,7 @@ def write_npz(
                     np.lib.format.write_array_header_1_0(
                         member, np.lib.format.header_data_from_array_1_0(array)
                     )
-                    member.write(memoryview(array.reshape(-1).view(np.uint8)))
+                    member.write(array.reshape(-1).view(np.uint8).data)
                 if progress is not None:
                     progress(array.nbytes)
         fsync(tmp)

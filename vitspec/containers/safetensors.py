@@ -277,9 +277,7 @@ def write_safetensors(
                     f"tensor {name!r}: {arr.dtype}{list(arr.shape)} written, the layout says {dtype}{list(shape)}"
                 )
             data = np.ascontiguousarray(arr.astype(dtype.newbyteorder("<"), copy=False))
-            f.write(
-                memoryview(data.reshape(-1).view(np.uint8))
-            )  # a byte view works for bfloat16 too
+            f.write(data.reshape(-1).view(np.uint8).data)  # a byte view works for bfloat16 too
             written += data.nbytes
             if progress is not None:
                 progress(data.nbytes)
