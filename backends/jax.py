@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from vitspec import reference
+from vitspec.errors import InputError
 from vitspec.init import init_weights
 from vitspec.layout import capture_points, check_capture
 from vitspec.layouts.flax import FLAX
@@ -297,7 +298,7 @@ class JaxBackend:
         ``jax.export.deserialize(Path(path).read_bytes()).call(images)``.
         """
         if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
-            raise ValueError(f"batch: expected a positive integer or None, found {batch!r}")
+            raise InputError(f"batch: expected a positive integer or None, found {batch!r}")
         jax, jnp, nnx = self._nnx.jax, self._nnx.jnp, self._nnx.nnx
         spec = model.spec
         served = nnx.view(model, deterministic=True, raise_if_not_found=False)  # eval, model untouched

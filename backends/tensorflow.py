@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from vitspec.errors import BackendError
+from vitspec.errors import BackendError, InputError
 from vitspec.init import init_weights
 from vitspec.layout import check_capture
 from vitspec.layouts.keras import KERAS
@@ -373,7 +373,7 @@ class TensorFlowBackend:
         with TensorFlow alone: ``tf.saved_model.load(path).signatures["serving_default"]``.
         """
         if batch is not None and (not isinstance(batch, int) or batch < 1):
-            raise ValueError(f"batch: expected a positive integer or None, found {batch!r}")
+            raise InputError(f"batch: expected a positive integer or None, found {batch!r}")
         tf, keras = _import_keras()
         spec = model.spec
         archive = keras.export.ExportArchive()

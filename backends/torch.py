@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vitspec.errors import InputError
 from vitspec.init import init_weights
 from vitspec.layout import capture_points, check_capture
 from vitspec.layouts.timm import TORCH
@@ -236,7 +237,7 @@ def _define_model() -> dict[str, type]:
             spec = self.spec
             want = (spec.in_channels, *spec.image_size)
             if x.ndim != 4 or tuple(x.shape[1:]) != want:
-                raise ValueError(f"images: expected shape (batch, {want[0]}, {want[1]}, {want[2]}) NCHW, found {tuple(x.shape)}")
+                raise InputError(f"images: expected shape (batch, {want[0]}, {want[1]}, {want[2]}) NCHW, found {tuple(x.shape)}")
             keep = captures.keep if captures is not None else None
             x = self.patch_embed(x)
             if keep:
@@ -384,7 +385,7 @@ class TorchBackend:
         import torch
 
         if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
-            raise ValueError(f"batch: expected a positive integer or None, found {batch!r}")
+            raise InputError(f"batch: expected a positive integer or None, found {batch!r}")
         spec = model.spec
         weight = model.patch_embed.proj.weight
         # A symbolic batch is traced with 2 images: torch.export specialises a dimension of size 1.

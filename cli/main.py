@@ -2,7 +2,8 @@
 
 Subcommands live in their own modules and are imported only when run, so `vitspec --help`
 imports neither a framework nor pydantic. Bad input ends with one line per problem on stderr and
-a non-zero exit, never a traceback (set VITSPEC_DEBUG=1 to see one).
+exit status 1; anything else that goes wrong is reported as an internal error with exit status 2;
+never a traceback (set VITSPEC_DEBUG=1 to see one).
 """
 
 from __future__ import annotations
@@ -68,7 +69,12 @@ def cli() -> None:
 
 
 def main(argv: list[str] | None = None) -> Any:
-    """Entry point: run the CLI, turning vitspec's errors into one-line messages."""
+    """Entry point: run the CLI, turning errors into one-line messages and an exit status.
+
+    0 success; 1 bad input (a VitspecError, one ``error:`` line per problem) or an operating-system
+    refusal (a full disk, a permission); 2 a command-line usage error (click's) or an internal
+    error (a bug in vitspec, never the user's fault); 130 interrupted.
+    """
     try:
         return cli.main(args=argv, prog_name="vitspec", standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt):
@@ -81,22 +87,25 @@ def main(argv: list[str] | None = None) -> Any:
     except Exception as exc:
         if os.environ.get("VITSPEC_DEBUG"):
             raise
-        _report(exc)
-        sys.exit(1 if _is_user_error(exc) else 2)
+        sys.exit(_report(exc))
 
 
-def _is_user_error(exc: BaseException) -> bool:
+def _report(exc: Exception) -> int:
+    """Print ``exc`` for the user; return the exit status it means."""
     from vitspec.errors import VitspecError
 
-    return isinstance(exc, VitspecError | FileNotFoundError | PermissionError | ValueError)
-
-
-def _report(exc: BaseException) -> None:
-    message = str(exc) or type(exc).__name__
-    if not _is_user_error(exc):
-        message = f"internal error: {type(exc).__name__}: {message} (set VITSPEC_DEBUG=1 for the traceback)"
-    for line in message.splitlines():
-        click.secho(f"error: {line}", err=True, fg="red")
+    if isinstance(exc, VitspecError | OSError):
+        for line in (str(exc) or type(exc).__name__).splitlines():
+            click.secho(f"error: {line}", err=True, fg="red")
+        return 1
+    message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    click.secho(
+        f"internal error: {type(exc).__name__}: {message} — this is a bug in vitspec; "
+        "rerun with VITSPEC_DEBUG=1 for the traceback",
+        err=True,
+        fg="red",
+    )
+    return 2
 
 
 if __name__ == "__main__":

@@ -140,8 +140,8 @@ def make_case(
 
 def write_case(case: Case, path: str | Path, *, overwrite: bool = False) -> Path:
     """Write ``case`` to the folder ``path`` atomically; returns the path. The manifest gets checksums."""
+    from vitspec.containers import write_safetensors
     from vitspec.layout import param_table
-    from vitspec.tensorfile import write_tensors
     from vitspec.weights import FORMAT as WEIGHTS_FORMAT
     from vitspec.weights import SPEC_KEY
 
@@ -150,9 +150,9 @@ def write_case(case: Case, path: str | Path, *, overwrite: bool = False) -> Path
         (tmp / "spec.yaml").write_text(case.spec.to_yaml(), encoding="utf-8")
         # No version in the metadata: the bytes depend only on the content (provenance is in the manifest).
         ordered = [(p.name, np.asarray(case.weights[p.name], np.float32)) for p in param_table(case.spec)]
-        write_tensors(tmp / "weights.safetensors", ordered, {"format": WEIGHTS_FORMAT, SPEC_KEY: case.spec.to_json()})
+        write_safetensors(tmp / "weights.safetensors", ordered, {"format": WEIGHTS_FORMAT, SPEC_KEY: case.spec.to_json()})
         data = [("images", np.asarray(case.images)), *((k, np.asarray(v, np.float64)) for k, v in case.expected.items())]
-        write_tensors(tmp / "data.safetensors", data, {"format": FORMAT})
+        write_safetensors(tmp / "data.safetensors", data, {"format": FORMAT})
         manifest = dict(case.manifest)
         manifest["files"] = {f: _file_entry(tmp / f) for f in FILES}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, allow_nan=False) + "\n", encoding="utf-8")
@@ -170,9 +170,9 @@ def is_case_dir(path: str | Path) -> bool:
 
 def load_case(path: str | Path) -> Case:
     """Read a case folder and check it: checksums, spec, weights, shapes of inputs and expected values."""
+    from vitspec.containers import open_safetensors
     from vitspec.layout import capture_points, capture_shapes
     from vitspec.spec import load_spec
-    from vitspec.tensorfile import TensorFile
     from vitspec.weights import load_weights
 
     path = Path(path)
@@ -197,12 +197,11 @@ def load_case(path: str | Path) -> Case:
             )
     spec = load_spec(path / "spec.yaml")
     weights, _ = load_weights(path / "weights.safetensors", spec)
-    with TensorFile(path / "data.safetensors") as tf:
-        names = tf.names
-        if "images" not in names:
+    with open_safetensors(path / "data.safetensors") as data:
+        if "images" not in data:
             raise CaseError(f"{where}: data.safetensors has no 'images' tensor")
-        images = tf.get("images")
-        expected = {n: tf.get(n) for n in names if n != "images"}
+        images = np.array(data["images"])
+        expected = {n: np.array(data[n]) for n in data.names if n != "images"}
     _check_images(where, spec, images, manifest)
     points = capture_points(spec)
     stored = list(expected)

@@ -131,3 +131,94 @@ def test_unknown_command_and_bad_preset() -> None:
     res = run("layout", "Q/16")
     assert res.returncode == 1
     assert res.stderr.strip() == "error: 'Q/16' is neither a spec file nor a preset name (presets look like 'B/16'; `vitspec presets` lists them)"
+
+
+# ---- exit status: 1 for the user's errors, 2 for vitspec's ------------------------------------
+
+
+def _main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    from vitspec.cli.main import main
+
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    return code, capsys.readouterr().err
+
+
+def test_a_user_error_exits_1_with_one_line_per_problem(capsys, monkeypatch) -> None:
+    import vitspec.layout
+
+    def bad(spec: object) -> None:
+        raise vitspec.WeightsError(["missing 1 tensor(s): head.bias", "pos_embed: expected shape [5, 8], found [4, 8]"], "w.safetensors")
+
+    monkeypatch.setattr(vitspec.layout, "param_table", bad)
+    code, err = _main(capsys, "layout", "B/16")
+    assert code == 1 and "Traceback" not in err
+    assert err.splitlines() == [
+        "error: w.safetensors: missing 1 tensor(s): head.bias",
+        "error: w.safetensors: pos_embed: expected shape [5, 8], found [4, 8]",
+    ]
+
+
+@pytest.mark.parametrize("exc", [ValueError("operands could not be broadcast\ntogether"), RuntimeError("boom"), KeyError("x")])
+def test_an_internal_error_exits_2_with_a_hint_not_blaming_the_user(capsys, monkeypatch, exc: Exception) -> None:
+    import vitspec.layout
+
+    def broken(spec: object) -> None:
+        raise exc
+
+    monkeypatch.setattr(vitspec.layout, "param_table", broken)
+    monkeypatch.delenv("VITSPEC_DEBUG", raising=False)
+    code, err = _main(capsys, "layout", "B/16")
+    assert code == 2 and "Traceback" not in err
+    message = "; ".join(line for line in str(exc).splitlines())
+    assert err.splitlines() == [
+        f"internal error: {type(exc).__name__}: {message} — this is a bug in vitspec; rerun with VITSPEC_DEBUG=1 for the traceback"
+    ]
+    monkeypatch.setenv("VITSPEC_DEBUG", "1")
+    with pytest.raises(type(exc)):
+        _main(capsys, "layout", "B/16")
+
+
+def test_an_operating_system_refusal_exits_1(capsys, monkeypatch) -> None:
+    import vitspec.layout
+
+    def full(spec: object) -> None:
+        raise OSError(28, "No space left on device", "out.safetensors")
+
+    monkeypatch.setattr(vitspec.layout, "param_table", full)
+    code, err = _main(capsys, "layout", "B/16")
+    assert (code, err.splitlines()) == (1, ["error: [Errno 28] No space left on device: 'out.safetensors'"])
+
+
+def test_bad_arguments_are_vitspec_errors_and_value_errors() -> None:
+    import numpy as np
+
+    from vitspec import reference
+    from vitspec.errors import InputError, VitspecError
+
+    spec = family("mnist")
+    weights = vitspec.init_weights(spec)
+    calls = [
+        lambda: reference.forward(spec, weights, np.zeros((1, 3, 28, 28))),
+        lambda: reference.forward(spec, weights, np.zeros((1, 28, 28, 1)), capture=("blocks.9",)),
+        lambda: vitspec.init_weights(spec, seed=-1),
+    ]
+    for call in calls:
+        with pytest.raises(InputError) as info:
+            call()
+        assert isinstance(info.value, VitspecError) and isinstance(info.value, ValueError)
+        assert len(info.value.problems) == 1 and str(info.value) == info.value.problems[0]
+
+
+def test_every_error_kind_shares_the_base_body() -> None:
+    from vitspec import errors
+
+    kinds = [errors.SpecError, errors.WeightsError, errors.FileFormatError, errors.InputError, errors.BackendError]
+    for kind in kinds:
+        assert "__init__" not in vars(kind) and "__str__" not in vars(kind), kind
+        one, many = kind("one problem"), kind(["a", "b"], "f.yaml")
+        assert (one.problems, one.source, str(one)) == (["one problem"], None, "one problem")
+        assert (many.problems, str(many)) == (["a", "b"], "f.yaml: a\nf.yaml: b")

@@ -19,9 +19,9 @@ import pytest
 import vitspec
 from vitspec import formats
 from vitspec.cli.main import main
+from vitspec.containers import read_safetensors, write_safetensors
 from vitspec.families import family
 from vitspec.formats.format import Format
-from vitspec.tensorfile import read_tensors, write_tensors
 
 SPEC = family("vit_paper")
 
@@ -56,7 +56,7 @@ def timm_file(tmp_path: Path, canonical: Path) -> Path:
     out = tmp_path / "tagged.safetensors"
     formats.convert(canonical, out, to_format="timm")
     bare = tmp_path / "timm.safetensors"
-    write_tensors(bare, read_tensors(out)[0])
+    write_safetensors(bare, read_safetensors(out)[0])
     return bare
 
 
@@ -107,10 +107,10 @@ def test_inspect_any_format_shows_spec_and_native_tensors(capsys, tmp_path: Path
 
 
 def test_inspect_lists_problems_after_the_table(capsys, tmp_path: Path, timm_file: Path) -> None:
-    tensors = read_tensors(timm_file)[0]
+    tensors = read_safetensors(timm_file)[0]
     del tensors["blocks.1.norm2.bias"]
     bad = tmp_path / "bad.safetensors"
-    write_tensors(bad, tensors)
+    write_safetensors(bad, tensors)
     code, out, err = vitspec_cli(capsys, "inspect", str(bad), "--spec", "n_heads=4")
     assert code == 1
     assert "blocks.0.attn.qkv.weight" in out
@@ -189,7 +189,7 @@ def test_truncated_files(capsys, tmp_path: Path, canonical: Path) -> None:
     import torch
 
     pth = tmp_path / "w.pth"
-    torch.save({k: torch.from_numpy(v) for k, v in read_tensors(canonical)[0].items()}, pth)
+    torch.save({k: torch.from_numpy(v) for k, v in read_safetensors(canonical)[0].items()}, pth)
     cut_pth = tmp_path / "cut.pth"
     cut_pth.write_bytes(pth.read_bytes()[:1000])
     code, _, err = vitspec_cli(capsys, "convert", str(cut_pth), str(tmp_path / "o3.safetensors"), "--from", "timm")
@@ -198,7 +198,7 @@ def test_truncated_files(capsys, tmp_path: Path, canonical: Path) -> None:
 
 
 def test_corrupt_compressed_npz_member(capsys, tmp_path: Path, canonical: Path) -> None:
-    arrays = {k.replace(".", "/"): v for k, v in read_tensors(canonical)[0].items()}
+    arrays = {k.replace(".", "/"): v for k, v in read_safetensors(canonical)[0].items()}
     npz = tmp_path / "z.npz"
     np.savez_compressed(npz, **arrays)
     raw = bytearray(npz.read_bytes())
@@ -213,12 +213,12 @@ def test_corrupt_compressed_npz_member(capsys, tmp_path: Path, canonical: Path) 
 
 
 def test_wrong_shapes_missing_and_unexpected_all_at_once(capsys, tmp_path: Path, timm_file: Path) -> None:
-    tensors = read_tensors(timm_file)[0]
+    tensors = read_safetensors(timm_file)[0]
     del tensors["blocks.1.norm2.bias"], tensors["head.bias"]
     tensors["blocks.0.attn.proj.weight"] = np.zeros((32, 31), np.float32)
     tensors["extra.thing"] = np.zeros(3, np.float32)
     bad = tmp_path / "bad.safetensors"
-    write_tensors(bad, tensors)
+    write_safetensors(bad, tensors)
     out = tmp_path / "out.safetensors"
     code, _, err = vitspec_cli(capsys, "convert", str(bad), str(out), "--spec", "n_heads=4")
     assert code == 1 and not out.exists()
@@ -230,11 +230,11 @@ def test_wrong_shapes_missing_and_unexpected_all_at_once(capsys, tmp_path: Path,
 
 
 def test_nan_and_inf_are_reported_by_name_and_nothing_is_written(capsys, tmp_path: Path, timm_file: Path) -> None:
-    tensors = read_tensors(timm_file)[0]
+    tensors = read_safetensors(timm_file)[0]
     tensors["blocks.0.mlp.fc1.weight"][3, 5] = np.nan
     tensors["pos_embed"][0, 2, 1] = np.inf
     bad = tmp_path / "bad.safetensors"
-    write_tensors(bad, tensors)
+    write_safetensors(bad, tensors)
     out = tmp_path / "out"
     code, _, err = vitspec_cli(capsys, "convert", str(bad), str(out), "--spec", "n_heads=4")
     assert code == 1

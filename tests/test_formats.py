@@ -147,7 +147,7 @@ def test_destination_format_from_the_name(tmp_path: Path) -> None:
 
 
 def test_a_foreign_file_without_metadata_is_detected_by_its_names(tmp_path: Path) -> None:
-    from vitspec.tensorfile import read_tensors, write_tensors
+    from vitspec.containers import read_safetensors, write_safetensors
 
     spec = EVERYWHERE
     canonical, _ = _canonical(tmp_path, spec)
@@ -155,9 +155,9 @@ def test_a_foreign_file_without_metadata_is_detected_by_its_names(tmp_path: Path
         out = _out(tmp_path, f"tagged-{fmt}", fmt)
         formats.convert(canonical, out, to_format=fmt)
         file = out / "model.safetensors" if fmt == "hf" else out
-        tensors, _ = read_tensors(file)
+        tensors, _ = read_safetensors(file)
         bare = tmp_path / f"bare-{fmt}.safetensors"
-        write_tensors(bare, tensors)  # no metadata at all
+        write_safetensors(bare, tensors)  # no metadata at all
         assert formats.detect(bare) == fmt
 
 
@@ -169,10 +169,10 @@ def test_timm_spec_inference_reports_what_came_from_defaults(tmp_path: Path) -> 
     canonical, _ = _canonical(tmp_path, spec)
     out = tmp_path / "timm.safetensors"
     formats.convert(canonical, out, to_format="timm")
-    from vitspec.tensorfile import read_tensors, write_tensors
+    from vitspec.containers import read_safetensors, write_safetensors
 
     bare = tmp_path / "bare.safetensors"
-    write_tensors(bare, read_tensors(out)[0])
+    write_safetensors(bare, read_safetensors(out)[0])
     with formats.open_checkpoint(bare) as ckpt:
         inferred = ckpt.inference
     assert inferred.spec.n_heads == 1  # width 64: head_dim 64, no preset has it
@@ -219,10 +219,10 @@ def test_non_square_grid_needs_the_image_size(tmp_path: Path) -> None:
     canonical, _weights = _canonical(tmp_path, spec)
     out = tmp_path / "timm.safetensors"
     formats.convert(canonical, out, to_format="timm")
-    from vitspec.tensorfile import read_tensors, write_tensors
+    from vitspec.containers import read_safetensors, write_safetensors
 
     bare = tmp_path / "bare.safetensors"
-    write_tensors(bare, read_tensors(out)[0])
+    write_safetensors(bare, read_safetensors(out)[0])
     with pytest.raises(SpecError, match="cannot tell the image size: the position embedding has 21 rows"):
         formats.load(bare, spec="n_heads=4")
     _got, got_spec = formats.load(bare, spec="n_heads=4,image_size=[24, 40]")
@@ -236,10 +236,10 @@ def test_hf_config_must_agree_with_the_tensors(tmp_path: Path) -> None:
     canonical, _ = _canonical(tmp_path, spec)
     folder = tmp_path / "hf"
     formats.convert(canonical, folder, to_format="hf")
-    from vitspec.tensorfile import read_tensors, write_tensors
+    from vitspec.containers import read_safetensors, write_safetensors
 
-    tensors, _meta = read_tensors(folder / "model.safetensors")
-    write_tensors(folder / "model.safetensors", tensors, {"format": "pt"}, overwrite=True)  # drop the embedded spec
+    tensors, _meta = read_safetensors(folder / "model.safetensors")
+    write_safetensors(folder / "model.safetensors", tensors, {"format": "pt"}, overwrite=True)  # drop the embedded spec
     config = json.loads((folder / "config.json").read_text())
     assert formats.load(folder)[1] == spec  # everything from config.json
     config["num_hidden_layers"] = 3
@@ -272,7 +272,7 @@ def test_big_vision_scanned_encoder_reads_block_by_block(tmp_path: Path) -> None
 
 
 def test_unsupported_features_are_named(tmp_path: Path) -> None:
-    from vitspec.tensorfile import write_tensors
+    from vitspec.containers import write_safetensors
 
     spec = family("timm_token")
     canonical, _ = _canonical(tmp_path, spec)
@@ -283,7 +283,7 @@ def test_unsupported_features_are_named(tmp_path: Path) -> None:
     native["blocks.0.ls1.gamma"] = np.ones(32, np.float32)
     native["reg_token"] = np.ones((1, 4, 32), np.float32)
     bad = tmp_path / "bad.safetensors"
-    write_tensors(bad, native)
+    write_safetensors(bad, native)
     with pytest.raises(WeightsError) as info:
         formats.load(bad)
     assert "register tokens (reg_tokens > 0) (reg_token)" in str(info.value)
@@ -410,7 +410,7 @@ def test_formats_import_no_framework() -> None:
 
 @pytest.mark.parametrize("shape", [(3, 5), (64, 70), (1024, 4096), (4096, 1000), (1000, 17)])
 def test_strip_transpose_is_exact_at_every_size(shape: tuple[int, int]) -> None:
-    from vitspec.formats._common import contiguous
+    from vitspec.formats.streaming import contiguous
 
     source = np.random.default_rng(0).standard_normal(shape[::-1]).astype(np.float32)
     got = contiguous(source.T)  # large ones go through two threads

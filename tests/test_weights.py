@@ -12,10 +12,10 @@ import pytest
 
 import vitspec
 from vitspec import Spec, SpecError, WeightsError
+from vitspec.containers import open_safetensors, read_safetensors, write_safetensors
 from vitspec.errors import FileFormatError
 from vitspec.families import FAMILIES, family
 from vitspec.files import OutputExistsError, atomic_dir, atomic_file
-from vitspec.tensorfile import TensorFile, read_tensors, write_tensors
 
 # ---- layout ---------------------------------------------------------------------------------
 
@@ -108,7 +108,7 @@ def test_files_are_readable_by_the_safetensors_library(tmp_path: Path) -> None:
     # ...and we read theirs, float64 and float16 included.
     mixed = {"a": np.arange(6, dtype=np.float64).reshape(2, 3), "b": np.ones(4, np.float16), "c": np.zeros((0, 2), np.float32)}
     save_file(mixed, str(tmp_path / "theirs.safetensors"), metadata={"k": "v"})
-    back, meta = read_tensors(tmp_path / "theirs.safetensors")
+    back, meta = read_safetensors(tmp_path / "theirs.safetensors")
     assert meta == {"k": "v"}
     assert all(np.array_equal(back[k], mixed[k]) and back[k].dtype == mixed[k].dtype for k in mixed)
 
@@ -122,11 +122,11 @@ def test_streaming_write_takes_a_generator(tmp_path: Path) -> None:
             yield f"t{i}", np.full((2, 2), i, np.float32)
 
     layout = [(f"t{i}", np.float32, (2, 2)) for i in range(3)]
-    write_tensors(tmp_path / "s.safetensors", gen(), layout=layout)
-    back, _ = read_tensors(tmp_path / "s.safetensors")
+    write_safetensors(tmp_path / "s.safetensors", gen(), layout=layout)
+    back, _ = read_safetensors(tmp_path / "s.safetensors")
     assert [float(back[f"t{i}"][0, 0]) for i in range(3)] == [0.0, 1.0, 2.0]
     with pytest.raises(ValueError, match="tensor 't0': float32\\[3\\] written, the layout says float32\\[2, 2\\]"):
-        write_tensors(tmp_path / "bad.safetensors", [("t0", np.zeros(3, np.float32))], layout=layout[:1])
+        write_safetensors(tmp_path / "bad.safetensors", [("t0", np.zeros(3, np.float32))], layout=layout[:1])
     assert not (tmp_path / "bad.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]
 
@@ -195,7 +195,7 @@ def test_file_checked_against_its_spec_before_reading_data(tmp_path: Path) -> No
     spec = family("vit_paper")
     w = vitspec.init_weights(spec)
     w.pop("head.kernel")
-    write_tensors(tmp_path / "w.safetensors", w, {"vitspec.spec": spec.to_json()})
+    write_safetensors(tmp_path / "w.safetensors", w, {"vitspec.spec": spec.to_json()})
     with pytest.raises(WeightsError, match=r"w.safetensors: missing 1 tensor\(s\): head.kernel"):
         vitspec.load_weights(tmp_path / "w.safetensors")
 
@@ -217,7 +217,7 @@ def test_spec_in_file_and_given_spec_must_agree(tmp_path: Path) -> None:
     vitspec.save_weights(tmp_path / "w.safetensors", vitspec.init_weights(spec), spec)
     with pytest.raises(SpecError, match="contradicts the embedded one \\(norm_eps: file 1e-06, given 1e-05\\)"):
         vitspec.load_weights(tmp_path / "w.safetensors", spec.replace(norm_eps=1e-5))
-    write_tensors(tmp_path / "bare.safetensors", vitspec.init_weights(spec))
+    write_safetensors(tmp_path / "bare.safetensors", vitspec.init_weights(spec))
     with pytest.raises(SpecError, match="has no embedded vitspec spec"):
         vitspec.load_weights(tmp_path / "bare.safetensors")
     assert vitspec.load_weights(tmp_path / "bare.safetensors", spec)[1] == spec
@@ -236,7 +236,7 @@ def test_corrupt_files_are_named(tmp_path: Path, content: bytes, message: str) -
     path = tmp_path / "bad.safetensors"
     path.write_bytes(content)
     with pytest.raises(FileFormatError, match=message):
-        TensorFile(path)
+        open_safetensors(path)
 
 
 def test_truncated_file_is_detected(tmp_path: Path) -> None:

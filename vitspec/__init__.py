@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from vitspec import reference
     from vitspec.backends import Backend
-    from vitspec.errors import BackendError, FileFormatError, SpecError, VitspecError, WeightsError
+    from vitspec.errors import (
+        BackendError,
+        FileFormatError,
+        InputError,
+        SpecError,
+        VitspecError,
+        WeightsError,
+    )
     from vitspec.init import init_weights
     from vitspec.layout import Param, capture_points, capture_shapes, param_shapes, param_table
     from vitspec.presets import preset, preset_names
@@ -30,6 +37,7 @@ _LAZY = {
     "reference": ("vitspec.reference", None),
     "BackendError": ("vitspec.errors", "BackendError"),
     "FileFormatError": ("vitspec.errors", "FileFormatError"),
+    "InputError": ("vitspec.errors", "InputError"),
     "SpecError": ("vitspec.errors", "SpecError"),
     "VitspecError": ("vitspec.errors", "VitspecError"),
     "WeightsError": ("vitspec.errors", "WeightsError"),
@@ -69,6 +77,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendError",
     "FileFormatError",
+    "InputError",
     "Param",
     "Spec",
     "SpecError",

@@ -28,6 +28,7 @@ from typing import Literal
 
 import numpy as np
 
+from vitspec.errors import InputError
 from vitspec.layout import Param, param_table
 from vitspec.spec import Spec
 
@@ -87,8 +88,8 @@ def init_weights(
 ) -> dict[str, np.ndarray]:
     """Canonical weights for ``spec``: name -> array, in the parameter table's order."""
     if scheme not in ("default", "random"):
-        raise ValueError(f"init scheme must be 'default' or 'random', found {scheme!r}")
+        raise InputError(f"init scheme must be 'default' or 'random', found {scheme!r}")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, found {seed!r}")
+        raise InputError(f"seed must be a non-negative integer, found {seed!r}")
     fill = _default if scheme == "default" else _random
     return {p.name: fill(p, _rng(seed, p.name)).astype(dtype) for p in param_table(spec)}

@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from vitspec.errors import InputError
+
 if TYPE_CHECKING:  # layout reads a spec's properties; only spec.py builds one
     from vitspec.spec import Spec
 
@@ -146,7 +148,7 @@ def check_capture(spec: Spec, capture: tuple[str, ...] | list[str]) -> list[str]
         capture = names if capture == "all" else (capture,)
     unknown = [c for c in capture if c not in names]
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"unknown capture point(s) {', '.join(map(repr, unknown))}; this spec has: "
             f"patch_embed, embed, blocks.0..{spec.depth - 1}[.attn_probs|.attn_heads|.attn|.mlp], encoded, pooled"
             + (", pre_logits" if spec.pre_logits_dim else "")

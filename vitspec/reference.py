@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from vitspec.errors import InputError
 from vitspec.layout import check_capture
 from vitspec.spec import Spec
 from vitspec.weights import check_weights
@@ -64,15 +65,15 @@ def patchify(spec: Spec, images: np.ndarray) -> np.ndarray:
 
 
 def check_images(spec: Spec, images: object) -> np.ndarray:
-    """Images as a float array of shape (B, H, W, C), or a ValueError naming the problem."""
+    """Images as a float array of shape (B, H, W, C), or an InputError naming the problem."""
     arr = np.asarray(images)
     want = (*spec.image_size, spec.in_channels)
     if arr.ndim != 4 or arr.shape[1:] != want:
-        raise ValueError(f"images: expected shape (batch, {want[0]}, {want[1]}, {want[2]}) NHWC, found {arr.shape}")
+        raise InputError(f"images: expected shape (batch, {want[0]}, {want[1]}, {want[2]}) NHWC, found {arr.shape}")
     if arr.shape[0] == 0:
-        raise ValueError("images: the batch is empty")
+        raise InputError("images: the batch is empty")
     if not np.issubdtype(arr.dtype, np.floating):
-        raise ValueError(f"images: expected a float array, found {arr.dtype}")
+        raise InputError(f"images: expected a float array, found {arr.dtype}")
     return arr
 
 

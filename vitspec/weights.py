@@ -8,14 +8,13 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from vitspec.containers import FLOAT_KINDS, nonfinite_summary, open_safetensors, write_safetensors
 from vitspec.errors import SpecError, WeightsError
 from vitspec.layout import param_table
 from vitspec.spec import Spec
-from vitspec.tensorfile import TensorFile, write_tensors
 
 FORMAT = "vitspec"
 SPEC_KEY = "vitspec.spec"
-FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 def name_problems(expected: Iterable[str], found: Iterable[str], what: str = "tensor") -> list[str]:
@@ -51,23 +50,14 @@ def check_weights(
         if got_shape != shape:
             problems.append(f"{name}: expected shape {list(shape)}, found {list(got_shape)}")
         dtype = str(getattr(value, "dtype", type(value).__name__))
-        if dtype not in FLOAT_DTYPES:
-            problems.append(f"{name}: expected a float dtype ({', '.join(FLOAT_DTYPES)}), found {dtype}")
+        if dtype not in FLOAT_KINDS:
+            problems.append(f"{name}: expected a float dtype ({', '.join(FLOAT_KINDS)}), found {dtype}")
         elif check_values:
-            bad = _nonfinite(np.asarray(value))
+            bad = nonfinite_summary(np.asarray(value))
             if bad:
                 problems.append(f"{name}: {bad}")
     if problems:
         raise WeightsError(problems, source)
-
-
-def _nonfinite(array: np.ndarray) -> str:
-    as64 = array.astype(np.float64, copy=False)
-    n_nan, n_inf = int(np.isnan(as64).sum()), int(np.isinf(as64).sum())
-    if not (n_nan or n_inf):
-        return ""
-    first = tuple(int(i) for i in np.argwhere(~np.isfinite(as64))[0])
-    return f"{n_nan} NaN and {n_inf} Inf values (first at index {list(first)})"
 
 
 def save_weights(
@@ -85,7 +75,7 @@ def save_weights(
 
     meta["vitspec.version"] = __version__
     ordered = [(p.name, np.asarray(weights[p.name])) for p in param_table(spec)]
-    write_tensors(path, ordered, meta, overwrite=overwrite)
+    write_safetensors(path, ordered, meta, overwrite=overwrite)
 
 
 def spec_from_metadata(metadata: Mapping[str, str], source: str) -> Spec | None:
@@ -108,8 +98,8 @@ def load_weights(
     agree with the embedded one when both exist. Every mismatch is reported at once.
     """
     source = str(path)
-    with TensorFile(path) as tf:
-        embedded = spec_from_metadata(tf.metadata, source)
+    with open_safetensors(path) as tensors:
+        embedded = spec_from_metadata(tensors.metadata, source)
         if embedded is None and spec is None:
             raise SpecError(
                 ["has no embedded vitspec spec; pass a spec, or use `vitspec convert` to read a foreign checkpoint"],
@@ -120,13 +110,12 @@ def load_weights(
             raise SpecError([f"the given spec contradicts the embedded one ({'; '.join(diff)})"], source)
         use = embedded or spec
         assert use is not None
-        infos = {name: tf.info(name) for name in tf.names}
-        _check_infos(use, infos, source)
-        weights = {p.name: tf.get(p.name) for p in param_table(use)}
-    if check_values:
-        bad = [f"{n}: {msg}" for n, w in weights.items() if (msg := _nonfinite(w))]
-        if bad:
-            raise WeightsError(bad, source)
+        check_weights(use, {name: _Shaped(shape, str(dtype)) for name, (shape, dtype) in tensors.entries.items()}, source=source)
+        # copies of their own (a mapped array is read-only and would keep the file open); each
+        # checked for NaN/Inf as it is read
+        weights = {p.name: np.array(tensors[p.name]) for p in param_table(use)}
+    if check_values and tensors.nonfinite:
+        raise WeightsError([f"{n}: {msg}" for n, msg in tensors.nonfinite.items()], source)
     return weights, use
 
 
@@ -135,14 +124,3 @@ class _Shaped:
 
     def __init__(self, shape: tuple[int, ...], dtype: str) -> None:
         self.shape, self.dtype = shape, dtype
-
-
-_NUMPY_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
-
-
-def _check_infos(spec: Spec, infos: Mapping[str, object], source: str) -> None:
-    shaped = {
-        name: _Shaped(info.shape, _NUMPY_NAMES.get(info.dtype, info.dtype))  # type: ignore[attr-defined]
-        for name, info in infos.items()
-    }
-    check_weights(spec, shaped, source=source)

@@ -31,12 +31,13 @@ from typing import Any
 
 import numpy as np
 
+from vitspec import containers
 from vitspec.errors import FileFormatError, SpecError, WeightsError
 from vitspec.files import check_destination
-from vitspec.formats import _io, canonical, flax, flax_npz, hf, keras, timm, torch
-from vitspec.formats._common import Materialized
+from vitspec.formats import canonical, flax, flax_npz, hf, keras, timm, torch
 from vitspec.formats.format import Format
 from vitspec.formats.infer import Facts, Inference, load_partial_spec, resolve
+from vitspec.formats.streaming import Materialized
 from vitspec.layout import param_table
 from vitspec.spec import Spec
 from vitspec.weights import name_problems
@@ -91,7 +92,7 @@ def get_format(name: str) -> Format:
 def detect(path: str | os.PathLike[str]) -> str:
     """The format of an existing checkpoint, from its contents (metadata first, then tensor names)."""
     path = Path(path)
-    container = _io.sniff_container(path)
+    container = containers.sniff_container(path)
     if container == "folder":
         hf.find_weights(path)
         return "hf"
@@ -117,16 +118,16 @@ def detect(path: str | os.PathLike[str]) -> str:
     )
 
 
-def _open_container(path: Path, container: str) -> _io.Source:
+def _open_container(path: Path, container: str) -> containers.Source:
     if container == "safetensors-index":
-        return _io.open_sharded_safetensors(path)
+        return containers.open_sharded_safetensors(path)
     if container == "torch-pickle":
-        return _io.open_torch_pickle(path)
+        return containers.open_torch_pickle(path)
     if container == "npz":
-        return _io.open_npz(path)
+        return containers.open_npz(path)
     if container == "h5":
-        return _io.open_h5(path)
-    return _io.open_safetensors(path)
+        return containers.open_h5(path)
+    return containers.open_safetensors(path)
 
 
 def destination_format(path: str | os.PathLike[str]) -> str:
@@ -157,7 +158,7 @@ class Checkpoint:
 
     path: Path
     format: str
-    source: _io.Source
+    source: containers.Source
     inference: Inference
 
     @property
@@ -208,18 +209,18 @@ def open_checkpoint(
     return Checkpoint(path, fmt, source, inference)
 
 
-def open_source(path: str | os.PathLike[str], fmt: str) -> _io.Source:
+def open_source(path: str | os.PathLike[str], fmt: str) -> containers.Source:
     """The file's tensors under the native names of format ``fmt`` (nothing read yet)."""
     path = Path(path)
     record = get_format(fmt)
-    container = _io.sniff_container(path)
+    container = containers.sniff_container(path)
     if container not in record.containers:
         kind = _KINDS.get(container, container)
         raise FileFormatError(f"{path}: is {kind}, which cannot hold a {fmt} checkpoint ({record.summary}); check --from")
     return record.read(path)
 
 
-def infer_spec(record: Format, source: _io.Source, given: dict[str, Any]) -> Inference:
+def infer_spec(record: Format, source: containers.Source, given: dict[str, Any]) -> Inference:
     """The spec of an opened file: the embedded one if any, else the format's inference; ``given`` merged."""
     from vitspec.weights import SPEC_KEY, spec_from_metadata
 
@@ -233,7 +234,7 @@ def infer_spec(record: Format, source: _io.Source, given: dict[str, Any]) -> Inf
     return resolve(facts, given, str(source.path))
 
 
-def check_layout(record: Format, spec: Spec, source: _io.Source) -> None:
+def check_layout(record: Format, spec: Spec, source: containers.Source) -> None:
     """One WeightsError listing every missing, unexpected, misshapen or non-float tensor."""
     try:
         expected = dict(record.native_layout(spec))
@@ -246,8 +247,8 @@ def check_layout(record: Format, spec: Spec, source: _io.Source) -> None:
         found, dtype = source.entries[name]
         if tuple(found) != tuple(shape):
             problems.append(f"{name}: expected shape {list(shape)}, found {list(found)}")
-        if not _io.is_float(dtype):
-            problems.append(f"{name}: expected a float dtype ({', '.join(_io.FLOAT_KINDS)}), found {dtype}")
+        if not containers.is_float(dtype):
+            problems.append(f"{name}: expected a float dtype ({', '.join(containers.FLOAT_KINDS)}), found {dtype}")
     if problems:
         raise WeightsError(problems, f"{source.path} ({record.name} format, spec inferred as above)")
 
@@ -381,7 +382,7 @@ def _resized(spec: Spec, image_size: int | tuple[int, int] | list[int] | None) -
     return new, f"pos_embed grid {spec.grid} -> {new.grid} ({ALGORITHM})"
 
 
-def _checked(items: Iterator[tuple[str, np.ndarray]], source: _io.Source) -> Iterator[tuple[str, np.ndarray]]:
+def _checked(items: Iterator[tuple[str, np.ndarray]], source: containers.Source) -> Iterator[tuple[str, np.ndarray]]:
     """Pass items through; after the last one, fail if any source tensor held NaN or Inf.
 
     The writer is still inside its temporary file then, so a failure leaves nothing behind.
@@ -390,14 +391,14 @@ def _checked(items: Iterator[tuple[str, np.ndarray]], source: _io.Source) -> Ite
     _raise_nonfinite(source)
 
 
-def _raise_nonfinite(source: _io.Source) -> None:
+def _raise_nonfinite(source: containers.Source) -> None:
     if source.nonfinite:
         raise WeightsError([f"{name}: {what}" for name, what in source.nonfinite.items()], str(source.path))
 
 
 def _output_dtype(dtypes: set[np.dtype]) -> np.dtype:
     """One float dtype for the whole output: the source's, or the widest when it mixes several."""
-    floats = {np.dtype(d) for d in dtypes if _io.is_float(np.dtype(d))}
+    floats = {np.dtype(d) for d in dtypes if containers.is_float(np.dtype(d))}
     if len(floats) <= 1:
         return floats.pop() if floats else np.dtype(np.float32)
     if np.dtype(np.float64) in floats:

@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
+from vitspec import containers
 from vitspec.errors import WeightsError
-from vitspec.formats import _io
-from vitspec.formats._common import block_count, need
+from vitspec.formats import streaming
 from vitspec.formats.format import Format
-from vitspec.formats.infer import Facts, add_default_heads, place_positions
+from vitspec.formats.infer import Facts, add_default_heads, block_count, need, place_positions
 from vitspec.layouts import CANONICAL
 from vitspec.spec import Spec
 from vitspec.weights import FORMAT as FORMAT_TAG
@@ -30,7 +30,7 @@ def looks_like(names: list[str]) -> bool:
     return "patch_embed.kernel" in names
 
 
-def infer(source: _io.Source, given: dict[str, Any]) -> Facts:
+def infer(source: containers.Source, given: dict[str, Any]) -> Facts:
     """A canonical file without an embedded spec: the shapes, then vitspec's defaults."""
     return infer_from_shapes(source.shapes, given, NAME, "the file has no embedded spec")
 
@@ -75,11 +75,11 @@ def infer_from_shapes(shapes: Mapping[str, tuple[int, ...]], given: dict[str, An
     return facts
 
 
-def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype: np.dtype, *, overwrite: bool, progress: _io.Progress | None = None) -> None:
+def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype: np.dtype, *, overwrite: bool, progress: containers.Progress | None = None) -> None:
     from vitspec import __version__
 
     metadata = {"format": FORMAT_TAG, SPEC_KEY: spec.to_json(), "vitspec.version": __version__}
-    _io.write_safetensors(path, CANONICAL.native_layout(spec), items, dtype, metadata, overwrite=overwrite, progress=progress)
+    streaming.write_safetensors(path, CANONICAL.native_layout(spec), items, dtype, metadata, overwrite=overwrite, progress=progress)
 
 
 FORMAT = Format(
@@ -89,6 +89,6 @@ FORMAT = Format(
     layout=CANONICAL,
     looks_like=looks_like,
     infer=infer,
-    read=_io.open_safetensors,
+    read=containers.open_safetensors,
     write=write,
 )

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from vitspec.formats import _io
+from vitspec import containers
+from vitspec.formats import streaming
 from vitspec.formats.canonical import infer_from_shapes
 from vitspec.formats.format import Format
 from vitspec.formats.infer import Facts, place_positions
@@ -37,7 +38,7 @@ def looks_like(names: list[str]) -> bool:
     return "patch_embed.kernel" in names and any(n.endswith(".attn.qkv.kernel") for n in names)
 
 
-def infer(source: _io.Source, given: dict[str, Any]) -> Facts:
+def infer(source: containers.Source, given: dict[str, Any]) -> Facts:
     """Canonical-like names; the flattened patch kernel hides patch size and channels."""
     shapes: dict[str, tuple[int, ...]] = {}
     for name, shape in source.shapes.items():
@@ -64,9 +65,9 @@ def infer(source: _io.Source, given: dict[str, Any]) -> Facts:
     return facts
 
 
-def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype: np.dtype, *, overwrite: bool, progress: _io.Progress | None = None) -> None:
+def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype: np.dtype, *, overwrite: bool, progress: containers.Progress | None = None) -> None:
     metadata = {"vitspec.format": NAME, "vitspec.spec": spec.to_json()}
-    _io.write_safetensors(path, FLAX.native_layout(spec), items, dtype, metadata, overwrite=overwrite, progress=progress)
+    streaming.write_safetensors(path, FLAX.native_layout(spec), items, dtype, metadata, overwrite=overwrite, progress=progress)
 
 
 FORMAT = Format(
@@ -76,6 +77,6 @@ FORMAT = Format(
     layout=FLAX,
     looks_like=looks_like,
     infer=infer,
-    read=_io.open_safetensors,
+    read=containers.open_safetensors,
     write=write,
 )

@@ -76,11 +76,11 @@ from typing import Any
 
 import numpy as np
 
+from vitspec import containers
 from vitspec.errors import WeightsError
-from vitspec.formats import _io
-from vitspec.formats._common import block_count, need, refuse, reject_features
-from vitspec.formats.format import Format
-from vitspec.formats.infer import Facts, place_positions
+from vitspec.formats import streaming
+from vitspec.formats.format import Format, refuse
+from vitspec.formats.infer import Facts, block_count, need, place_positions, reject_features
 from vitspec.layouts.flax_npz import BIG_VISION, GOOGLE, Scheme, layout, native_name
 from vitspec.spec import Spec
 
@@ -92,9 +92,9 @@ UNSUPPORTED = {
 _SCAN = re.compile(r"^(params/)Transformer/encoderblock/(.+)$")
 
 
-def _open(s: Scheme, path: Path) -> _io.Source:
+def _open(s: Scheme, path: Path) -> containers.Source:
     """The npz with its checkpoint prefix (``params/``, ``opt/target/`` ...) replaced by ``s.prefix``."""
-    source = _io.open_npz(path)
+    source = containers.open_npz(path)
     names = source.names
     strip = next((p for p in s.read_prefixes if p and names and all(n.startswith(p) for n in names)), "")
     if strip != s.prefix:
@@ -102,7 +102,7 @@ def _open(s: Scheme, path: Path) -> _io.Source:
     return source
 
 
-def _infer(s: Scheme, source: _io.Source, given: dict[str, Any]) -> Facts:
+def _infer(s: Scheme, source: containers.Source, given: dict[str, Any]) -> Facts:
     """What a Flax ViT npz says about its spec (heads included: the kernels are split per head)."""
     p = s.prefix
     shapes = {n.removeprefix(p): v for n, v in source.shapes.items()}
@@ -167,7 +167,7 @@ def google_looks_like(names: list[str]) -> bool:
     return "embedding/kernel" in names and find_names(names, r"^Transformer/encoderblock_\d+/MultiHeadDotProductAttention_1/")
 
 
-def google_infer(source: _io.Source, given: dict[str, Any]) -> Facts:
+def google_infer(source: containers.Source, given: dict[str, Any]) -> Facts:
     facts = _infer(GOOGLE, source, given)
     if facts.known.get("pos_embed") != "learned":
         facts.known["pos_embed"] = "none"
@@ -193,7 +193,7 @@ def big_vision_looks_like(names: list[str]) -> bool:
     return any("MultiHeadDotProductAttention_0/" in n for n in names) or "pos_embedding" in names
 
 
-def big_vision_infer(source: _io.Source, given: dict[str, Any]) -> Facts:
+def big_vision_infer(source: containers.Source, given: dict[str, Any]) -> Facts:
     facts = _infer(BIG_VISION, source, given)
     if facts.known.get("pos_embed") != "learned":
         facts.known["pos_embed"] = "sincos2d"
@@ -205,13 +205,13 @@ def big_vision_infer(source: _io.Source, given: dict[str, Any]) -> Facts:
     return facts
 
 
-def big_vision_read(path: Path) -> _io.Source:
+def big_vision_read(path: Path) -> containers.Source:
     source = _open(BIG_VISION, path)
     stacked = {n: m for n in source.names if (m := _SCAN.match(n))}
     return _unscan(source, stacked) if stacked else source
 
 
-def _unscan(source: _io.Source, stacked: dict[str, re.Match[str]]) -> _io.Source:
+def _unscan(source: containers.Source, stacked: dict[str, re.Match[str]]) -> containers.Source:
     """A scanned encoder (one array per parameter, stacked over depth) seen as per-block arrays."""
     depths = {source.shape(n)[0] for n in stacked}
     if len(depths) != 1:
@@ -234,11 +234,11 @@ def _unscan(source: _io.Source, stacked: dict[str, re.Match[str]]) -> _io.Source
         array = source._read(real)
         return array if i is None else array[i]
 
-    return _io.Source(source.path, entries, read, metadata=source.metadata, close=source.close, container=source.container)
+    return containers.Source(source.path, entries, read, metadata=source.metadata, close=source.close, container=source.container)
 
 
-def write(path: Path, spec: Spec, items: Any, dtype: np.dtype, *, overwrite: bool, progress: _io.Progress | None = None) -> None:
-    _io.write_npz(path, items, overwrite=overwrite, progress=progress)
+def write(path: Path, spec: Spec, items: Any, dtype: np.dtype, *, overwrite: bool, progress: containers.Progress | None = None) -> None:
+    streaming.write_npz(path, items, overwrite=overwrite, progress=progress)
 
 
 GOOGLE_FORMAT = Format(

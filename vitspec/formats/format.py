@@ -14,7 +14,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from vitspec.formats import _io
+from vitspec import containers
+from vitspec.errors import SpecError
 from vitspec.formats.infer import Facts
 from vitspec.layouts import Layout
 from vitspec.spec import Spec
@@ -29,8 +30,14 @@ class Writer(Protocol):
         dtype: np.dtype,
         *,
         overwrite: bool,
-        progress: _io.Progress | None = None,
+        progress: containers.Progress | None = None,
     ) -> None: ...
+
+
+def refuse(problems: list[str], fmt: str) -> None:
+    """One SpecError for every feature of a spec that format ``fmt`` cannot hold."""
+    if problems:
+        raise SpecError([f"cannot write the {fmt} format: {p}" for p in problems])
 
 
 def no_limits(spec: Spec) -> None:
@@ -41,17 +48,17 @@ def no_limits(spec: Spec) -> None:
 class Format:
     name: str
     summary: str
-    # What vitspec.formats._io.sniff_container may call a file of this format.
+    # What vitspec.formats.containers.sniff_container may call a file of this format.
     containers: tuple[str, ...]
     layout: Layout
     looks_like: Callable[[list[str]], bool]
-    infer: Callable[[_io.Source, dict[str, Any]], Facts]
-    read: Callable[[Path], _io.Source]
+    infer: Callable[[containers.Source, dict[str, Any]], Facts]
+    read: Callable[[Path], containers.Source]
     write: Writer
     # Raises SpecError naming every feature of a spec the format cannot hold.
     check_spec: Callable[[Spec], None] = no_limits
     # Renames a source's tensors to native names once the spec is known (keras .h5 datasets).
-    prepare: Callable[[Spec, _io.Source], _io.Source] | None = None
+    prepare: Callable[[Spec, containers.Source], containers.Source] | None = None
 
     def native_layout(self, spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
         self.check_spec(spec)

@@ -37,12 +37,19 @@ from typing import Any
 
 import numpy as np
 
+from vitspec import containers
 from vitspec.errors import FileFormatError, SpecError, WeightsError
 from vitspec.files import atomic_dir
-from vitspec.formats import _io
-from vitspec.formats._common import block_count, need, refuse, reject_features
-from vitspec.formats.format import Format
-from vitspec.formats.infer import Facts, add_default_heads, place_positions
+from vitspec.formats import streaming
+from vitspec.formats.format import Format, refuse
+from vitspec.formats.infer import (
+    Facts,
+    add_default_heads,
+    block_count,
+    need,
+    place_positions,
+    reject_features,
+)
 from vitspec.layouts.hf import HF
 from vitspec.spec import Spec
 
@@ -137,15 +144,15 @@ def read_config(path: Path) -> dict[str, Any]:
     return data
 
 
-def read(path: Path) -> _io.Source:
+def read(path: Path) -> containers.Source:
     weights, config_path = find_weights(path)
-    container = _io.sniff_container(weights)
+    container = containers.sniff_container(weights)
     if container == "safetensors-index":
-        source = _io.open_sharded_safetensors(weights)
+        source = containers.open_sharded_safetensors(weights)
     elif container == "torch-pickle":
-        source = _io.open_torch_pickle(weights)
+        source = containers.open_torch_pickle(weights)
     else:
-        source = _io.open_safetensors(weights)
+        source = containers.open_safetensors(weights)
     source = source.renamed(normalize_names(source.names))
     if config_path is not None:
         source.config = read_config(config_path)
@@ -156,7 +163,7 @@ def _pair(value: Any) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else tuple(value)  # type: ignore[return-value]
 
 
-def infer(source: _io.Source, given: dict[str, Any]) -> Facts:
+def infer(source: containers.Source, given: dict[str, Any]) -> Facts:
     """What the tensors and config.json say; HF's ViTConfig defaults for the rest."""
     shapes = source.shapes
     names = list(shapes)
@@ -194,7 +201,7 @@ def infer(source: _io.Source, given: dict[str, Any]) -> Facts:
     return facts
 
 
-def _from_config(facts: Facts, config: dict[str, Any], source: _io.Source) -> None:
+def _from_config(facts: Facts, config: dict[str, Any], source: containers.Source) -> None:
     """Fields from config.json, each checked against the tensors already read."""
     k = facts.known
     where = "config.json"
@@ -263,14 +270,14 @@ def config_for(spec: Spec) -> dict[str, Any]:
     return config
 
 
-def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype: np.dtype, *, overwrite: bool, progress: _io.Progress | None = None) -> None:
+def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype: np.dtype, *, overwrite: bool, progress: containers.Progress | None = None) -> None:
     """A save_pretrained folder: config.json and model.safetensors, swapped into place when complete."""
     config = config_for(spec)
     config["torch_dtype"] = str(dtype) if str(dtype) != "bfloat16" else "bfloat16"
     metadata = {"format": "pt", "vitspec.format": NAME, "vitspec.spec": spec.to_json()}
     with atomic_dir(path, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        _io.write_safetensors(tmp / "model.safetensors", HF.native_layout(spec), items, dtype, metadata, overwrite=True, progress=progress)
+        streaming.write_safetensors(tmp / "model.safetensors", HF.native_layout(spec), items, dtype, metadata, overwrite=True, progress=progress)
 
 
 FORMAT = Format(

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vitspec.errors import SpecError
+from vitspec.errors import SpecError, WeightsError
 from vitspec.presets import VARIANTS
 from vitspec.spec import Spec, read_mapping
 
@@ -234,3 +235,42 @@ def _parse_inline(text: str) -> dict[str, Any]:
         except yaml.YAMLError:
             raise SpecError([f"--spec: cannot read the value of {key.strip()}: {raw.strip()!r}"]) from None
     return out
+
+
+# ---- reading a spec from tensor names and shapes --------------------------------------------
+
+Shape = tuple[int, ...]
+
+
+def block_count(names: list[str], pattern: str, what: str) -> int:
+    """Number of blocks, from names matching ``pattern`` (one group: the index); indices must be 0..n-1."""
+    rx = re.compile(pattern)
+    found = sorted({int(m.group(1)) for n in names if (m := rx.match(n))})
+    if not found:
+        return 0
+    if found != list(range(len(found))):
+        gaps = sorted(set(range(max(found) + 1)) - set(found))
+        raise WeightsError([f"{what} indices are not contiguous: missing block(s) {', '.join(map(str, gaps))}"])
+    return len(found)
+
+
+def need(shapes: Mapping[str, Shape], name: str, ndim: int, what: str) -> Shape:
+    """The shape of a tensor the format requires, or an error naming it."""
+    if name not in shapes:
+        raise WeightsError([f"missing tensor {name} ({what}); is this file of the format it was read as?"])
+    shape = shapes[name]
+    if len(shape) != ndim:
+        raise WeightsError([f"{name}: expected {ndim} dimensions ({what}), found shape {list(shape)}"])
+    return shape
+
+
+def reject_features(names: list[str], features: Mapping[str, str], fmt: str) -> None:
+    """Error out on tensors of features a vitspec spec cannot express (name pattern -> feature)."""
+    problems = []
+    for pattern, feature in features.items():
+        hits = [n for n in names if re.search(pattern, n)]
+        if hits:
+            shown = ", ".join(hits[:3]) + (f" and {len(hits) - 3} more" if len(hits) > 3 else "")
+            problems.append(f"this {fmt} checkpoint uses {feature} ({shown}), which a vitspec spec cannot express")
+    if problems:
+        raise WeightsError(problems)

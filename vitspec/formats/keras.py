@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from vitspec import containers
 from vitspec.files import atomic_file
-from vitspec.formats import _io
+from vitspec.formats import streaming
 from vitspec.formats.canonical import infer_from_shapes
 from vitspec.formats.format import Format
 from vitspec.formats.infer import Facts
@@ -34,7 +35,7 @@ def looks_like(names: list[str]) -> bool:
     return "layers/patch_embed/vars/0" in names
 
 
-def prepare(spec: Spec, source: _io.Source) -> _io.Source:
+def prepare(spec: Spec, source: containers.Source) -> containers.Source:
     """Dataset paths -> native names, now that the spec says which dataset holds what."""
     return source.renamed({dataset: native for native, dataset in h5_layout(spec)})
 
@@ -42,7 +43,7 @@ def prepare(spec: Spec, source: _io.Source) -> _io.Source:
 _BLOCK = re.compile(r"^blocks_(\d+)/(.+)/vars/(\d)$")
 
 
-def infer(source: _io.Source, given: dict[str, Any]) -> Facts:
+def infer(source: containers.Source, given: dict[str, Any]) -> Facts:
     """From the dataset paths and shapes; vitspec's defaults for what they cannot tell."""
     raw = source.shapes
     shapes: dict[str, tuple[int, ...]] = {}
@@ -71,7 +72,7 @@ def infer(source: _io.Source, given: dict[str, Any]) -> Facts:
     return infer_from_shapes(shapes, given, NAME, "a .weights.h5 file has no spec of its own")
 
 
-def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype: np.dtype, *, overwrite: bool, progress: _io.Progress | None = None) -> None:
+def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype: np.dtype, *, overwrite: bool, progress: containers.Progress | None = None) -> None:
     """A ``.weights.h5`` laid out as Keras writes it, filled one dataset at a time."""
     import h5py
 
@@ -81,11 +82,11 @@ def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype
             f.attrs["vitspec.spec"] = spec.to_json()
             _make_groups(f, layout)
             where = dict(layout)
-            for name, array in _io._cast(items, None, progress):
+            for name, array in streaming.prepared(items, None, progress):
                 dataset = f.create_dataset(where[name], data=array)
-                if _io.BFLOAT16 is not None and array.dtype == _io.BFLOAT16:
+                if containers.BFLOAT16 is not None and array.dtype == containers.BFLOAT16:
                     dataset.attrs["dtype"] = "bfloat16"  # as Keras marks it
-        _io.fsync(tmp)
+        containers.fsync(tmp)
 
 
 def _make_groups(f: Any, layout: list[tuple[str, str]]) -> None:
@@ -113,7 +114,7 @@ FORMAT = Format(
     layout=KERAS,
     looks_like=looks_like,
     infer=infer,
-    read=_io.open_h5,
+    read=containers.open_h5,
     write=write,
     prepare=prepare,
 )

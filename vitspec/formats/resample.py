@@ -22,7 +22,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from vitspec.formats._common import LazyView
+from vitspec.formats.streaming import LazyView
 from vitspec.spec import Spec
 
 A = -0.75

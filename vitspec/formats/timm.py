@@ -32,11 +32,18 @@ from typing import Any
 
 import numpy as np
 
+from vitspec import containers
 from vitspec.errors import WeightsError
-from vitspec.formats import _io
-from vitspec.formats._common import block_count, need, refuse, reject_features
-from vitspec.formats.format import Format, Writer
-from vitspec.formats.infer import Facts, add_default_heads, place_positions
+from vitspec.formats import streaming
+from vitspec.formats.format import Format, Writer, refuse
+from vitspec.formats.infer import (
+    Facts,
+    add_default_heads,
+    block_count,
+    need,
+    place_positions,
+    reject_features,
+)
 from vitspec.layouts import Layout
 from vitspec.layouts.timm import TIMM
 from vitspec.spec import Spec
@@ -72,7 +79,7 @@ def looks_like(names: list[str]) -> bool:
     return "patch_embed.proj.weight" in names and any(n.endswith(".attn.qkv.weight") for n in names)
 
 
-def infer(source: _io.Source, given: dict[str, Any]) -> Facts:
+def infer(source: containers.Source, given: dict[str, Any]) -> Facts:
     """What a timm state_dict says about its spec; timm's defaults for the rest."""
     shapes = source.shapes
     names = list(shapes)
@@ -116,22 +123,22 @@ def infer(source: _io.Source, given: dict[str, Any]) -> Facts:
     return facts
 
 
-def read(path: Path) -> _io.Source:
-    container = _io.sniff_container(path)
+def read(path: Path) -> containers.Source:
+    container = containers.sniff_container(path)
     if container == "torch-pickle":
-        return _io.open_torch_pickle(path)
-    return _io.open_safetensors(path)
+        return containers.open_torch_pickle(path)
+    return containers.open_safetensors(path)
 
 
 def state_dict_writer(layout: Layout) -> Writer:
     """safetensors (with ``format: pt`` as safetensors.torch writes), or ``torch.save`` for .pt/.pth/.bin."""
 
-    def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype: np.dtype, *, overwrite: bool, progress: _io.Progress | None = None) -> None:
+    def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype: np.dtype, *, overwrite: bool, progress: containers.Progress | None = None) -> None:
         if path.suffix.lower() in (".pt", ".pth", ".bin"):
-            _io.write_torch_pickle(path, items, overwrite=overwrite, progress=progress)
+            streaming.write_torch_pickle(path, items, overwrite=overwrite, progress=progress)
             return
         metadata = {"format": "pt", "vitspec.format": layout.name, "vitspec.spec": spec.to_json()}
-        _io.write_safetensors(path, layout.native_layout(spec), items, dtype, metadata, overwrite=overwrite, progress=progress)
+        streaming.write_safetensors(path, layout.native_layout(spec), items, dtype, metadata, overwrite=overwrite, progress=progress)
 
     return write
 

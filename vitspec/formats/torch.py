@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from vitspec.formats import _io, timm
-from vitspec.formats._common import need
+from vitspec import containers
+from vitspec.formats import timm
 from vitspec.formats.format import Format
-from vitspec.formats.infer import Facts
+from vitspec.formats.infer import Facts, need
 from vitspec.layouts.timm import TORCH
 
 NAME = "torch"
@@ -25,7 +25,7 @@ def looks_like(names: list[str]) -> bool:
     return "pre_logits.fc.weight" in names and timm.looks_like(names)
 
 
-def infer(source: _io.Source, given: dict[str, Any]) -> Facts:
+def infer(source: containers.Source, given: dict[str, Any]) -> Facts:
     """As timm, plus the pre-logits layer timm has no name for."""
     shapes = source.shapes
     facts = timm.infer(source.subset(n for n in shapes if not n.startswith("pre_logits.fc.")), given)

@@ -1,21 +1,21 @@
-"""Pieces every format shares: reading a spec from tensor names, refusals, fast transposes."""
+"""Streaming conversion: canonical views computed on demand, fast transposes, and writers that cast
+and write one tensor at a time (the containers themselves are ``vitspec.containers``)."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import functools
 import os
-import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from vitspec.errors import SpecError, WeightsError
+from vitspec import containers
+from vitspec.containers import Progress, Shape
 from vitspec.layout import param_table
 from vitspec.spec import Spec
-
-Shape = tuple[int, ...]
 
 
 class LazyView(Mapping[str, np.ndarray]):
@@ -39,46 +39,6 @@ class LazyView(Mapping[str, np.ndarray]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._known
-
-
-def block_count(names: list[str], pattern: str, what: str) -> int:
-    """Number of blocks, from names matching ``pattern`` (one group: the index); indices must be 0..n-1."""
-    rx = re.compile(pattern)
-    found = sorted({int(m.group(1)) for n in names if (m := rx.match(n))})
-    if not found:
-        return 0
-    if found != list(range(len(found))):
-        gaps = sorted(set(range(max(found) + 1)) - set(found))
-        raise WeightsError([f"{what} indices are not contiguous: missing block(s) {', '.join(map(str, gaps))}"])
-    return len(found)
-
-
-def need(shapes: Mapping[str, Shape], name: str, ndim: int, what: str) -> Shape:
-    """The shape of a tensor the format requires, or an error naming it."""
-    if name not in shapes:
-        raise WeightsError([f"missing tensor {name} ({what}); is this file of the format it was read as?"])
-    shape = shapes[name]
-    if len(shape) != ndim:
-        raise WeightsError([f"{name}: expected {ndim} dimensions ({what}), found shape {list(shape)}"])
-    return shape
-
-
-def refuse(problems: list[str], fmt: str) -> None:
-    """One SpecError for every feature of a spec that format ``fmt`` cannot hold."""
-    if problems:
-        raise SpecError([f"cannot write the {fmt} format: {p}" for p in problems])
-
-
-def reject_features(names: list[str], features: Mapping[str, str], fmt: str) -> None:
-    """Error out on tensors of features a vitspec spec cannot express (name pattern -> feature)."""
-    problems = []
-    for pattern, feature in features.items():
-        hits = [n for n in names if re.search(pattern, n)]
-        if hits:
-            shown = ", ".join(hits[:3]) + (f" and {len(hits) - 3} more" if len(hits) > 3 else "")
-            problems.append(f"this {fmt} checkpoint uses {feature} ({shown}), which a vitspec spec cannot express")
-    if problems:
-        raise WeightsError(problems)
 
 
 _STRIP = 16  # rows per strip: 16 float32 values fill a 64-byte cache line of the output
@@ -137,3 +97,60 @@ class Materialized(Mapping[str, np.ndarray]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._inner
+
+
+def prepared(
+    items: Iterable[tuple[str, np.ndarray]], dtype: np.dtype | None, progress: Progress | None
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Each array C-contiguous (and of ``dtype``), ready to write; ``progress`` told after each."""
+    for name, array in items:
+        array = contiguous(array)
+        if dtype is not None and array.dtype != dtype:
+            array = array.astype(dtype)
+        yield name, array
+        if progress is not None:
+            progress(array.nbytes)
+
+
+def write_safetensors(
+    path: Path,
+    layout: list[tuple[str, Shape]],
+    items: Iterable[tuple[str, np.ndarray]],
+    dtype: np.dtype,
+    metadata: Mapping[str, str],
+    *,
+    overwrite: bool,
+    progress: Progress | None = None,
+) -> None:
+    """Stream ``items`` (in ``layout`` order) into one safetensors file, all of ``dtype``."""
+    rows = [(name, dtype, shape) for name, shape in layout]
+    containers.write_safetensors(
+        path,
+        prepared(items, dtype, None),
+        metadata,
+        layout=rows,
+        overwrite=overwrite,
+        progress=progress,
+    )
+
+
+def write_npz(
+    path: Path,
+    items: Iterable[tuple[str, np.ndarray]],
+    *,
+    overwrite: bool,
+    progress: Progress | None = None,
+) -> None:
+    containers.write_npz(path, prepared(items, None, None), overwrite=overwrite, progress=progress)
+
+
+def write_torch_pickle(
+    path: Path,
+    items: Iterable[tuple[str, np.ndarray]],
+    *,
+    overwrite: bool,
+    progress: Progress | None = None,
+) -> None:
+    containers.write_torch_pickle(
+        path, prepared(items, None, None), overwrite=overwrite, progress=progress
+    )
