@@ -17,6 +17,7 @@ unsupported, and does not fail the session; it and a listed known failure are le
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,7 @@ class Session:
         self.random: set[str] = set()  # names of the --vitspec-random cases
         self._left_out: dict[tuple[str, str], str] | None = None
         self.properties_recorded = False
+        self.start = time.perf_counter()
 
     # ---- what is under test -------------------------------------------------------------------
 
@@ -198,11 +200,10 @@ class Session:
         return checks
 
     def header(self) -> list[str]:
-        from vitspec.conformance.report import header_lines, left_out_lines
+        from vitspec.conformance.report import header_lines
 
         lines = header_lines(self.report())
         lines[0] += "; " + "; ".join(f"{k} atol {t.atol:g} rtol {t.rtol:g}" for k, t in self.tolerances.classes.items())
-        lines += [f"  {line}" for line in left_out_lines(self.report())]
         return lines
 
     # ---- running ------------------------------------------------------------------------------
@@ -270,7 +271,7 @@ class Session:
         n_random = self.config.getoption("vitspec_random")
         return Report(
             list(self.backends.values()), cases, self.results, self.tolerances, self.final_warnings(), notes,
-            left_out=self.left_out, random={"n": n_random, "seed": self.config.getoption("vitspec_seed")} if n_random else None,
+            seconds=time.perf_counter() - self.start, left_out=self.left_out, random={"n": n_random, "seed": self.config.getoption("vitspec_seed")} if n_random else None,
         )
 
     def record_properties(self, record: Any) -> None:
