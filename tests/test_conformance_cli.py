@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -48,6 +49,7 @@ def third_party(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdvit\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(
         "[vitspec.backends]\nthirdvit = thirdvit:ThirdBackend\nthirdbroken = thirdvit:broken_twin\n"
+        "ghost = nosuchpkg.backend:Ghost\n"
     )
     return {**os.environ, "PYTHONPATH": str(root), "COLUMNS": "200", "NO_COLOR": "1"}
 
@@ -129,6 +131,23 @@ def test_a_failing_random_case_is_saved_and_reruns_as_a_case_folder(third_party:
                      "--vitspec-seed", "3", "--vitspec-save-case", str(plugin_saved), env=third_party, cwd=tmp_path)
     assert res.returncode == 1
     assert sorted(p.name for p in plugin_saved.iterdir()) == failing
+
+
+def test_backends_listing_reads_metadata_only(third_party: dict[str, str]) -> None:
+    code = (
+        "import sys\nfrom vitspec.cli.main import main\nmain(['backends'])\n"
+        "print('imported:', sorted(m for m in ('torch', 'tensorflow', 'jax', 'thirdvit') if m in sys.modules))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=third_party, timeout=120)
+    assert res.returncode == 0, res.stderr
+    rows = {line.split()[0]: line for line in res.stdout.splitlines() if "│" in line}
+    assert "installed" in rows["thirdvit"] and "│ 0.1 " in rows["thirdvit"] and "not installed" not in rows["thirdvit"]
+    assert "not installed" in rows["ghost"]
+    assert "ghost: backend 'ghost': module 'nosuchpkg.backend' of entry point 'nosuchpkg.backend:Ghost' is not installed" in res.stdout
+    assert "imported: []" in res.stdout
+    checked = vitspec_cli("backends", "--check", "thirdvit", "ghost", env=third_party)
+    assert checked.returncode == 1  # a named backend that is not installed
+    assert re.search(r"thirdvit\s+│ ok\s+│ 0\.1", checked.stdout) and "ghost: backend 'ghost': module 'nosuchpkg.backend'" in checked.stdout
 
 
 def test_terminal_header_shows_each_backends_environment(third_party: dict[str, str]) -> None:

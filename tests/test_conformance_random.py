@@ -178,3 +178,11 @@ def test_reports_carry_the_corpus_version(tmp_path: Path) -> None:
     props = {p.get("name"): p.get("value") for p in ET.parse(tmp_path / "r.xml").getroot().iter("property")}
     assert props["vitspec.corpus_version"] == str(VERSION)
     assert f"; corpus version {VERSION};" in (tmp_path / "r.md").read_text()
+
+
+def test_docs_quote_the_real_pin_error() -> None:
+    page = (Path(__file__).resolve().parent.parent / "docs" / "conformance.md").read_text()
+    quoted = next(line for line in page.splitlines() if line.startswith("error: corpus version:"))
+    with pytest.raises(CaseError) as err:
+        check_corpus_version(2, [load_case(CASES_DIR / "family_mnist")])
+    assert VERSION == 1 and quoted == f"error: {err.value}"
