@@ -11,16 +11,16 @@ import click
 BACKEND_HELP = "A registered backend name, or 'all' (every installed one but numpy). Repeatable."
 
 
-def _cases(targets: tuple[str, ...], weights: Path | None, batch: int, seed: int, random: int = 0) -> list[Any]:
+def _cases(targets: tuple[str, ...], weights: Path | None, batch: int, seed: int, n_random: int = 0) -> list[Any]:
     """Case folders, shipped case names, specs (generated now) and random cases; the shipped corpus
     when none of these is asked for."""
     from vitspec.conformance.case import CASES_DIR, is_case_dir, load_case, make_case, shipped_cases
-    from vitspec.conformance.random_cases import random_cases
+    from vitspec.conformance.random_specs import random_cases
     from vitspec.errors import SpecError
     from vitspec.spec import load_spec
     from vitspec.weights import load_weights
 
-    drawn = random_cases(random, seed)
+    drawn = random_cases(n_random, seed)
     if not targets and weights is None:
         return drawn or shipped_cases()
     specs = [t for t in targets if not is_case_dir(t) and not is_case_dir(CASES_DIR / t)]

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
         run_backend,
         unsupported,
     )
-    from vitspec.conformance.random_cases import random_cases
+    from vitspec.conformance.random_specs import random_cases
     from vitspec.conformance.report import point_table, text_report, to_json, to_junit, to_markdown
     from vitspec.conformance.suite import Expectation, Report, load_expectations, run_suite
     from vitspec.conformance.tolerances import Tolerance, Tolerances, load_tolerances
@@ -64,7 +64,7 @@ _LAZY = {
     "to_json": "report",
     "to_junit": "report",
     "to_markdown": "report",
-    "random_cases": "random_cases",
+    "random_cases": "random_specs",
     "Expectation": "suite",
     "Report": "suite",
     "load_expectations": "suite",

@@ -111,7 +111,7 @@ class Session:
                 shipped_case_dirs,
                 shipped_cases,
             )
-            from vitspec.conformance.random_cases import random_cases
+            from vitspec.conformance.random_specs import random_cases
             from vitspec.errors import VitspecError
 
             n_random, seed = self.config.getoption("vitspec_random"), self.config.getoption("vitspec_seed")

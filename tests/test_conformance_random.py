@@ -27,7 +27,7 @@ from vitspec.conformance.case import (
     write_case,
 )
 from vitspec.conformance.corpus import FINGERPRINT, VERSION
-from vitspec.conformance.random_cases import random_case, random_cases, random_spec
+from vitspec.conformance.random_specs import random_case, random_cases, random_spec
 from vitspec.families import family
 from vitspec.reference import forward
 from vitspec.spec import Spec
