@@ -218,9 +218,6 @@ class Session:
             self._outputs[key] = (out, result)
         return self._outputs[key]
 
-    def _reference_check(self, backend: str, case: str) -> Any:
-        return self._outputs_of(backend, case)[1]
-
     def _save_random(self, case: Any) -> None:
         """--vitspec-save-case: a failing random case is written out (once) to be rerun as a case folder."""
         where = self.config.getoption("vitspec_save_case")
@@ -243,7 +240,7 @@ class Session:
             if b is not None and b.load_error:
                 pytest.fail(f"backend {name} could not be loaded: {b.load_error}", pytrace=False)
         if check.against == "reference":
-            result = self._reference_check(check.backend, check.case)
+            _, result = self._outputs_of(check.backend, check.case)
         else:
             out, _ = self._outputs_of(check.backend, check.case)
             other, _ = self._outputs_of(check.against, check.case)
@@ -269,9 +266,10 @@ class Session:
         cases = list(self.cases.values())
         notes = [f"case {t}" for t in tolerances_loosened(cases, self.tolerances)]
         n_random = self.config.getoption("vitspec_random")
+        random = {"n": n_random, "seed": self.config.getoption("vitspec_seed")} if n_random else None
         return Report(
             list(self.backends.values()), cases, self.results, self.tolerances, self.final_warnings(), notes,
-            seconds=time.perf_counter() - self.start, left_out=self.left_out, random={"n": n_random, "seed": self.config.getoption("vitspec_seed")} if n_random else None,
+            seconds=time.perf_counter() - self.start, left_out=self.left_out, random=random,
         )
 
     def record_properties(self, record: Any) -> None:

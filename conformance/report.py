@@ -261,12 +261,12 @@ def to_junit(report: Report) -> str:
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
-def junit_properties(report: Report | None, backends: Sequence[BackendUnderTest], corpus_version: int | None = None) -> list[tuple[str, str]]:
+def junit_properties(report: Report, backends: Sequence[BackendUnderTest]) -> list[tuple[str, str]]:
     """The JUnit properties of a run: vitspec's and the corpus's versions, each backend's version,
     entry point and environment. ``vitspec conformance --junit`` and pytest's ``--junitxml`` share them."""
     from vitspec import __version__
 
-    version = report.corpus_version if report is not None else corpus_version
+    version = report.corpus_version
     out = [("vitspec.version", __version__), ("vitspec.corpus_version", "-" if version is None else str(version))]
     for b in backends:
         out.append((f"{b.name}.version", b.version or f"not loaded: {b.load_error}"))

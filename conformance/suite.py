@@ -255,7 +255,7 @@ def load_expectations(path: str | Path) -> list[Expectation]:
         if raises is not None and entry.get("first_divergent") is not None:
             raise ExpectationsError(f"{where}: an entry lists either a raise ('raises') or a numeric divergence ('first_divergent'), not both")
         if raises is not None and entry.get("against", "reference") != "reference":
-            raise ExpectationsError(f"{where}: 'raises' lists a failure against the reference; a pair never raises (a case that raises is left out of its pairs)")
+            raise ExpectationsError(f"{where}: 'raises' lists a failure against the reference; a pair never raises (a case listed as raising is left out of its pairs)")
         out.append(
             Expectation(backend, entry["case"], reason, entry.get("against", "reference"), entry.get("first_divergent"), path.name, raises)
         )
