@@ -18,8 +18,11 @@ A backend object has, in this order::
     export(model) -> dict[str, np.ndarray]          # native -> canonical, bit for bit
     forward(model, images, capture=()) -> dict      # NHWC NumPy in; {"output": ..., capture: ...} NumPy out
 
-and, for backends that can write a deployable artifact of their framework,
-``save_artifact(model, path, batch)``. The native model carries its spec as ``model.spec``.
+and, optionally, ``supports(spec) -> None | True | str`` (a reason string when the backend cannot
+build ``spec``: the conformance suite then reports the case as unsupported, never as a pass),
+``environment() -> dict[str, str]`` (settings that change the numbers) and, for backends that can
+write a deployable artifact of their framework, ``save_artifact(model, path, batch)``. The native
+model carries its spec as ``model.spec``.
 
 Our backends also expose, at module level and without importing their framework, the one place
 where canonical and native layouts meet (so converters can stream tensors without a model)::
@@ -48,6 +51,8 @@ GROUP = "vitspec.backends"
 
 # What to install for each of our backends when its framework is missing.
 EXTRAS = {"torch": "torch", "tensorflow": "tensorflow", "jax": "jax"}
+# The distributions each of our backends imports; the first one's version is the backend's version.
+FRAMEWORKS = {"torch": ("torch",), "tensorflow": ("tensorflow", "keras"), "jax": ("jax", "flax"), "numpy": ("numpy",)}
 
 
 @runtime_checkable
@@ -71,7 +76,7 @@ class BackendInfo:
     name: str
     target: str
     distribution: str
-    status: str  # "ok", "missing", "broken"
+    status: str  # listing: "installed", "missing"; after loading: "ok", "missing", "broken"
     version: str
     detail: str
 
@@ -124,6 +129,43 @@ def describe(name: str) -> BackendInfo:
         status = "missing" if isinstance(exc.__cause__, ImportError) else "broken"
         return BackendInfo(name, ep.value, dist, status, "", str(exc))
     return BackendInfo(name, ep.value, dist, "ok", str(b.version), "")
+
+
+def listing(name: str) -> BackendInfo:
+    """A registered backend as the package metadata describes it, without importing it or its framework.
+
+    The version is the framework's (from its distribution's metadata) for vitspec's own backends,
+    and the registering distribution's for any other; the status is "installed" when the entry
+    point's module and the framework's distributions are found, "missing" otherwise.
+    ``describe(name)`` imports and loads it instead.
+    """
+    import importlib.util
+
+    ep = _entry_points()[name]
+    dist = ep.dist.name if ep.dist else "?"
+    ours = dist == "vitspec" and name in FRAMEWORKS
+    needs = FRAMEWORKS[name] if ours else ()
+    missing = [d for d in needs if not _dist_version(d)]
+    if missing:
+        extra = EXTRAS.get(name)
+        hint = f"; install it with: pip install 'vitspec[{extra}]'" if extra else ""
+        return BackendInfo(name, ep.value, dist, "missing", "", f"backend {name!r} needs {', '.join(missing)}, which is not installed{hint}")
+    version = _dist_version(needs[0]) if needs else (ep.dist.version if ep.dist else "")
+    module = ep.value.split(":")[0].strip()
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package is missing or broken
+        found = False
+    if not found:
+        return BackendInfo(name, ep.value, dist, "missing", version, f"backend {name!r}: module {module!r} of entry point {ep.value!r} is not installed")
+    return BackendInfo(name, ep.value, dist, "installed", version, "")
+
+
+def _dist_version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
 
 
 def resolve(names: list[str] | tuple[str, ...]) -> list[str]:

@@ -1,4 +1,4 @@
-"""`vitspec build` and `vitspec backends`."""
+"""`vitspec build`."""
 
 from __future__ import annotations
 
@@ -145,22 +145,3 @@ def _summary_rows(spec, result) -> list[tuple[str, str, str]]:
         rows.append((labels.get(name, name), shape_str(shapes[name]), params))
     return rows
 
-
-@click.command()
-def backends() -> None:
-    """List registered backends (entry-point group vitspec.backends) and whether they load."""
-    from vitspec.backends import describe, registered
-
-    rows, notes = [], []
-    for name in registered():
-        info = describe(name)
-        status = {"ok": "[green]ok[/]", "missing": "[yellow]not installed[/]"}.get(info.status, "[red]broken[/]")
-        rows.append((name, status, info.version or "-", info.target, info.distribution))
-        if info.detail:
-            notes.append(f"{name}: {info.detail}")
-    ui = console()
-    ui.print(table("Backends (entry-point group vitspec.backends)", ["name", "status", "version", "entry point", "from"], rows))
-    from rich.markup import escape
-
-    for note in notes:
-        ui.print(escape(note))

@@ -11,15 +11,18 @@ import click
 BACKEND_HELP = "A registered backend name, or 'all' (every installed one but numpy). Repeatable."
 
 
-def _cases(targets: tuple[str, ...], weights: Path | None, batch: int, seed: int) -> list[Any]:
-    """Case folders, shipped case names, or specs (generated now); the shipped corpus by default."""
+def _cases(targets: tuple[str, ...], weights: Path | None, batch: int, seed: int, n_random: int = 0) -> list[Any]:
+    """Case folders, shipped case names, specs (generated now) and random cases; the shipped corpus
+    when none of these is asked for."""
     from vitspec.conformance.case import CASES_DIR, is_case_dir, load_case, make_case, shipped_cases
+    from vitspec.conformance.random_specs import random_cases
     from vitspec.errors import SpecError
     from vitspec.spec import load_spec
     from vitspec.weights import load_weights
 
+    drawn = random_cases(n_random, seed)
     if not targets and weights is None:
-        return shipped_cases()
+        return drawn or shipped_cases()
     specs = [t for t in targets if not is_case_dir(t) and not is_case_dir(CASES_DIR / t)]
     if weights is not None and len(specs) > 1:
         raise click.UsageError(f"--weights goes with one SPEC, found {len(specs)}: {', '.join(specs)}")
@@ -46,7 +49,7 @@ def _cases(targets: tuple[str, ...], weights: Path | None, batch: int, seed: int
         assert spec is not None
         name = _case_name(target if target is not None else weights.stem if weights else "spec")
         cases.append(make_case(spec, w, name=name, batch=batch, seed=seed, description=f"generated from {target or weights}"))
-    return cases
+    return cases + drawn
 
 
 def _case_name(source: str) -> str:
@@ -63,14 +66,17 @@ def _progress(message: str) -> None:
 @click.option("--backend", "-b", "backends", multiple=True, default=("all",), show_default=True, help=BACKEND_HELP)
 @click.option("--weights", type=click.Path(path_type=Path), help="Weights for the SPEC (its embedded spec is used when no SPEC is given).")
 @click.option("--batch", type=click.IntRange(1), default=2, show_default=True, help="Images in a case generated from a SPEC.")
-@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of generated weights and images.")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of generated weights and images, and of --random cases.")
+@click.option("--random", "n_random", type=click.IntRange(0), default=0, show_default=True, metavar="N",
+              help="Also check N random specs drawn now (weights, images and expected values by the float64 reference).")
+@click.option("--corpus-version", type=click.IntRange(1), metavar="V", help="Fail at once unless the corpus is version V (pin it in CI).")
 @click.option("--report", "json_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
 @click.option("--junit", "junit_path", type=click.Path(path_type=Path), help="Write a JUnit XML report here.")
 @click.option("--markdown", "md_path", type=click.Path(path_type=Path), help="Write the Markdown conformance matrix here.")
 @click.option("--expectations", multiple=True, type=click.Path(path_type=Path), help="Known-failures file(s) (default: the shipped ones of each backend).")
 @click.option("--tolerances", type=click.Path(path_type=Path), help="A tolerance file instead of the shipped one.")
 @click.option("--no-pairwise", is_flag=True, help="Compare each backend with the reference only, not with each other.")
-@click.option("--save-case", type=click.Path(path_type=Path), help="Write each case generated from a SPEC under this folder.")
+@click.option("--save-case", type=click.Path(path_type=Path), help="Write each case generated from a SPEC, and each --random case that fails, under this folder.")
 @click.option("--verbose", "-v", is_flag=True, help="Print the capture-point table of every check, not only of failures.")
 def conformance(
     targets: tuple[str, ...],
@@ -78,6 +84,8 @@ def conformance(
     weights: Path | None,
     batch: int,
     seed: int,
+    n_random: int,
+    corpus_version: int | None,
     json_path: Path | None,
     junit_path: Path | None,
     md_path: Path | None,
@@ -89,12 +97,13 @@ def conformance(
 ) -> None:
     """Run backends on golden cases and check every capture point against the float64 reference.
 
-    With no CASE_DIR or SPEC, runs the shipped corpus. A SPEC (file or preset, with optional
-    --weights) becomes a case on the spot. Backends are also compared with each other. Exits 0
-    only if every check passed (a failure listed in an expectations file is not a pass, but does
-    not fail the run).
+    With no CASE_DIR, SPEC or --random, runs the shipped corpus. A SPEC (file or preset, with
+    optional --weights) becomes a case on the spot; --random N draws N random specs. Backends are
+    also compared with each other. Exits 0 only if every check passed (a failure listed in an
+    expectations file, or a case the backend declares unsupported, is not a pass, but does not
+    fail the run).
     """
-    from vitspec.conformance.case import write_case
+    from vitspec.conformance.case import check_corpus_version, write_case
     from vitspec.conformance.report import (
         point_table,
         text_report,
@@ -107,15 +116,24 @@ def conformance(
 
     tols = load_tolerances(tolerances)
     names = expand_backend_names(backends)
-    cases = _cases(targets, weights, batch, seed)
+    cases = _cases(targets, weights, batch, seed, n_random)
+    check_corpus_version(corpus_version, cases)
+    random_names = {c.name for c in cases[len(cases) - n_random :]} if n_random else set()
     if save_case is not None:
         save_case.mkdir(parents=True, exist_ok=True)
         for case in cases:
-            if case.path is None:
+            if case.path is None and case.name not in random_names:
                 write_case(case, save_case / case.name, overwrite=True)
                 click.echo(f"wrote case {save_case / case.name}", err=True)
     exp = [e for p in expectations for e in load_expectations(p)] if expectations else None
     report = run_suite(names, cases, tolerances=tols, expectations=exp, pairwise=not no_pairwise, progress=_progress)
+    if n_random:
+        report.random = {"n": n_random, "seed": seed}
+    if save_case is not None and random_names:
+        failing = {r.case for r in report.failures() if r.case in random_names}
+        for case in (c for c in cases if c.name in failing):
+            write_case(case, save_case / case.name, overwrite=True)
+            click.echo(f"wrote failing random case {save_case / case.name}", err=True)
     text = text_report(report)
     if verbose:
         passed = [point_table(r) for r in report.results if r.status == "pass"]

@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "layout": ("vitspec.cli.spec_commands", "layout", "Print the canonical parameter table of a spec."),
     "presets": ("vitspec.cli.spec_commands", "presets", "List the named presets (B/16, L/14, ...)."),
     "schema": ("vitspec.cli.spec_commands", "schema", "Print the spec's JSON Schema (for editors)."),
-    "backends": ("vitspec.cli.build", "backends", "List registered backends, their versions and status."),
+    "backends": ("vitspec.cli.backends", "backends", "List registered backends, their versions and status."),
 }
 
 

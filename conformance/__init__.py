@@ -32,13 +32,16 @@ if TYPE_CHECKING:
     from vitspec.conformance.check import (
         CaseCheck,
         PointCheck,
+        check_backend,
         check_outputs,
         check_pair,
         compare,
         run_backend,
+        unsupported,
     )
+    from vitspec.conformance.random_specs import random_cases
     from vitspec.conformance.report import point_table, text_report, to_json, to_junit, to_markdown
-    from vitspec.conformance.suite import Report, run_suite
+    from vitspec.conformance.suite import Expectation, Report, load_expectations, run_suite
     from vitspec.conformance.tolerances import Tolerance, Tolerances, load_tolerances
 
 _LAZY = {
@@ -50,6 +53,8 @@ _LAZY = {
     "write_case": "case",
     "CaseCheck": "check",
     "PointCheck": "check",
+    "check_backend": "check",
+    "unsupported": "check",
     "check_outputs": "check",
     "check_pair": "check",
     "compare": "check",
@@ -59,7 +64,10 @@ _LAZY = {
     "to_json": "report",
     "to_junit": "report",
     "to_markdown": "report",
+    "random_cases": "random_specs",
+    "Expectation": "suite",
     "Report": "suite",
+    "load_expectations": "suite",
     "run_suite": "suite",
     "Tolerance": "tolerances",
     "Tolerances": "tolerances",
@@ -70,17 +78,21 @@ __all__ = [
     "Case",
     "CaseCheck",
     "CaseError",
+    "Expectation",
     "PointCheck",
     "Report",
     "Tolerance",
     "Tolerances",
+    "check_backend",
     "check_outputs",
     "check_pair",
     "compare",
     "load_case",
+    "load_expectations",
     "load_tolerances",
     "make_case",
     "point_table",
+    "random_cases",
     "run_backend",
     "run_suite",
     "shipped_cases",
@@ -88,6 +100,7 @@ __all__ = [
     "to_json",
     "to_junit",
     "to_markdown",
+    "unsupported",
     "write_case",
 ]
 

@@ -45,6 +45,11 @@ class BrokenBackend:
         self._spec = spec
         self._first = first_touched
 
+    def supports(self, spec: Spec) -> Any:
+        """The inner backend's answer: a defect does not change what a backend can build."""
+        hook = getattr(self.inner, "supports", None)
+        return hook(spec) if hook is not None else None
+
     def first_touched(self, spec: Spec) -> str | None:
         """The first capture point this defect changes for ``spec``, or None if it changes nothing."""
         return self._first(spec)

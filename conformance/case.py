@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,11 @@ class Case:
     def where(self) -> str:
         return str(self.path) if self.path else f"case {self.name!r} (generated in memory)"
 
+    @property
+    def corpus_version(self) -> int | None:
+        """The version of the corpus this case belongs to; None for a case made elsewhere."""
+        return self.manifest.get("corpus_version")
+
 
 def make_case(
     spec: Spec,
@@ -83,6 +88,7 @@ def make_case(
     description: str = "",
     provenance: Mapping[str, Any] | None = None,
     tolerance: Mapping[str, Any] | None = None,
+    corpus_version: int | None = None,
 ) -> Case:
     """A case computed now by the float64 reference.
 
@@ -90,6 +96,7 @@ def make_case(
     away from 1: zeros would hide bugs); images to standard normal float32 from ``seed + 1``.
     ``tolerance`` holds manifest entries (``{"float32": {"atol", "rtol", "reason"}}``) that replace
     the shipped tolerance file's; the manifest records the result as the tolerance in force.
+    ``corpus_version`` is set for the shipped corpus's cases only (``vitspec.conformance.corpus``).
     """
     from vitspec import __version__, reference
     from vitspec.conformance.tolerances import load_tolerances
@@ -118,6 +125,7 @@ def make_case(
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "name": name,
+        **({"corpus_version": corpus_version} if corpus_version is not None else {}),
         "description": description,
         "batch": int(images.shape[0]),
         "capture_points": list(expected),
@@ -241,6 +249,9 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     for key, kind in (("name", str), ("batch", int), ("capture_points", list), ("files", dict), ("generator", dict)):
         if not isinstance(manifest.get(key), kind):
             raise CaseError(f"{mpath}: {key!r} is missing or not a {kind.__name__}")
+    version = manifest.get("corpus_version")
+    if version is not None and (not isinstance(version, int) or isinstance(version, bool) or version < 1):
+        raise CaseError(f"{mpath}: 'corpus_version' must be a positive integer, found {version!r}")
     if "tolerance" in manifest and not isinstance(manifest["tolerance"], dict):
         raise CaseError(f"{mpath}: 'tolerance' must map dtype classes to {{atol, rtol, reason}}")
     return manifest
@@ -269,3 +280,56 @@ def shipped_cases(root: str | Path = CASES_DIR) -> list[Case]:
             "regenerate it with: python -m vitspec.conformance.generate"
         )
     return [load_case(d) for d in dirs]
+
+
+def cases_corpus_version(cases: Sequence[Case]) -> int | None:
+    """The corpus version that ``cases`` carry (None when none does); cases of two versions are an error."""
+    versions = sorted({c.corpus_version for c in cases if c.corpus_version is not None})
+    if len(versions) > 1:
+        named = ", ".join(f"{v} ({next(c.name for c in cases if c.corpus_version == v)})" for v in versions)
+        raise CaseError(f"cases from corpus versions {named} in one run; run each corpus version separately")
+    return versions[0] if versions else None
+
+
+def check_corpus_version(pinned: int | None, cases: Sequence[Case]) -> None:
+    """``--corpus-version``: the cases' corpus (or, with none from a corpus, the shipped one) must be ``pinned``."""
+    from vitspec import __version__
+    from vitspec.conformance.corpus import VERSION
+
+    found = cases_corpus_version(cases)
+    if pinned is None or pinned == (found or VERSION):
+        return
+    if found is None:
+        where = f"this vitspec ({__version__}) ships corpus version {VERSION}"
+    else:
+        where = f"the cases are from corpus version {found}"
+    raise CaseError(
+        f"corpus version: expected {pinned} (--corpus-version), found {found or VERSION}: {where}; install a vitspec "
+        f"that ships corpus {pinned}, or review the changes (docs/conformance.md#corpus-versions) and pin {found or VERSION}"
+    )
+
+
+def corpus_fingerprint(cases: Sequence[Case]) -> str:
+    """A sha256 over what decides a verdict: each case's spec, weights, images, expected values and
+    tolerance entries, and the numbers of the shipped tolerance file.
+
+    Expected values enter rounded to float32, so a float64 regeneration on another CPU (which may
+    sum in another order) keeps the fingerprint. Reasons, descriptions and provenance are left out
+    (rewording one changes no verdict), and so is the corpus version, which this fingerprint pins.
+    """
+    from vitspec.conformance.tolerances import DEFAULT_PATH
+
+    digest = hashlib.sha256()
+    for case in sorted(cases, key=lambda c: c.name):
+        tol = {k: {n: v for n, v in t.items() if n != "reason"} for k, t in case.tolerance_entries.items()}
+        digest.update(json.dumps({"name": case.name, "spec": case.spec.to_dict(), "tolerance": tol}, sort_keys=True).encode())
+        for name, value in [*case.weights.items(), ("images", case.images), *case.expected.items()]:
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(value, np.float32).tobytes())
+    shipped = json.loads(DEFAULT_PATH.read_text(encoding="utf-8"))
+    numbers = {
+        "classes": {k: [t["atol"], t["rtol"]] for k, t in shipped["classes"].items()},
+        "pairwise": shipped["pairwise"]["factor"],
+    }
+    digest.update(json.dumps(numbers, sort_keys=True).encode())
+    return digest.hexdigest()

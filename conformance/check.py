@@ -9,10 +9,15 @@ Per capture point it checks, in this order:
    where the relative term dominates) and the worst element (largest error / allowed), each with
    its index;
 4. for ``output``, that each image's argmax agrees (a near-tie within tolerance is not counted).
+
+Before any of it, a backend may decline a spec: ``backend.supports(spec)`` (optional) returns None
+or True when it can build the spec, and a reason string when it cannot. Such a check is
+``unsupported``: reported apart from pass, fail, error and known failure, and never a pass.
 """
 
 from __future__ import annotations
 
+import re
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -112,6 +117,12 @@ class CaseCheck:
     seconds: float = 0.0
     expected_failure: str | None = None  # the reason from an expectations file
     loosened: str | None = None  # the case loosens a tolerance: why
+    unsupported: str | None = None  # the backend declined the spec (its supports() said why)
+    error_type: str | None = None  # the exception's type name, when the backend raised
+
+    def __post_init__(self) -> None:
+        if self.error is not None and self.error_type is None:
+            self.error_type = exception_type(self.error)
 
     @property
     def first_divergent(self) -> str | None:
@@ -119,11 +130,16 @@ class CaseCheck:
 
     @property
     def passed(self) -> bool:
-        return self.error is None and not self.problems and all(p.passed for p in self.points)
+        return (
+            self.unsupported is None and self.error is None and not self.problems and all(p.passed for p in self.points)
+        )
 
     @property
     def status(self) -> str:
-        """pass, fail, error (the backend raised) or xfail (a failure listed in an expectations file)."""
+        """pass, fail, error (the backend raised), xfail (a failure listed in an expectations file)
+        or unsupported (the backend declined the spec: not a pass, not a failure)."""
+        if self.unsupported is not None:
+            return "unsupported"
         if self.passed:
             return "pass"
         if self.expected_failure is not None:
@@ -143,6 +159,8 @@ class CaseCheck:
         """One line: the verdict and, on failure, the first divergent capture point and why."""
         vs = "the reference" if self.against == "reference" else self.against
         head = f"{self.subject} vs {vs} on {self.case}"
+        if self.unsupported is not None:
+            return f"{head}: UNSUPPORTED: {self.unsupported}"
         if self.error is not None:
             return f"{head}: ERROR: {self.error.splitlines()[0]}"
         if self.passed:
@@ -164,6 +182,8 @@ class CaseCheck:
             "first_divergent": self.first_divergent,
             "summary": self.summary(),
             "error": self.error,
+            "error_type": self.error_type,
+            "unsupported": self.unsupported,
             "problems": list(self.problems),
             "expected_failure": self.expected_failure,
             "loosened": self.loosened,
@@ -299,6 +319,64 @@ def _fmt_shape(shape: tuple[int, ...]) -> str:
 
 # ---- running a backend --------------------------------------------------------------------------
 
+# run_backend writes an exception as "TypeName: message (at file:line)".
+_ERROR_TYPE = re.compile(r"^([A-Za-z_][\w.]*): ")
+
+
+def exception_type(error: str) -> str | None:
+    """The exception type named at the start of an error written by ``run_backend``, if any."""
+    m = _ERROR_TYPE.match(error)
+    return m.group(1) if m else None
+
+
+def _describe(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+def unsupported(backend: Any, spec: Any) -> str | None:
+    """Why ``backend`` cannot build ``spec``, or None when it can (or has no ``supports`` hook).
+
+    ``supports(spec)`` returns None or True when the spec is supported and a reason string when
+    not; any other answer is the backend's bug, raised as a TypeError naming what was expected.
+    """
+    hook = getattr(backend, "supports", None)
+    if hook is None:
+        return None
+    answer = hook(spec)
+    if answer is None or answer is True:
+        return None
+    if isinstance(answer, str) and answer.strip():
+        return answer.strip()
+    raise TypeError(
+        f"{getattr(backend, 'name', type(backend).__name__)}.supports(spec) returned {answer!r}; "
+        "expected None or True (supported) or a non-empty reason string (unsupported)"
+    )
+
+
+def check_backend(
+    subject: str, backend: Any, case: Case, tolerances: Tolerances
+) -> tuple[CaseCheck, dict[str, np.ndarray] | None]:
+    """Ask the backend whether it supports the case's spec; if so run it and check it.
+
+    Returns the check and the outputs (None when unsupported or when the backend raised). A
+    ``supports`` hook that raises is an error of the check, like a raise in ``forward``.
+    """
+    tols = tolerances.for_case(case.name, case.tolerance_entries)
+    try:
+        reason = unsupported(backend, case.spec)
+    except Exception as exc:
+        result = CaseCheck(case.name, subject, error=f"supports() failed: {_describe(exc)}", error_type=type(exc).__name__)
+        result.loosened = _loosened(tols, case.name)
+        return result, None
+    if reason is not None:
+        result = CaseCheck(case.name, subject, unsupported=reason)
+        result.loosened = _loosened(tols, case.name)
+        return result, None
+    out, error, seconds = run_backend(backend, case)
+    return check_outputs(subject, out, case, tolerances, error=error, seconds=seconds), out
+
 
 def run_backend(backend: Any, case: Case) -> tuple[dict[str, np.ndarray] | None, str | None, float]:
     """Build ``backend`` with the case's weights and run it, capturing every point.
@@ -315,9 +393,7 @@ def run_backend(backend: Any, case: Case) -> tuple[dict[str, np.ndarray] | None,
             raise TypeError(f"forward returned {type(outputs).__name__}, expected a dict of arrays")
         result = {str(k): np.asarray(v) for k, v in outputs.items()}
     except Exception as exc:
-        frames = traceback.extract_tb(exc.__traceback__)
-        where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
-        return None, f"{type(exc).__name__}: {exc}{where}", time.perf_counter() - start
+        return None, _describe(exc), time.perf_counter() - start
     return result, None, time.perf_counter() - start
 
 

@@ -19,6 +19,14 @@ import numpy as np
 from vitspec.families import family
 from vitspec.spec import Spec
 
+# The corpus version, written into every case's manifest and every report. Bump it whenever a
+# change could turn a verdict: a case added, removed or regenerated with other content, or a
+# tolerance changed (docs/conformance.md, "Corpus versions"). FINGERPRINT is
+# ``case.corpus_fingerprint(shipped_cases())`` of the corpus this version names; tests/test_conformance_corpus_version.py
+# fails when the two part ways, so no change ships under an old version.
+VERSION = 1
+FINGERPRINT = "572c7c2c884f79289c5c18f84da76b8e611e6f970461a971968529b6a312d133"
+
 
 @dataclass(frozen=True)
 class CaseDef:

@@ -30,7 +30,7 @@ from vitspec.conformance.case import (
     make_case,
     write_case,
 )
-from vitspec.conformance.corpus import ADJUSTMENTS, CORPUS, CaseDef
+from vitspec.conformance.corpus import ADJUSTMENTS, CORPUS, VERSION, CaseDef
 
 # Expected values may differ this much between two float64 generations (summation order only).
 DRIFT_RTOL, DRIFT_ATOL = 1e-10, 1e-12
@@ -55,7 +55,7 @@ def build(case: CaseDef) -> Case:
         provenance["family"] = case.family
     made = make_case(
         case.spec, weights, images, name=case.name, description=case.description,
-        provenance=provenance, tolerance=case.tolerance,
+        provenance=provenance, tolerance=case.tolerance, corpus_version=VERSION,
     )
     _check_no_near_ties(made)
     return made

@@ -10,11 +10,14 @@ It loads in every pytest session of an environment that has vitspec, so without
 ``--vitspec-backend`` it only adds its options: no import of vitspec's internals, no framework.
 One test per (backend, case) against the reference, and one per (pair of backends, case). Skips
 never count as passes: a skipped conformance test, a backend that does not load, or a run that
-collects zero cases fails the session.
+collects zero cases fails the session. A case the backend declares unsupported (its ``supports``
+hook) is reported as pytest's skip with the reason ``vitspec unsupported: ...``, counted apart as
+unsupported, and does not fail the session; it and a listed known failure are left out of pairs.
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +42,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--vitspec-no-pairwise", action="store_true", help="do not compare backends with each other")
     group.addoption("--vitspec-report", metavar="FILE", help="write the JSON report here")
     group.addoption("--vitspec-markdown", metavar="FILE", help="write the Markdown conformance matrix here")
+    group.addoption("--vitspec-random", type=int, default=0, metavar="N",
+                    help="also check N random specs drawn now (instead of the shipped corpus unless --vitspec-case is given)")
+    group.addoption("--vitspec-seed", type=int, default=0, metavar="S", help="seed of the --vitspec-random cases (default 0)")
+    group.addoption("--vitspec-save-case", metavar="DIR", help="write each --vitspec-random case that fails as a case folder under DIR")
+    group.addoption("--vitspec-corpus-version", type=int, metavar="V", help="fail at once unless the corpus is version V")
+
+
+UNSUPPORTED = "vitspec unsupported: "  # the skip reason of an unsupported check (counted apart, never a pass)
 
 
 @dataclass(frozen=True)
@@ -63,13 +74,17 @@ class Session:
         self.requested: list[str] = config.getoption("vitspec_backend")
         self._backends: dict[str, Any] | None = None
         self._cases: dict[str, Any] | None = None
-        self._outputs: dict[tuple[str, str], tuple[Any, str | None, float]] = {}
+        self._outputs: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._expectations: list[Any] | None = None
         self._tolerances: Any = None
         self.results: list[Any] = []
         self.used: list[Any] = []
-        self.outcome: dict[str, str] = {}  # nodeid -> passed, failed, skipped or xfailed
+        self.outcome: dict[str, str] = {}  # nodeid -> passed, failed, skipped, xfailed or unsupported
         self.warnings: list[str] = []
+        self.random: set[str] = set()  # names of the --vitspec-random cases
+        self._left_out: dict[tuple[str, str], str] | None = None
+        self.properties_recorded = False
+        self.start = time.perf_counter()
 
     # ---- what is under test -------------------------------------------------------------------
 
@@ -90,22 +105,31 @@ class Session:
     def cases(self) -> dict[str, Any]:
         if self._cases is None:
             from vitspec.conformance.case import (
+                check_corpus_version,
                 is_case_dir,
                 load_case,
                 shipped_case_dirs,
                 shipped_cases,
             )
+            from vitspec.conformance.random_specs import random_cases
             from vitspec.errors import VitspecError
 
+            n_random, seed = self.config.getoption("vitspec_random"), self.config.getoption("vitspec_seed")
+            if n_random < 0 or seed < 0:
+                raise pytest.UsageError(f"--vitspec-random and --vitspec-seed take integers >= 0, found {n_random} and {seed}")
             try:
                 paths = self.config.getoption("vitspec_case")
+                drawn = random_cases(n_random, seed)
                 if not paths:
-                    cases = shipped_cases()
+                    cases = drawn or shipped_cases()
                 else:
                     cases = []
                     for p in paths:
                         found = [Path(p)] if is_case_dir(p) else shipped_case_dirs(p)
                         cases += [load_case(d) for d in found]
+                    cases += drawn
+                self.random = {c.name for c in drawn}
+                check_corpus_version(self.config.getoption("vitspec_corpus_version"), cases)
             except VitspecError as exc:
                 raise pytest.UsageError(f"vitspec conformance: {exc}") from None
             from vitspec.conformance.suite import check_unique_names
@@ -146,39 +170,67 @@ class Session:
                 raise pytest.UsageError(f"--vitspec-expectations: {exc}") from None
         return self._expectations
 
+    @property
+    def pairwise(self) -> bool:
+        return not self.config.getoption("vitspec_no_pairwise") and sum(b.load_error is None for b in self.backends.values()) > 1
+
+    @property
+    def left_out(self) -> dict[tuple[str, str], str]:
+        """(backend, case) -> why it sits out the pairs: unsupported, or a listed known failure."""
+        if self._left_out is None:
+            from vitspec.conformance.suite import left_out_of_pairs
+
+            self._left_out = {}
+            if self.pairwise:
+                for b in self.backends.values():
+                    for case in self.cases.values():
+                        if (why := left_out_of_pairs(b, case, self.expectations)) is not None:
+                            self._left_out[(b.name, case.name)] = why
+        return self._left_out
+
     def checks(self) -> list[Check]:
         names = list(self.backends)
         checks = [Check(b, c) for b in names for c in self.cases]
         if not self.config.getoption("vitspec_no_pairwise"):
-            checks += [Check(a, c, b) for i, a in enumerate(names) for b in names[i + 1 :] for c in self.cases]
+            out = self.left_out
+            checks += [
+                Check(a, c, b) for i, a in enumerate(names) for b in names[i + 1 :] for c in self.cases
+                if (a, c) not in out and (b, c) not in out
+            ]
         return checks
 
     def header(self) -> list[str]:
-        lines = [
-            f"vitspec conformance: {len(self.cases)} cases; tolerances {self.tolerances.path}; "
-            + "; ".join(f"{k} atol {t.atol:g} rtol {t.rtol:g}" for k, t in self.tolerances.classes.items())
-        ]
-        for b in self.backends.values():
-            if b.load_error:
-                lines.append(f"  backend {b.name}: NOT LOADED: {b.load_error}")
-                continue
-            env = ", ".join(f"{k}={v}" for k, v in b.environment.items()) or "no flags set"
-            lines.append(f"  backend {b.name} {b.version} [{b.target}]: {env}")
+        from vitspec.conformance.report import header_lines
+
+        lines = header_lines(self.report())
+        lines[0] += "; " + "; ".join(f"{k} atol {t.atol:g} rtol {t.rtol:g}" for k, t in self.tolerances.classes.items())
         return lines
 
     # ---- running ------------------------------------------------------------------------------
 
-    def _outputs_of(self, backend: str, case: str) -> tuple[Any, str | None, float]:
+    def _outputs_of(self, backend: str, case: str) -> tuple[Any, Any]:
+        """The backend's outputs on the case (None if it raised or declined) and its reference check."""
         key = (backend, case)
         if key not in self._outputs:
-            from vitspec.conformance.check import run_backend
+            from vitspec.conformance.check import check_backend
 
-            self._outputs[key] = run_backend(self.backends[backend].backend, self.cases[case])
+            result, out = check_backend(backend, self.backends[backend].backend, self.cases[case], self.tolerances)
+            self._outputs[key] = (out, result)
         return self._outputs[key]
+
+    def _save_random(self, case: Any) -> None:
+        """--vitspec-save-case: a failing random case is written out (once) to be rerun as a case folder."""
+        where = self.config.getoption("vitspec_save_case")
+        if not where or case.name not in self.random or case.path is not None:
+            return
+        from vitspec.conformance.case import write_case
+
+        Path(where).mkdir(parents=True, exist_ok=True)
+        write_case(case, Path(where) / case.name, overwrite=True)
 
     def verify(self, check: Check) -> None:
         """Run one check; fail with the capture-point table, xfail if it is a listed failure."""
-        from vitspec.conformance.check import check_outputs, check_pair
+        from vitspec.conformance.check import check_pair
         from vitspec.conformance.report import point_table
         from vitspec.conformance.suite import expectation_for
 
@@ -187,19 +239,22 @@ class Session:
             b = self.backends.get(name)
             if b is not None and b.load_error:
                 pytest.fail(f"backend {name} could not be loaded: {b.load_error}", pytrace=False)
-        out, error, seconds = self._outputs_of(check.backend, check.case)
         if check.against == "reference":
-            result = check_outputs(check.backend, out, case, self.tolerances, error=error, seconds=seconds)
+            _, result = self._outputs_of(check.backend, check.case)
         else:
-            other, _, _ = self._outputs_of(check.against, check.case)
+            out, _ = self._outputs_of(check.backend, check.case)
+            other, _ = self._outputs_of(check.against, check.case)
             result = check_pair(case, check.backend, out, check.against, other, self.tolerances)
         self.results.append(result)
+        if result.unsupported is not None:
+            pytest.skip(f"{UNSUPPORTED}{result.unsupported}")
         exp = expectation_for(result, self.expectations)
         if exp is not None:
             result.expected_failure = exp.reason
             self.used.append(exp)
             pytest.xfail(f"{exp.reason} [{result.summary()}]")
         if not result.passed:
+            self._save_random(case)
             pytest.fail(point_table(result), pytrace=False)
         stale = [e for e in self.expectations if e.covers(result)]
         for e in stale:
@@ -210,7 +265,22 @@ class Session:
 
         cases = list(self.cases.values())
         notes = [f"case {t}" for t in tolerances_loosened(cases, self.tolerances)]
-        return Report(list(self.backends.values()), cases, self.results, self.tolerances, self.final_warnings(), notes)
+        n_random = self.config.getoption("vitspec_random")
+        random = {"n": n_random, "seed": self.config.getoption("vitspec_seed")} if n_random else None
+        return Report(
+            list(self.backends.values()), cases, self.results, self.tolerances, self.final_warnings(), notes,
+            seconds=time.perf_counter() - self.start, left_out=self.left_out, random=random,
+        )
+
+    def record_properties(self, record: Any) -> None:
+        """pytest --junitxml: vitspec's and the corpus's versions, each backend's version and environment."""
+        if self.properties_recorded:
+            return
+        from vitspec.conformance.report import junit_properties
+
+        for name, value in junit_properties(self.report(), list(self.backends.values())):
+            record(name, value)
+        self.properties_recorded = True
 
     def final_warnings(self) -> list[str]:
         from vitspec.conformance.case import shipped_case_dirs
@@ -241,6 +311,8 @@ class Session:
             return
         if hasattr(report, "wasxfail"):
             now = "xfailed"
+        elif report.skipped and isinstance(report.longrepr, tuple) and UNSUPPORTED in str(report.longrepr[2]):
+            now = "unsupported"
         elif report.skipped:
             now = "skipped"
         elif report.failed:
@@ -249,14 +321,14 @@ class Session:
             now = "passed"
         else:
             return
-        rank = ("passed", "xfailed", "skipped", "failed")
+        rank = ("passed", "unsupported", "xfailed", "skipped", "failed")
         old = self.outcome.get(report.nodeid)
         if old is None or rank.index(now) > rank.index(old):
             self.outcome[report.nodeid] = now
 
     @property
     def outcomes(self) -> dict[str, int]:
-        counts = dict.fromkeys(("passed", "failed", "skipped", "xfailed"), 0)
+        counts = dict.fromkeys(("passed", "failed", "skipped", "xfailed", "unsupported"), 0)
         for o in self.outcome.values():
             counts[o] += 1
         return counts
@@ -265,7 +337,7 @@ class Session:
         if hasattr(self.config, "workerinput"):
             return  # an xdist worker: the controller judges the session
         o = self.outcomes
-        if sum(o.values()) == 0 or o["skipped"]:
+        if sum(o.values()) == o["unsupported"] or o["skipped"]:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
         if self._backends is None or self._cases is None:
             return  # nothing was collected here (a usage error, another test path, or xdist)
@@ -283,10 +355,18 @@ class Session:
         tr.write_sep("=", "vitspec conformance")
         tr.write_line(
             f"{o['passed']} passed, {o['failed']} failed, {o['xfailed']} known failures (not passes), "
-            f"{o['skipped']} skipped (not passes)"
+            f"{o['unsupported']} unsupported (not passes), {o['skipped']} skipped (not passes)"
         )
         if sum(o.values()) == 0:
             tr.write_line("FAILED: no conformance check ran (zero cases collected, or all deselected)", red=True)
+        elif sum(o.values()) == o["unsupported"]:
+            tr.write_line("FAILED: every conformance check is unsupported; a run that checks nothing proves nothing", red=True)
+        if self._left_out:
+            from vitspec.conformance.report import left_out_lines
+
+            tr.write_line("left out of the pairwise checks:")
+            for line in left_out_lines(self.report()):
+                tr.write_line(f"  {line}")
         if o["skipped"]:
             tr.write_line(f"FAILED: {o['skipped']} conformance check(s) skipped; a skip is not a pass", red=True)
         for w in self.warnings:
@@ -339,9 +419,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture
-def vitspec_session(request: pytest.FixtureRequest) -> Session:
-    """The conformance session (only with --vitspec-backend)."""
+def vitspec_session(request: pytest.FixtureRequest, record_testsuite_property: Any) -> Session:
+    """The conformance session (only with --vitspec-backend); records the JUnit properties once."""
     s = _session(request.config)
     if s is None:
         raise pytest.UsageError("pass --vitspec-backend NAME to run the vitspec conformance suite")
+    s.record_properties(record_testsuite_property)
     return s

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vitspec.conformance.check import CaseCheck, PointCheck
-from vitspec.conformance.suite import Report
+from vitspec.conformance.suite import BackendUnderTest, Report
 from vitspec.files import atomic_file
 
 FIRST = "<< first divergence"
@@ -68,6 +68,8 @@ def point_rows(result: CaseCheck) -> list[tuple[str, ...]]:
 def point_table(result: CaseCheck) -> str:
     """The whole story of one check: a headline, every capture point, then what went wrong."""
     lines = [result.summary()]
+    if result.unsupported:
+        return "\n".join(lines)
     if result.expected_failure:
         lines.append(f"known failure (expectations file): {result.expected_failure}")
     if result.loosened:
@@ -86,12 +88,18 @@ def point_table(result: CaseCheck) -> str:
     return "\n".join(lines)
 
 
+LEFT_OUT = "left out"
+
+
 def cell(result: CaseCheck | None) -> str:
-    """A matrix cell: ``ok 9%`` (worst element's share of its tolerance), ``FAIL point``, ``ERROR``."""
+    """A matrix cell: ``ok 9%`` (worst element's share of its tolerance), ``FAIL point``, ``ERROR``,
+    ``xfail point``, ``unsupported``."""
     if result is None:
         return ""
     mark = "*" if result.loosened else ""
     status = result.status
+    if status == "unsupported":
+        return "unsupported"
     if status == "pass":
         return f"ok {_pct(result.worst_ratio)}{mark}"
     where = result.first_divergent or ("raised" if result.error else "problems")
@@ -109,8 +117,21 @@ def matrix(report: Report, pairwise: bool = False) -> tuple[list[str], list[list
     for r in results:
         if r.label not in labels:
             labels.append(r.label)
+    if pairwise:  # pairs whose every case was left out still get a column
+        names = [b.name for b in report.backends if b.load_error is None]
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                if f"{a}~{b}" not in labels and any(k[0] in (a, b) for k in report.left_out):
+                    labels.append(f"{a}~{b}")
     by = {(r.case, r.label): r for r in results}
-    rows = [[c.name, *(cell(by.get((c.name, label))) for label in labels)] for c in report.cases]
+
+    def at(case: str, label: str) -> str:
+        ran = {r.label for r in results if r.case == case}
+        if pairwise and label not in ran and any((name, case) in report.left_out for name in label.split("~")):
+            return LEFT_OUT
+        return cell(by.get((case, label)))
+
+    rows = [[c.name, *(at(c.name, label) for label in labels)] for c in report.cases]
     return ["case", *labels], rows
 
 
@@ -119,17 +140,40 @@ def counts_line(report: Report) -> str:
     parts = [f"{c['checks']} checks", f"{c['pass']} passed", f"{c['fail']} failed", f"{c['error']} errors"]
     if c["xfail"]:
         parts.append(f"{c['xfail']} known failures (not passes)")
+    if c["unsupported"]:
+        parts.append(f"{c['unsupported']} unsupported (not passes)")
     if c["backends_not_loaded"]:
         parts.append(f"{c['backends_not_loaded']} backend(s) not loaded")
     verdict = "CONFORMS" if report.ok else "DOES NOT CONFORM"
     return f"{verdict}: " + ", ".join(parts) + f" in {report.seconds:.1f}s"
 
 
+def header_lines(report: Report) -> list[str]:
+    """What ran: cases (corpus version, random seed), tolerances, and each backend with its environment."""
+    what = f"{len(report.cases)} case(s)"
+    if report.corpus_version is not None:
+        what += f" (corpus version {report.corpus_version})"
+    if report.random:
+        what += f", {report.random['n']} random (--random {report.random['n']} --seed {report.random['seed']})"
+    out = [f"vitspec conformance: {what}; tolerances {report.tolerances.path}"]
+    for b in report.backends:
+        if b.load_error:
+            out.append(f"  backend {b.name}: NOT LOADED: {b.load_error}")
+            continue
+        env = ", ".join(f"{k}={v}" for k, v in b.environment.items()) or "no flags set"
+        target = f" [{b.target}]" if b.target else ""
+        out.append(f"  backend {b.name} {b.version}{target}: {env}")
+    return out
+
+
+def left_out_lines(report: Report) -> list[str]:
+    """One line per (backend, case) left out of its pairs."""
+    return [f"{case}: {backend} left out of its pairs: {why}" for (backend, case), why in report.left_out.items()]
+
+
 def text_report(report: Report) -> str:
     """The terminal report in plain text: matrices, details of each failure, warnings, the verdict."""
-    out = [f"vitspec conformance: {len(report.cases)} case(s); tolerances {report.tolerances.path}"]
-    for b in report.backends:
-        out.append(f"  {b.name} {b.version or '(not loaded)'}" + (f": {b.load_error}" if b.load_error else ""))
+    out = header_lines(report)
     header, rows = matrix(report)
     out += ["", "against the float64 reference (ok N% = the worst element used N% of its tolerance):", format_table(header, rows)]
     header, rows = matrix(report, pairwise=True)
@@ -137,6 +181,16 @@ def text_report(report: Report) -> str:
         out += ["", "pairwise:", format_table(header, rows)]
     for r in report.failures():
         out += ["", point_table(r)]
+    unsupported = [r for r in report.results if r.status == "unsupported"]
+    if unsupported:
+        out += ["", "unsupported (declared by the backend's supports(); not passes):"]
+        out += [f"  {r.subject} on {r.case}: {r.unsupported}" for r in unsupported]
+    known = [r for r in report.results if r.status == "xfail"]
+    if known:
+        out += ["", "known failures (listed in an expectations file; not passes):"]
+        out += [f"  {r.label} on {r.case}: {r.expected_failure} [{r.first_divergent or r.error_type or 'raised'}]" for r in known]
+    if report.left_out:
+        out += ["", "left out of the pairwise checks:", *(f"  {line}" for line in left_out_lines(report))]
     out += [f"note: loosened tolerance: {n}" for n in report.notes]
     out += [f"warning: {w}" for w in report.warnings]
     out += ["", counts_line(report)]
@@ -175,7 +229,7 @@ def to_junit(report: Report) -> str:
             "tests": len(results),
             "failures": sum(r.status == "fail" for r in results),
             "errors": sum(r.status == "error" for r in results),
-            "skipped": sum(r.status == "xfail" for r in results),
+            "skipped": sum(r.status in ("xfail", "unsupported") for r in results),
         }
         for k in totals:
             totals[k] += counts[k]
@@ -183,19 +237,19 @@ def to_junit(report: Report) -> str:
             root, "testsuite", name=label, time=f"{sum(r.seconds for r in results):.3f}", **{k: str(v) for k, v in counts.items()}
         )
         props = ET.SubElement(suite, "properties")
-        for name in label.split("~"):
-            b = info.get(name)
-            if b is None:
-                continue
-            ET.SubElement(props, "property", name=f"{name}.version", value=b.version)
-            for k, v in b.environment.items():
-                ET.SubElement(props, "property", name=f"{name}.env.{k}", value=v)
+        backends = [info[name] for name in label.split("~") if name in info]
+        for name, value in junit_properties(report, backends):
+            ET.SubElement(props, "property", name=name, value=value)
+        ET.SubElement(props, "property", name="vitspec.known_failures", value=str(sum(r.status == "xfail" for r in results)))
+        ET.SubElement(props, "property", name="vitspec.unsupported", value=str(sum(r.status == "unsupported" for r in results)))
         for r in results:
             tc = ET.SubElement(suite, "testcase", classname=f"vitspec.conformance.{label}", name=r.case, time=f"{r.seconds:.3f}")
             if r.status == "pass":
                 continue
-            if r.status == "xfail":
-                ET.SubElement(tc, "skipped", message=f"known failure: {r.expected_failure}").text = point_table(r)
+            if r.status == "unsupported":
+                ET.SubElement(tc, "skipped", type="unsupported", message=f"unsupported: {r.unsupported}")
+            elif r.status == "xfail":
+                ET.SubElement(tc, "skipped", type="known failure", message=f"known failure: {r.expected_failure}").text = point_table(r)
             elif r.status == "error":
                 ET.SubElement(tc, "error", message=r.summary(), type="backend error").text = point_table(r)
             else:
@@ -205,6 +259,21 @@ def to_junit(report: Report) -> str:
     root.set("time", f"{report.seconds:.3f}")
     ET.indent(root)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def junit_properties(report: Report, backends: Sequence[BackendUnderTest]) -> list[tuple[str, str]]:
+    """The JUnit properties of a run: vitspec's and the corpus's versions, each backend's version,
+    entry point and environment. ``vitspec conformance --junit`` and pytest's ``--junitxml`` share them."""
+    from vitspec import __version__
+
+    version = report.corpus_version
+    out = [("vitspec.version", __version__), ("vitspec.corpus_version", "-" if version is None else str(version))]
+    for b in backends:
+        out.append((f"{b.name}.version", b.version or f"not loaded: {b.load_error}"))
+        if b.target:
+            out.append((f"{b.name}.target", b.target))
+        out += [(f"{b.name}.env.{k}", v) for k, v in b.environment.items()]
+    return out
 
 
 def write_junit(report: Report, path: str | os.PathLike[str]) -> None:
@@ -242,7 +311,10 @@ def to_markdown(report: Report) -> str:
         "",
         f"**{verdict}**: {counts_line(report).split(': ', 1)[1]}.",
         "",
-        f"vitspec {__version__}; tolerances from `{Path(report.tolerances.path).name}`: "
+        f"vitspec {__version__}"
+        + (f"; corpus version {report.corpus_version}" if report.corpus_version is not None else "")
+        + (f"; {report.random['n']} random case(s), seed {report.random['seed']}" if report.random else "")
+        + f"; tolerances from `{Path(report.tolerances.path).name}`: "
         + "; ".join(f"{k} atol {t.atol:g} rtol {t.rtol:g}" for k, t in report.tolerances.classes.items())
         + f"; pairwise x{report.tolerances.pairwise_factor:g}.",
         "",
@@ -252,7 +324,13 @@ def to_markdown(report: Report) -> str:
     for b in report.backends:
         env = ", ".join(f"`{k}={v}`" for k, v in b.environment.items()) or "-"
         out.append(f"| {b.name} | {b.version or 'not loaded: ' + _md(b.load_error or '')} | {env} |")
-    out += ["", "## Matrix", "", "`ok N%`: the worst element used N% of its tolerance. `FAIL p`: p is the first divergent capture point. `*`: the case loosens a tolerance.", ""]
+    out += [
+        "", "## Matrix", "",
+        "`ok N%`: the worst element used N% of its tolerance. `FAIL p`: p is the first divergent capture point. "
+        "`xfail p`: a known failure (not a pass). `unsupported`: the backend declares it cannot build the spec (not a pass). "
+        "`left out`: not compared pairwise (said below). `*`: the case loosens a tolerance.",
+        "",
+    ]
     header, rows = matrix(report)
     out += _md_table(header, rows)
     header, rows = matrix(report, pairwise=True)
@@ -262,7 +340,7 @@ def to_markdown(report: Report) -> str:
     for case in report.cases:
         results = [r for r in report.results if r.case == case.name]
         labels = [r.label for r in results]
-        failing = any(r.status != "pass" for r in results)
+        failing = any(r.status not in ("pass", "unsupported") for r in results)
         out += [f"<details{' open' if failing else ''}><summary><code>{case.name}</code>: "
                 + ", ".join(f"{r.label} {r.status}" for r in results) + "</summary>", ""]
         rows = []
@@ -277,14 +355,18 @@ def to_markdown(report: Report) -> str:
         for r in results:
             if r.error:
                 out.append(f"\n{r.label}: error: `{_md(r.error)}`")
+            if r.unsupported:
+                out.append(f"\n{r.label}: unsupported: {_md(r.unsupported)}")
         out += ["", "</details>", ""]
     for n in report.notes:
         out.append(f"- note: loosened tolerance: {_md(n)}")
     for w in report.warnings:
         out.append(f"- ⚠️ {_md(w)}")
-    if c["xfail"]:
+    if c["xfail"] or c["unsupported"] or report.left_out:
         out.append("")
-        out += [f"- known failure: {r.label} on {r.case}: {_md(r.expected_failure or '')}" for r in report.results if r.status == "xfail"]
+    out += [f"- known failure: {r.label} on {r.case}: {_md(r.expected_failure or '')}" for r in report.results if r.status == "xfail"]
+    out += [f"- unsupported: {r.label} on {r.case}: {_md(r.unsupported or '')}" for r in report.results if r.status == "unsupported"]
+    out += [f"- left out of pairs: {_md(line)}" for line in left_out_lines(report)]
     return "\n".join(out).rstrip() + "\n"
 
 

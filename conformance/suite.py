@@ -20,8 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from vitspec.conformance.case import CASES_DIR, Case, CaseError, shipped_case_dirs
-from vitspec.conformance.check import CaseCheck, check_outputs, check_pair, run_backend
+from vitspec.conformance.case import (
+    CASES_DIR,
+    Case,
+    CaseError,
+    cases_corpus_version,
+    shipped_case_dirs,
+)
+from vitspec.conformance.check import CaseCheck, check_backend, check_pair, unsupported
 from vitspec.conformance.tolerances import Tolerances, load_tolerances
 from vitspec.errors import BackendError, VitspecError
 
@@ -164,7 +170,12 @@ _PROBES: dict[str, Callable[[Any], dict[str, str]]] = {"torch": _torch_env, "ten
 
 @dataclass(frozen=True)
 class Expectation:
-    """A known failure: ``backend`` fails ``case`` (against ``against``), for ``reason``."""
+    """A known failure: ``backend`` fails ``case`` (against ``against``), for ``reason``.
+
+    An entry matches only what it describes: without ``raises`` it lists a numeric divergence
+    (starting at ``first_divergent`` when given) and never covers a check that raised; with
+    ``raises`` it lists an exception of that type (its class name) and nothing else.
+    """
 
     backend: str
     case: str
@@ -172,18 +183,40 @@ class Expectation:
     against: str = "reference"
     first_divergent: str | None = None  # when given, the failure must start exactly here
     source: str = ""
+    raises: str | None = None  # the exception type's name, for an entry that lists a raise
 
     def describe(self) -> str:
         vs = "" if self.against == "reference" else f" vs {self.against}"
         at = f" at {self.first_divergent}" if self.first_divergent else ""
-        return f"{self.backend}{vs} on {self.case}{at} ({self.source})"
+        raising = f" raising {self.raises}" if self.raises else ""
+        return f"{self.backend}{vs} on {self.case}{at}{raising} ({self.source})"
 
     def covers(self, result: CaseCheck) -> bool:
+        """Same case and same backend(s); whether the failure is the one listed is ``mismatch``'s."""
         if result.case != self.case:
             return False
         if result.against == "reference":
             return self.against == "reference" and result.subject == self.backend
         return {result.subject, result.against} == {self.backend, self.against}
+
+    def mismatch(self, result: CaseCheck) -> str | None:
+        """Why this entry does not describe ``result``'s failure, or None when it does."""
+        if result.error is not None:
+            if self.raises is None:
+                raised = result.error_type or "an error"
+                return (
+                    f"listed as a numeric divergence ({self.source}) but the check raised {raised}; "
+                    f"an entry for an exception names its type: \"raises\": \"{raised}\""
+                )
+            if result.error_type != self.raises:
+                return f"expected to raise {self.raises} ({self.source}) but raised {result.error_type or result.error}"
+            return None
+        if self.raises is not None:
+            where = result.first_divergent or "; ".join(result.problems) or "?"
+            return f"expected to raise {self.raises} ({self.source}) but it ran and diverges at {where}"
+        if self.first_divergent is not None and result.first_divergent != self.first_divergent:
+            return f"expected to fail at {self.first_divergent} ({self.source}) but the first divergent point is {result.first_divergent}"
+        return None
 
 
 def shipped_expectations(backend: str) -> Path | None:
@@ -213,28 +246,37 @@ def load_expectations(path: str | Path) -> list[Expectation]:
         reason = entry.get("reason")
         if not isinstance(reason, str) or not reason.strip():
             raise ExpectationsError(f"{where}: needs a 'reason' (a known failure without a reason is not allowed)")
-        unknown = set(entry) - {"case", "reason", "against", "first_divergent"}
+        unknown = set(entry) - {"case", "reason", "against", "first_divergent", "raises"}
         if unknown:
             raise ExpectationsError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
-        out.append(Expectation(backend, entry["case"], reason, entry.get("against", "reference"), entry.get("first_divergent"), path.name))
+        raises = entry.get("raises")
+        if raises is not None and (not isinstance(raises, str) or not raises.isidentifier()):
+            raise ExpectationsError(f"{where}: 'raises' must be an exception's class name such as \"NotImplementedError\", found {raises!r}")
+        if raises is not None and entry.get("first_divergent") is not None:
+            raise ExpectationsError(f"{where}: an entry lists either a raise ('raises') or a numeric divergence ('first_divergent'), not both")
+        if raises is not None and entry.get("against", "reference") != "reference":
+            raise ExpectationsError(f"{where}: 'raises' lists a failure against the reference; a pair never raises (a case listed as raising is left out of its pairs)")
+        out.append(
+            Expectation(backend, entry["case"], reason, entry.get("against", "reference"), entry.get("first_divergent"), path.name, raises)
+        )
     return out
 
 
 def expectation_for(result: CaseCheck, expectations: Sequence[Expectation]) -> Expectation | None:
     """The entry that lists this failing check, if any.
 
-    An entry that names where the failure starts (``first_divergent``) must agree: a failure that
-    starts elsewhere stays a failure, and the disagreement is added to the check's problems.
+    An entry for this check that describes another failure (another first divergent point, a raise
+    where it lists a divergence, another exception type) does not cover it: the check stays a
+    failure and the disagreement is added to its problems.
     """
-    if result.passed:
+    if result.passed or result.unsupported is not None:
         return None
     for exp in expectations:
         if not exp.covers(result):
             continue
-        if exp.first_divergent is not None and result.error is None and result.first_divergent != exp.first_divergent:
-            result.problems.append(
-                f"expected to fail at {exp.first_divergent} ({exp.source}) but the first divergent point is {result.first_divergent}"
-            )
+        why = exp.mismatch(result)
+        if why is not None:
+            result.problems.append(why)
             continue
         return exp
     return None
@@ -252,25 +294,55 @@ def unmatched_expectations(
         if exp in used:
             continue
         covered = [r for r in results if exp.covers(r)]
-        if covered:
-            how = "passes now" if all(r.passed for r in covered) else "fails differently"
+        if covered and all(r.unsupported is not None for r in covered):
+            out.append(f"expectation {exp.describe()} lists a check the backend declares unsupported; remove the entry")
+        elif covered:
+            how = "passes now" if all(r.passed or r.unsupported is not None for r in covered) else "fails differently"
             out.append(f"expectation {exp.describe()} no longer matches: the check {how}; update or remove the entry")
         elif exp.case not in known:
             out.append(f"expectation {exp.describe()} names no known case; remove or fix the entry")
     return out
 
 
-def apply_expectations(
-    results: list[CaseCheck], expectations: Sequence[Expectation], known_cases: Iterable[str] = ()
-) -> list[str]:
-    """Mark listed failures as expected (xfail); return a warning for each entry that matched nothing."""
+def mark_expected(results: Iterable[CaseCheck], expectations: Sequence[Expectation]) -> list[Expectation]:
+    """Mark listed failures as expected (xfail); return the entries that matched."""
     used = []
     for r in results:
         exp = expectation_for(r, expectations)
         if exp is not None:
             r.expected_failure = exp.reason
             used.append(exp)
+    return used
+
+
+def apply_expectations(
+    results: list[CaseCheck], expectations: Sequence[Expectation], known_cases: Iterable[str] = ()
+) -> list[str]:
+    """Mark listed failures as expected (xfail); return a warning for each entry that matched nothing."""
+    used = mark_expected(results, expectations)
     return unmatched_expectations(expectations, results, used, known_cases)
+
+
+def left_out_of_pairs(
+    backend: BackendUnderTest, case: Case, expectations: Sequence[Expectation]
+) -> str | None:
+    """Why ``backend`` sits out the pairwise checks of ``case``, or None when it takes part.
+
+    A case the backend declares unsupported, or lists as a known failure against the reference,
+    has nothing trustworthy to compare: it is left out of every pair (and said once, not per pair).
+    """
+    if backend.load_error is not None:
+        return None
+    try:
+        reason = unsupported(backend.backend, case.spec)
+    except Exception:
+        return None  # the reference check reports the broken hook; the pairs then say "nothing to compare"
+    if reason is not None:
+        return f"unsupported: {reason}"
+    for exp in expectations:
+        if exp.against == "reference" and exp.backend == backend.name and exp.case == case.name:
+            return f"a known failure against the reference ({exp.source}: {exp.reason})"
+    return None
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -287,10 +359,12 @@ class Report:
     warnings: list[str] = field(default_factory=list)  # expectations that match nothing: fix them
     notes: list[str] = field(default_factory=list)  # cases that loosen a tolerance, on purpose
     seconds: float = 0.0
+    left_out: dict[tuple[str, str], str] = field(default_factory=dict)  # (backend, case) -> why it sits out the pairs
+    random: dict[str, int] | None = None  # {"n", "seed"} when the run drew random cases
 
     @property
     def counts(self) -> dict[str, int]:
-        counts = {"checks": len(self.results), "pass": 0, "fail": 0, "error": 0, "xfail": 0}
+        counts = {"checks": len(self.results), "pass": 0, "fail": 0, "error": 0, "xfail": 0, "unsupported": 0}
         for r in self.results:
             counts[r.status] += 1
         counts["backends_not_loaded"] = sum(b.load_error is not None for b in self.backends)
@@ -298,8 +372,15 @@ class Report:
 
     @property
     def ok(self) -> bool:
+        """Nothing failed or errored, and at least one check ran (all unsupported proves nothing)."""
         c = self.counts
-        return c["checks"] > 0 and c["fail"] == 0 and c["error"] == 0 and c["backends_not_loaded"] == 0
+        ran = c["checks"] - c["unsupported"]
+        return ran > 0 and c["fail"] == 0 and c["error"] == 0 and c["backends_not_loaded"] == 0
+
+    @property
+    def corpus_version(self) -> int | None:
+        """The corpus version the run's cases carry (None when none of them is from a corpus)."""
+        return cases_corpus_version(self.cases)
 
     def failures(self) -> list[CaseCheck]:
         return [r for r in self.results if r.status in ("fail", "error")]
@@ -313,17 +394,26 @@ class Report:
             "summary": self.counts,
             "seconds": round(self.seconds, 3),
             "vitspec": __version__,
+            "corpus_version": self.corpus_version,
+            "random": self.random,
             "numpy": np.__version__,
             "python": platform.python_version(),
             "platform": platform.platform(),
             "backends": [b.to_dict() for b in self.backends],
             "cases": [
-                {"name": c.name, "path": str(c.path) if c.path else None, "batch": c.batch, "capture_points": c.points}
+                {
+                    "name": c.name,
+                    "path": str(c.path) if c.path else None,
+                    "batch": c.batch,
+                    "capture_points": c.points,
+                    "corpus_version": c.corpus_version,
+                }
                 for c in self.cases
             ],
             "tolerances": self.tolerances.to_dict(),
             "warnings": list(self.warnings),
             "loosened": list(self.notes),
+            "left_out_of_pairs": [{"backend": b, "case": c, "reason": why} for (b, c), why in self.left_out.items()],
             "results": [r.to_dict() for r in self.results],
         }
 
@@ -342,7 +432,10 @@ def run_suite(
 ) -> Report:
     """Run each backend on each case, check it against the reference, then compare every pair.
 
-    ``expectations`` defaults to the shipped expectations files of the named backends.
+    ``backends`` are registered names or backend objects. ``expectations`` defaults to the shipped
+    expectations files of the named backends. ``pairwise=False`` skips the comparisons between
+    backends. A case a backend declares unsupported, or lists as a known failure against the
+    reference, is left out of that backend's pairs (``Report.left_out``).
     """
     start = time.perf_counter()
     check_unique_names(cases)
@@ -363,18 +456,25 @@ def run_suite(
         if progress:
             progress(f"{b.name} {b.version}: {len(cases)} case(s)")
         for case in cases:
-            out, error, seconds = run_backend(b.backend, case)
-            outputs[(b.name, case.name)] = out
-            results.append(check_outputs(b.name, out, case, tolerances, error=error, seconds=seconds))
+            result, outputs[(b.name, case.name)] = check_backend(b.name, b.backend, case, tolerances)
+            results.append(result)
+    left_out: dict[tuple[str, str], str] = {}
     if pairwise:
         ok = [b for b in loaded if b.load_error is None]
+        if len(ok) > 1:
+            for b in ok:
+                for case in cases:
+                    if (why := left_out_of_pairs(b, case, expectations)) is not None:
+                        left_out[(b.name, case.name)] = why
         for a, b in itertools.combinations(ok, 2):
             for case in cases:
+                if (a.name, case.name) in left_out or (b.name, case.name) in left_out:
+                    continue
                 results.append(check_pair(case, a.name, outputs[(a.name, case.name)], b.name, outputs[(b.name, case.name)], tolerances))
     known = [p.name for p in shipped_case_dirs(CASES_DIR)]
     warnings = apply_expectations(results, expectations, known)
     notes = [f"case {t}" for t in tolerances_loosened(cases, tolerances)]
-    return Report(loaded, list(cases), results, tolerances, warnings, notes, time.perf_counter() - start)
+    return Report(loaded, list(cases), results, tolerances, warnings, notes, time.perf_counter() - start, left_out)
 
 
 def check_unique_names(cases: Sequence[Case]) -> None:

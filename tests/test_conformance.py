@@ -450,7 +450,7 @@ def mixed_report(cases):
 def test_json_report(mixed_report) -> None:
     data = json.loads(rep.to_json(mixed_report))
     assert data["format"] == "vitspec.conformance.report/1" and data["ok"] is False
-    assert data["summary"] == {"checks": 6, "pass": 2, "fail": 4, "error": 0, "xfail": 0, "backends_not_loaded": 0}
+    assert data["summary"] == {"checks": 6, "pass": 2, "fail": 4, "error": 0, "xfail": 0, "unsupported": 0, "backends_not_loaded": 0}
     bad = [r for r in data["results"] if r["backend"] == "numpy+tanh_gelu" and r["against"] == "reference"]
     assert [r["first_divergent"] for r in bad] == ["blocks.0.mlp", "blocks.0.mlp"]
     point = bad[0]["points"][5]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -48,6 +49,7 @@ def third_party(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdvit\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(
         "[vitspec.backends]\nthirdvit = thirdvit:ThirdBackend\nthirdbroken = thirdvit:broken_twin\n"
+        "ghost = nosuchpkg.backend:Ghost\n"
     )
     return {**os.environ, "PYTHONPATH": str(root), "COLUMNS": "200", "NO_COLOR": "1"}
 
@@ -110,6 +112,50 @@ def test_spec_with_weights_becomes_a_case(tmp_path: Path) -> None:
     assert alone.returncode == 0, alone.stderr
 
 
+def test_a_failing_random_case_is_saved_and_reruns_as_a_case_folder(third_party: dict[str, str], tmp_path: Path) -> None:
+    saved = tmp_path / "failing"
+    res = vitspec_cli("conformance", "-b", "thirdbroken", "--random", "4", "--seed", "3", "--save-case", str(saved),
+                      "--report", str(tmp_path / "r.json"), env=third_party)
+    assert res.returncode == 1
+    data = json.loads((tmp_path / "r.json").read_text())
+    failing = sorted(r["case"] for r in data["results"] if r["status"] == "fail")
+    assert failing and sorted(p.name for p in saved.iterdir()) == failing
+    assert f"wrote failing random case {saved / failing[0]}" in res.stderr
+    again = vitspec_cli("conformance", "-b", "thirdbroken", str(saved / failing[0]), env=third_party)
+    assert again.returncode == 1
+    first = next(r["first_divergent"] for r in data["results"] if r["case"] == failing[0])
+    assert f"thirdbroken vs the reference on {failing[0]}: FAIL: first divergent capture point {first}" in again.stdout
+    # The plugin saves the same cases with the same options.
+    plugin_saved = tmp_path / "plugin"
+    res = pytest_run("--pyargs", "vitspec.conformance", "--vitspec-backend", "thirdbroken", "--vitspec-random", "4",
+                     "--vitspec-seed", "3", "--vitspec-save-case", str(plugin_saved), env=third_party, cwd=tmp_path)
+    assert res.returncode == 1
+    assert sorted(p.name for p in plugin_saved.iterdir()) == failing
+
+
+def test_backends_listing_reads_metadata_only(third_party: dict[str, str]) -> None:
+    code = (
+        "import sys\nfrom vitspec.cli.main import main\nmain(['backends'])\n"
+        "print('imported:', sorted(m for m in ('torch', 'tensorflow', 'jax', 'thirdvit') if m in sys.modules))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=third_party, timeout=120)
+    assert res.returncode == 0, res.stderr
+    rows = {line.split()[0]: line for line in res.stdout.splitlines() if "│" in line}
+    assert "installed" in rows["thirdvit"] and "│ 0.1 " in rows["thirdvit"] and "not installed" not in rows["thirdvit"]
+    assert "not installed" in rows["ghost"]
+    assert "ghost: backend 'ghost': module 'nosuchpkg.backend' of entry point 'nosuchpkg.backend:Ghost' is not installed" in res.stdout
+    assert "imported: []" in res.stdout
+    checked = vitspec_cli("backends", "--check", "thirdvit", "ghost", env=third_party)
+    assert checked.returncode == 1  # a named backend that is not installed
+    assert re.search(r"thirdvit\s+│ ok\s+│ 0\.1", checked.stdout) and "ghost: backend 'ghost': module 'nosuchpkg.backend'" in checked.stdout
+
+
+def test_terminal_header_shows_each_backends_environment(third_party: dict[str, str]) -> None:
+    res = vitspec_cli("conformance", "-b", "thirdvit", "family_mnist", env=third_party)
+    assert res.returncode == 0, res.stderr
+    assert "  backend thirdvit 0.1 [thirdvit:ThirdBackend]: thirdvit.kernels=reference" in res.stdout.splitlines()[:3]
+
+
 def test_bad_input_is_one_line_and_no_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("image_size: 32\npatch_size: 5\nhidden_dim: 16\nn_heads: 4\ndepth: 1\n")
@@ -162,7 +208,7 @@ def test_plugin_runs_a_third_party_backend(third_party: dict[str, str], tmp_path
     n = len(list(CASES_DIR.iterdir()))
     assert f"{n} passed" in res.stdout
     assert "backend thirdvit 0.1 [thirdvit:ThirdBackend]: thirdvit.kernels=reference" in res.stdout
-    assert f"{n} passed, 0 failed, 0 known failures (not passes), 0 skipped (not passes)" in res.stdout
+    assert f"{n} passed, 0 failed, 0 known failures (not passes), 0 unsupported (not passes), 0 skipped (not passes)" in res.stdout
     assert ET.parse(tmp_path / "j.xml").getroot().find("testsuite").get("tests") == str(n)
     assert json.loads((tmp_path / "r.json").read_text())["summary"]["pass"] == n
     assert (tmp_path / "r.md").read_text().startswith("# vitspec conformance")
@@ -192,7 +238,7 @@ def test_plugin_expectations_xfail_and_stale_entries_warn(third_party: dict[str,
     res = pytest_run("--pyargs", "vitspec.conformance", "--vitspec-backend", "thirdbroken", "--vitspec-expectations", str(exp),
                      *_case_args("family_mnist"), "-rxX", env=third_party, cwd=tmp_path)
     assert res.returncode == 0, res.stdout
-    assert "0 passed, 0 failed, 1 known failures (not passes), 0 skipped (not passes)" in res.stdout
+    assert "0 passed, 0 failed, 1 known failures (not passes), 0 unsupported (not passes), 0 skipped (not passes)" in res.stdout
     assert "query and key swapped on purpose" in res.stdout
     assert "expectation thirdbroken on no_such_case (thirdbroken.json) names no known case" in res.stdout
     assert "single_patch" not in res.stdout.split("vitspec conformance ====")[-1]

@@ -107,7 +107,7 @@ def test_the_cli_says_which_extra_without_a_traceback() -> None:
         [f"error: backend 'jax' needs {m}, which is not installed; install it with: pip install 'vitspec[jax]'"]
         for m in ("jax", "flax")
     ]
-    code = _HIDE.format(mods=("jax", "flax")) + "from vitspec.cli.main import main\nmain(['backends'])\n"
+    code = _HIDE.format(mods=("jax", "flax")) + "from vitspec.cli.main import main\nmain(['backends', '--check', 'jax'])\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     jax_row = next(line for line in out.stdout.splitlines() if line.lstrip("│ ").startswith("jax"))
     assert "not installed" in jax_row
