@@ -305,7 +305,7 @@ def _argmax(g: np.ndarray, e: np.ndarray, tol: Tolerance, symmetric: bool) -> Ar
         # A near-tie: the class the backend chose is within tolerance of the top class in both arrays.
         s_w = max(abs(er[want]), abs(gr[want])) if symmetric else abs(er[want])
         s_f = max(abs(er[found]), abs(gr[found])) if symmetric else abs(er[found])
-        slack = float(tol.allowed(np.float64(s_w)) + tol.allowed(np.float64(s_f)))
+        slack = float(tol.allowed(np.asarray(s_w)) + tol.allowed(np.asarray(s_f)))
         if er[want] - er[found] <= slack and gr[found] - gr[want] <= slack:
             result.ties.append((row, want, found))
         else:

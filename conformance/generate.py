@@ -44,7 +44,7 @@ def build(case: CaseDef) -> Case:
 
     weights = init_weights(case.spec, case.seed, scheme="random")
     images = np.random.default_rng(case.seed + 1).standard_normal((case.batch, *case.spec.image_size, case.spec.in_channels)).astype(np.float32)
-    provenance = {
+    provenance: dict[str, object] = {
         "weights": {"init": "vitspec.init_weights", "scheme": "random", "seed": case.seed},
         "images": {"distribution": "standard normal", "dtype": "float32", "seed": case.seed + 1},
     }

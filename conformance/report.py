@@ -57,7 +57,7 @@ POINT_HEADER = ("capture point", "shape", "status", "max abs err", "at", "max re
 
 def point_rows(result: CaseCheck) -> list[tuple[str, ...]]:
     first = result.first_divergent
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for p in result.points:
         status = p.status + (f" {FIRST}" if p.name == first else "")
         tol = f"{p.tolerance.dtype_class} {p.tolerance.atol:g}+{p.tolerance.rtol:g}|x|" if p.tolerance else "-"
@@ -233,9 +233,8 @@ def to_junit(report: Report) -> str:
         }
         for k in totals:
             totals[k] += counts[k]
-        suite = ET.SubElement(
-            root, "testsuite", name=label, time=f"{sum(r.seconds for r in results):.3f}", **{k: str(v) for k, v in counts.items()}
-        )
+        attrs = {"name": label, "time": f"{sum(r.seconds for r in results):.3f}", **{k: str(v) for k, v in counts.items()}}
+        suite = ET.SubElement(root, "testsuite", attrs)
         props = ET.SubElement(suite, "properties")
         backends = [info[name] for name in label.split("~") if name in info]
         for name, value in junit_properties(report, backends):

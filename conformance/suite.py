@@ -115,7 +115,7 @@ def environment(backend: Any, name: str | None = None) -> dict[str, str]:
 
     A backend may add its own by defining ``environment() -> dict[str, str]``.
     """
-    name = name or getattr(backend, "name", "")
+    name = name or str(getattr(backend, "name", ""))
     wanted = (*COMMON_ENV, *FRAMEWORK_ENV.get(name, ()))
     env = {
         k: v for k, v in sorted(os.environ.items())

@@ -14,6 +14,7 @@ Init weights, backends, converters and docs all read this table.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -141,11 +142,12 @@ CAPTURE_MEANINGS: dict[str, tuple[str, str]] = {
 }
 
 
-def check_capture(spec: Spec, capture: tuple[str, ...] | list[str]) -> list[str]:
-    """Validate requested capture names; ``"all"`` expands to every point."""
+def check_capture(spec: Spec, capture: str | Iterable[str]) -> list[str]:
+    """Validate requested capture names; ``"all"`` expands to every point, another string is one name."""
     names = capture_points(spec)
     if isinstance(capture, str):
         capture = names if capture == "all" else (capture,)
+    capture = list(capture)
     unknown = [c for c in capture if c not in names]
     if unknown:
         raise InputError(

@@ -25,7 +25,7 @@ def gelu(x: np.ndarray, kind: str = "exact") -> np.ndarray:
     """GELU: ``x * Phi(x)`` exactly (erf), or Hendrycks & Gimpel's tanh approximation."""
     if kind == "tanh":
         return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-    phi = 0.5 * (1.0 + _erf(x.astype(np.float64) / math.sqrt(2.0)).astype(np.float64))
+    phi = 0.5 * (1.0 + np.asarray(_erf(x.astype(np.float64) / math.sqrt(2.0)), dtype=np.float64))
     return (x * phi.astype(x.dtype)).astype(x.dtype)
 
 

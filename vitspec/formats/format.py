@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from vitspec import containers
+from vitspec.containers import Progress, Source
 from vitspec.errors import SpecError
 from vitspec.formats.infer import Facts
 from vitspec.layouts import Layout
@@ -30,7 +30,7 @@ class Writer(Protocol):
         dtype: np.dtype,
         *,
         overwrite: bool,
-        progress: containers.Progress | None = None,
+        progress: Progress | None = None,
     ) -> None: ...
 
 
@@ -52,13 +52,13 @@ class Format:
     containers: tuple[str, ...]
     layout: Layout
     looks_like: Callable[[list[str]], bool]
-    infer: Callable[[containers.Source, dict[str, Any]], Facts]
-    read: Callable[[Path], containers.Source]
+    infer: Callable[[Source, dict[str, Any]], Facts]
+    read: Callable[[Path], Source]
     write: Writer
     # Raises SpecError naming every feature of a spec the format cannot hold.
     check_spec: Callable[[Spec], None] = no_limits
     # Renames a source's tensors to native names once the spec is known (keras .h5 datasets).
-    prepare: Callable[[Spec, containers.Source], containers.Source] | None = None
+    prepare: Callable[[Spec, Source], Source] | None = None
 
     def native_layout(self, spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
         self.check_spec(spec)

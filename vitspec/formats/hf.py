@@ -160,7 +160,7 @@ def read(path: Path) -> containers.Source:
 
 
 def _pair(value: Any) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)  # type: ignore[return-value]
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 def infer(source: containers.Source, given: dict[str, Any]) -> Facts:
