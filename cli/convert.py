@@ -30,10 +30,11 @@ def parse_image_size(value: str | None) -> int | tuple[int, int] | None:
     return size
 
 
-def print_defaults(inference: Any, err: Any) -> None:
+def print_assumed(inference: Any, err: Any) -> None:
+    """Every field the file does not tell, with the value assumed and why."""
     notes = inference.notes()
     if notes:
-        err.print(f"[yellow]not in the file; {inference.family} defaults used (set them with --spec):[/]", soft_wrap=True)
+        err.print(f"[yellow]assumed, not read from the file ({inference.family}; set them with --spec FIELD=VALUE):[/]", soft_wrap=True)
         for note in notes:
             err.print(f"  {note}", soft_wrap=True)
 
@@ -66,7 +67,7 @@ def convert(
     def on_open(ckpt: Any) -> None:
         if not quiet:
             err.print(f"reading {ckpt.path} as [bold]{ckpt.format}[/]", soft_wrap=True)
-            print_defaults(ckpt.inference, err)
+            print_assumed(ckpt.inference, err)
 
     def progress(done: int, total: int) -> None:
         if quiet or total < PROGRESS_BYTES:

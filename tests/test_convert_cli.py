@@ -73,7 +73,7 @@ def test_convert_prints_the_defaults_it_used_and_writes(capsys, tmp_path: Path, 
     assert code == 0, stderr
     assert "reading" in stderr and "as timm" in stderr
     assert "norm_eps = 1e-06 (timm's VisionTransformer LayerNorm eps)" in stderr
-    assert "gelu = exact" in stderr and "n_heads" not in stderr.split("defaults used")[1]
+    assert "gelu = exact" in stderr and "n_heads" not in stderr.split("assumed, not read from the file")[1]
     assert f"wrote {out} (flax)" in stdout
     assert formats.detect(out) == "flax"
 
@@ -100,9 +100,55 @@ def test_inspect_any_format_shows_spec_and_native_tensors(capsys, tmp_path: Path
     assert code == 0, err
     assert "format: google (detected), npz file" in out
     assert "spec (inferred from the tensors)" in out
-    assert "n_heads: 4" in out and "gelu: tanh  # default, not in the file" in out
+    assert "n_heads: 4" in out and "gelu: tanh  # assumed, not in the file" in out
     assert "Transformer/encoderblock_1/MultiHeadDotProductAttention_1/query/kernel" in out and "(32, 4, 8)" in out
     assert "gelu = tanh (Flax's nn.gelu" in err
+
+
+def _bare_timm(tmp_path: Path, spec: vitspec.Spec) -> Path:
+    from safetensors.numpy import save_file
+
+    weights = vitspec.init_weights(spec, seed=0, scheme="random")
+    path = tmp_path / "bare.safetensors"
+    save_file({k: np.ascontiguousarray(v) for k, v in formats.get_format("timm").to_native(spec, weights)}, path)
+    return path
+
+
+def test_convert_and_inspect_mark_every_assumed_field(capsys, tmp_path: Path) -> None:
+    path = _bare_timm(tmp_path, family("timm_avg_fc_norm"))
+    code, out, err = vitspec_cli(capsys, "inspect", str(path), "--spec", "n_heads=4")
+    assert code == 0, err
+    marked = {line.split(":")[0] for line in out.splitlines() if line.endswith("# assumed, not in the file")}
+    assert marked == {"image_size", "pos_embed_class_slot", "pooling", "norm_eps", "gelu", "dropout", "attn_dropout", "drop_path"}
+    code, _, err = vitspec_cli(capsys, "convert", str(path), str(tmp_path / "o.safetensors"), "--spec", "n_heads=4")
+    assert code == 0, err
+    notes = err.split("assumed, not read from the file (timm; set them with --spec FIELD=VALUE):")[1]
+    assert "image_size = 32, pos_embed_class_slot = true (17 position rows read as 16 patches plus a class-token row in a square 4x4 grid" in notes
+    assert "pooling = avg (a timm state_dict does not record global_pool; fc_norm comes with timm's global_pool='avg'" in notes
+    assert "pool_include_prefix=True leave the same tensors and have no vitspec equivalent" in notes
+    assert "dropout, attn_dropout, drop_path = 0.0 (a training-time rate" in notes
+
+
+def test_two_readings_of_the_position_table_are_an_error_until_spec_chooses(capsys, tmp_path: Path) -> None:
+    # a 4x6 grid with a class row: 25 rows, also a 5x5 grid without one
+    path = _bare_timm(tmp_path, family("timm_token", image_size=[32, 48], patch_size=8))
+    out = tmp_path / "o.safetensors"
+    code, _, err = vitspec_cli(capsys, "convert", str(path), str(out), "--spec", "n_heads=4")
+    assert code == 1 and not out.exists()
+    assert _error_lines(err) == [
+        f"error: {path}: the position embedding has 25 rows, which can be read two ways (vitspec does not guess): "
+        "(a) 24 patches plus a class-token row in a non-square grid such as 4x6 or 6x4: --spec image_size=[32,48] or [48,32]; "
+        "(b) 25 patches without a class-token row in a square 5x5 grid (image_size 40): --spec pos_embed_class_slot=false"
+    ]
+    code, _, err = vitspec_cli(capsys, "convert", str(path), str(out), "--spec", "n_heads=4,pos_embed_class_slot=true")
+    assert code == 1 and "contradicts" not in err
+    assert "pass image_size with --spec (for example --spec image_size=[32,48] for a 4x6 grid)" in _error_lines(err)[0]
+    code, _, err = vitspec_cli(capsys, "convert", str(path), str(out), "--spec", "n_heads=4,pos_embed_class_slot=true,image_size=[32,48]")
+    assert code == 0, err
+    assert vitspec.load_weights(out)[1].image_size == (32, 48)
+    code, out_text, err = vitspec_cli(capsys, "inspect", str(path), "--spec", "n_heads=4")
+    assert code == 1 and "blocks.0.attn.qkv.weight" in out_text  # the table, then the error
+    assert "can be read two ways" in _error_lines(err)[0]
 
 
 def test_inspect_lists_problems_after_the_table(capsys, tmp_path: Path, timm_file: Path) -> None:

@@ -229,7 +229,12 @@ def infer_spec(record: Format, source: _io.Source, given: dict[str, Any]) -> Inf
         facts = Facts(record.name, known=embedded.to_dict())
         facts.family = f"{record.name} (embedded spec)"
     else:
-        facts = record.infer(source, given)
+        try:
+            facts = record.infer(source, given)
+        except (SpecError, WeightsError) as exc:
+            if exc.source is not None:
+                raise
+            raise type(exc)(exc.problems, str(source.path)) from None  # name the file the problem is in
     return resolve(facts, given, str(source.path))
 
 

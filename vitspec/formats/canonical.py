@@ -64,7 +64,7 @@ def infer_from_shapes(shapes: Mapping[str, tuple[int, ...]], given: dict[str, An
         k["pos_embed"] = "learned"
         rows = need(shapes, "pos_embed", 2, "the position embedding")[0]
         if "patch_size" in k:
-            place_positions(facts, rows, k["patch_size"], k["class_token"], given.get("image_size"))
+            place_positions(facts, rows, k["patch_size"], k["class_token"], given)
     else:
         facts.default("pos_embed", "none", "no pos_embed tensor; pass --spec pos_embed=sincos2d for a fixed table")
         facts.default("image_size", 224, "no position embedding to read it from")

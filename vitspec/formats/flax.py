@@ -58,9 +58,7 @@ def infer(source: _io.Source, given: dict[str, Any]) -> Facts:
     patch = given.get("patch_size", facts.defaults.get("patch_size"))
     if "pos_embed" in shapes and patch:
         patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
-        place_positions(facts, shapes["pos_embed"][0], patch, facts.known["class_token"], given.get("image_size"))
-        if "patch_size" not in given and "image_size" in facts.known:
-            facts.default("image_size", facts.known.pop("image_size"), "the position embedding's grid times the inferred patch size")
+        place_positions(facts, shapes["pos_embed"][0], patch, facts.known["class_token"], given)
     return facts
 
 

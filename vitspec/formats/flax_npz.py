@@ -129,7 +129,7 @@ def _infer(s: Scheme, source: _io.Source, given: dict[str, Any]) -> Facts:
         k["pos_embed"] = "learned"
         rows = need(shapes, s.pos, 3, "the position embedding")[1]
         slot = k["class_token"] if s.slot_with_cls else None
-        place_positions(facts, rows, (ph, pw), k["class_token"], given.get("image_size"), slot=slot)
+        place_positions(facts, rows, (ph, pw), k["class_token"], given, slot=slot, usual_slot=s.slot_with_cls)
     return facts
 
 
@@ -199,7 +199,8 @@ def big_vision_infer(source: _io.Source, given: dict[str, Any]) -> Facts:
         facts.known["pos_embed"] = "sincos2d"
         facts.default("image_size", 224, "a sincos2d table has no arrays to read the grid from; 224 assumed")
     if not facts.known["class_token"]:
-        facts.why["pooling"] = "no cls: pool_type 'gap'"
+        del facts.known["pooling"]
+        facts.default("pooling", "avg", "no cls: big_vision's pool_type='gap'; pool_type='0' (the first token) has the same arrays and no vitspec equivalent")
     facts.default("norm_eps", 1e-6, "Flax LayerNorm's epsilon, which big_vision uses")
     facts.default("gelu", "tanh", "Flax's nn.gelu, which big_vision's MlpBlock uses, is the tanh approximation")
     return facts

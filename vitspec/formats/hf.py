@@ -167,7 +167,7 @@ def infer(source: _io.Source, given: dict[str, Any]) -> Facts:
     p = "vit." if classifier else ""
     d, c, ph, pw = need(shapes, f"{p}embeddings.patch_embeddings.projection.weight", 4, "the patch projection")
     k.update(hidden_dim=d, in_channels=c, patch_size=(ph, pw), class_token=True, pooling="token", pos_embed="learned")
-    k.update(final_norm="before_pool")
+    k.update(final_norm="before_pool", drop_path=0.0)  # HF ViT has no stochastic depth
     depth = block_count(names, rf"^{re.escape(p)}encoder\.layer\.(\d+)\.", "encoder.layer")
     if not depth:
         raise WeightsError([f"no {p}encoder.layer.{{i}}.* tensors found: not an HF ViT checkpoint"])
@@ -182,12 +182,9 @@ def infer(source: _io.Source, given: dict[str, Any]) -> Facts:
     config = source.config
     if config is not None:
         _from_config(facts, config, source)
-        if "image_size" in k:
-            place_positions(facts, rows, (ph, pw), True, k["image_size"], by="config.json", slot=True)
-        else:
-            place_positions(facts, rows, (ph, pw), True, given.get("image_size"), slot=True)
+        place_positions(facts, rows, (ph, pw), True, given, declared=k.get("image_size"), slot=True)
     else:
-        place_positions(facts, rows, (ph, pw), True, given.get("image_size"), slot=True)
+        place_positions(facts, rows, (ph, pw), True, given, slot=True)
         add_default_heads(facts, d)
         facts.default("norm_eps", 1e-12, "HF ViTConfig's layer_norm_eps; no config.json found")
         facts.default("gelu", "exact", "HF ViTConfig's hidden_act 'gelu'; no config.json found")
@@ -220,6 +217,8 @@ def _from_config(facts: Facts, config: dict[str, Any], source: _io.Source) -> No
         raise SpecError(problems, str(source.path))
     k["n_heads"] = int(config.get("num_attention_heads", 12))
     k["norm_eps"] = float(config.get("layer_norm_eps", 1e-12))
+    k["dropout"] = float(config.get("hidden_dropout_prob", 0.0))
+    k["attn_dropout"] = float(config.get("attention_probs_dropout_prob", 0.0))
     act = config.get("hidden_act", "gelu")
     if act in EXACT_ACTS:
         k["gelu"] = "exact"
