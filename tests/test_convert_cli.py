@@ -324,6 +324,85 @@ def test_existing_output_needs_force_and_unwritable_destinations(capsys, tmp_pat
     assert code == 1 and "does not exist" in _error_lines(err)[0]
 
 
+def _sharded_hf_output(folder: Path, canonical: Path) -> dict[str, str]:
+    """An earlier sharded save_pretrained output in ``folder``: an index naming two shards."""
+    tensors = read_tensors(canonical)[0]
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2], "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+    for shard, part in shards.items():
+        write_tensors(folder / shard, {n: tensors[n] for n in part})
+    weight_map = {n: shard for shard, part in shards.items() for n in part}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return weight_map
+
+
+def test_force_into_an_existing_folder_touches_only_the_files_the_format_writes(capsys, tmp_path: Path, canonical: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("mine")
+    (victim / "model-00001-of-00009.safetensors").write_bytes(b"a shard no index of this folder names")
+    (victim / "config.json").write_text("{}")
+    _sharded_hf_output(victim, canonical)
+    code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(victim), "--to", "hf")
+    assert code == 1 and _error_lines(err) == [
+        f"error: {victim} already exists; pass --force (overwrite=True) to replace config.json, model.safetensors, "
+        "model.safetensors.index.json, model-00001-of-00002.safetensors and model-00002-of-00002.safetensors in it "
+        "(nothing else there is touched)"
+    ]
+    assert (victim / "config.json").read_text() == "{}"
+    code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(victim), "--to", "hf", "--force")
+    assert code == 0, err
+    # the user's files stay; the earlier output's index and the shards it names go; nothing half-written is left
+    assert _folder_files(victim) == {"notes.txt", "model-00001-of-00009.safetensors", "config.json", "model.safetensors"}
+    assert (victim / "notes.txt").read_text() == "mine"
+    assert (victim / "model-00001-of-00009.safetensors").read_bytes() == b"a shard no index of this folder names"
+    assert json.loads((victim / "config.json").read_text())["hidden_size"] == SPEC.hidden_dim
+    weights, spec = formats.load(victim)
+    assert spec == SPEC
+    for name, value in vitspec.load_weights(canonical)[0].items():
+        assert np.array_equal(weights[name], value), name
+
+
+def test_force_into_the_current_folder(capsys, tmp_path: Path, canonical: Path, monkeypatch) -> None:
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "notes.txt").write_text("mine")
+    monkeypatch.chdir(here)
+    code, stdout, err = vitspec_cli(capsys, "convert", str(canonical), ".", "--force")
+    assert code == 0, err
+    assert "wrote . (hf)" in stdout
+    assert _folder_files(here) == {"notes.txt", "config.json", "model.safetensors"}
+    assert formats.load(".")[1] == SPEC
+    # a one-file format cannot be written as a folder: said in one line, nothing written
+    code, _, err = vitspec_cli(capsys, "convert", str(canonical), ".", "--to", "timm", "--force")
+    assert code == 1 and _error_lines(err) == [
+        "error: .: is a folder, and the timm format writes a single file; name the file to write (for example model.safetensors)"
+    ]
+    # the folder's own weights are the input: writing would replace them
+    code, _, err = vitspec_cli(capsys, "convert", "model.safetensors", ".", "--force", "--image-size", "48")
+    assert code == 1 and _error_lines(err) == ["error: .: refusing to convert a checkpoint onto itself (writing it would replace model.safetensors)"]
+    assert _folder_files(here) == {"notes.txt", "config.json", "model.safetensors"}
+
+
+def test_an_interrupted_write_into_an_existing_folder_leaves_it_as_it_was(tmp_path: Path, canonical: Path, monkeypatch) -> None:
+    victim = tmp_path / "victim"
+    formats.convert(canonical, victim, to_format="hf")
+    (victim / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in victim.iterdir()}
+    real = Format.to_native
+
+    def interrupted(self, spec, weights):
+        for i, item in enumerate(real(self, spec, weights)):
+            if i == 5:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(Format, "to_native", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        formats.convert(canonical, victim, to_format="hf", image_size=48, overwrite=True)
+    assert {p.name: p.read_bytes() for p in victim.iterdir()} == before
+
+
 def test_read_only_folder(capsys, tmp_path: Path, canonical: Path) -> None:
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)

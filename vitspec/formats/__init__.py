@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from vitspec.errors import FileFormatError, SpecError, WeightsError
-from vitspec.files import check_destination
+from vitspec.files import OutputExistsError, check_destination
 from vitspec.formats import _io, canonical, flax, flax_npz, hf, keras, timm, torch
 from vitspec.formats._common import Materialized
 from vitspec.formats.format import Format
@@ -286,7 +286,7 @@ def save(
     record = get_format(fmt)
     check_weights(spec, weights, source=str(path))
     record.check_spec(spec)
-    check_destination(path, overwrite)
+    _check_output(None, path, record, overwrite)
     dtype = _output_dtype({np.asarray(w).dtype for w in weights.values()})
     record.write(path, spec, record.to_native(spec, weights), dtype, overwrite=overwrite)
 
@@ -336,9 +336,7 @@ def convert(
     src, dst = Path(src), Path(dst)
     to_name = to_format or destination_format(dst)
     target = get_format(to_name)
-    check_destination(dst, overwrite)
-    if dst.exists() and src.exists() and _same_file(src, dst):
-        raise FileFormatError(f"{dst}: refusing to convert a checkpoint onto itself")
+    _check_output(src, dst, target, overwrite)
     with open_checkpoint(src, from_format, spec) as ckpt:
         if on_open is not None:
             on_open(ckpt)
@@ -408,6 +406,35 @@ def _output_dtype(dtypes: set[np.dtype]) -> np.dtype:
     if np.dtype(np.float64) in floats:
         return np.dtype(np.float64)
     return np.dtype(np.float32)
+
+
+def _check_output(src: Path | None, dst: Path, target: Format, overwrite: bool) -> None:
+    """Refuse, before any work: a folder for a one-file format, an existing OUT without overwrite,
+    and an output that would replace or remove the input."""
+    if dst.is_dir() and not target.writes_folder:
+        raise FileFormatError(
+            f"{dst}: is a folder, and the {target.name} format writes a single file; name the file to write "
+            f"(for example {dst / ('model' + _SUFFIX.get(target.name, '.safetensors'))})"
+        )
+    if dst.is_dir() and not overwrite:
+        raise FolderExistsError(dst, target)
+    check_destination(dst, overwrite)
+    if src is not None and src.exists() and any(_same_file(src, out) for out in [dst, *target.touches(dst)] if out.exists()):
+        raise FileFormatError(f"{dst}: refusing to convert a checkpoint onto itself (writing it would replace {src})")
+
+
+_SUFFIX = {"keras": ".weights.h5", "google": ".npz", "big_vision": ".npz"}
+
+
+class FolderExistsError(OutputExistsError):
+    """An existing output folder: with overwrite, only the files the format writes are replaced."""
+
+    def __init__(self, path: Path, target: Format) -> None:
+        names = [p.name for p in target.touches(path)]
+        shown = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
+        Exception.__init__(
+            self, f"{path} already exists; pass --force (overwrite=True) to replace {shown} in it (nothing else there is touched)"
+        )
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from vitspec.errors import FileFormatError, SpecError, WeightsError
-from vitspec.files import atomic_dir
+from vitspec.files import atomic_dir, atomic_file, check_destination
 from vitspec.formats import _io
 from vitspec.formats._common import block_count, need, refuse, reject_features
 from vitspec.formats.format import Format
@@ -262,14 +262,62 @@ def config_for(spec: Spec) -> dict[str, Any]:
     return config
 
 
+# What write() puts in a folder; nothing else there is touched.
+WRITTEN = ("config.json", "model.safetensors")
+
+
+def stale_files(folder: Path) -> list[Path]:
+    """An earlier sharded output in ``folder``: its index and the shards the index names.
+
+    Only what that index names goes, as the folder may hold the user's own files; the index must
+    go because readers prefer it to ``model.safetensors``.
+    """
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return []
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise FileFormatError(
+            f"{index}: an earlier output's index that cannot be read, so its shards cannot be told apart "
+            "from other files; remove it (and its shards) or write to another folder"
+        ) from None
+    named = [folder / s for s in sorted(shards) if isinstance(s, str) and Path(s).name == s and s != WRITTEN[1]]
+    return [index, *(p for p in named if p.is_file())]
+
+
+def outputs(path: Path) -> list[Path]:
+    """Every file a write to ``path`` replaces or removes."""
+    if not path.is_dir():
+        return [path]
+    return [path / name for name in WRITTEN] + stale_files(path)
+
+
 def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype: np.dtype, *, overwrite: bool, progress: _io.Progress | None = None) -> None:
-    """A save_pretrained folder: config.json and model.safetensors, swapped into place when complete."""
+    """A save_pretrained folder: config.json and model.safetensors.
+
+    A new folder is made next to ``path`` and moved into place when complete. Into an existing
+    folder (with ``overwrite``) only those two files are written, each atomically, as
+    ``save_pretrained`` does; the index and shards of an earlier sharded output go, nothing else.
+    """
     config = config_for(spec)
     config["torch_dtype"] = str(dtype) if str(dtype) != "bfloat16" else "bfloat16"
     metadata = {"format": "pt", "vitspec.format": NAME, "vitspec.spec": spec.to_json()}
-    with atomic_dir(path, overwrite=overwrite) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        _io.write_safetensors(tmp / "model.safetensors", HF.native_layout(spec), items, dtype, metadata, overwrite=True, progress=progress)
+    text = json.dumps(config, indent=2) + "\n"
+    layout = HF.native_layout(spec)
+    if not path.is_dir():
+        with atomic_dir(path, overwrite=overwrite) as tmp:
+            (tmp / "config.json").write_text(text)
+            _io.write_safetensors(tmp / "model.safetensors", layout, items, dtype, metadata, overwrite=True, progress=progress)
+        return
+    check_destination(path, overwrite)
+    stale = stale_files(path)
+    # config.json is moved into place right after the weights, so the two never disagree for long
+    with atomic_file(path / "config.json", overwrite=True) as tmp:
+        tmp.write_text(text)
+        _io.write_safetensors(path / "model.safetensors", layout, items, dtype, metadata, overwrite=True, progress=progress)
+    for old in stale:
+        old.unlink(missing_ok=True)
 
 
 FORMAT = Format(
@@ -282,4 +330,5 @@ FORMAT = Format(
     read=read,
     write=write,
     check_spec=check_spec,
+    outputs=outputs,
 )
