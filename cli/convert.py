@@ -46,11 +46,15 @@ def print_assumed(inference: Any, err: Any) -> None:
 @click.option("--to", "to_format", type=click.Choice(FORMAT_NAMES), help="Output format (default: from OUT's name: .safetensors canonical, .weights.h5 keras, a folder hf).")
 @click.option("--spec", "spec", metavar="SPEC", help="What the file cannot tell: a (partial) YAML/JSON spec, a preset, or field=value,... pairs.")
 @click.option("--image-size", metavar="N|HxW", help="Resample the position embedding for this input size.")
+@click.option(
+    "--resample", type=click.Choice(["bicubic-antialias", "bicubic"]), default=None,
+    help="How --image-size resamples: bicubic-antialias (default; timm's resample_abs_pos_embed) or bicubic (no antialiasing; HF).",
+)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
 def convert(
     src: Path, dst: Path, from_format: str | None, to_format: str | None, spec: str | None,
-    image_size: str | None, force: bool, quiet: bool,
+    image_size: str | None, resample: str | None, force: bool, quiet: bool,
 ) -> None:
     """Convert the checkpoint IN to OUT, losslessly and one tensor at a time.
 
@@ -62,6 +66,8 @@ def convert(
 
     err = console(stderr=True)
     size = parse_image_size(image_size)
+    if resample is not None and size is None:
+        raise click.UsageError("--resample chooses how --image-size resamples; it needs --image-size")
     bar: dict[str, Any] = {}
 
     def on_open(ckpt: Any) -> None:
@@ -92,7 +98,7 @@ def convert(
     try:
         result = run_convert(
             src, dst, from_format=from_format, to_format=to_format, spec=spec, image_size=size,
-            overwrite=force, progress=progress, on_open=on_open,
+            resample=resample or "bicubic-antialias", overwrite=force, progress=progress, on_open=on_open,
         )
     finally:
         if "progress" in bar:

@@ -166,8 +166,25 @@ def test_image_size_resamples(capsys, tmp_path: Path, canonical: Path) -> None:
     out = tmp_path / "hf384"
     code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(out), "--image-size", "48x64")
     assert code == 0, err
-    assert "resampled: pos_embed grid (4, 4) -> (6, 8) (bicubic" in err
+    assert "resampled: pos_embed grid (4, 4) -> (6, 8) (bicubic-antialias: bicubic with antialiasing" in err
     assert json.loads((out / "config.json").read_text())["image_size"] == [48, 64]
+    plain = tmp_path / "plain.safetensors"
+    code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(plain), "--image-size", "48x64", "--resample", "bicubic")
+    assert code == 0, err
+    assert "(bicubic: bicubic (Keys a=-0.75), align_corners=False, border-clamped, no antialiasing" in err
+    default, other = formats.load(out)[0]["pos_embed"], vitspec.load_weights(plain)[0]["pos_embed"]
+    assert np.array_equal(default[0], other[0]) and not np.allclose(default[1:], other[1:], atol=1e-3)
+    code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(tmp_path / "x.safetensors"), "--resample", "bicubic")
+    assert code == 2 and "--resample chooses how --image-size resamples; it needs --image-size" in err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_the_cli_offers_every_resampling_algorithm() -> None:
+    from vitspec.cli.convert import convert
+    from vitspec.formats.resample import ALGORITHMS, DEFAULT
+
+    option = next(p for p in convert.params if p.name == "resample")
+    assert list(option.type.choices) == list(ALGORITHMS) and DEFAULT == "bicubic-antialias"
 
 
 def test_progress_bar_shows_on_big_files(capsys, tmp_path: Path, canonical: Path, monkeypatch) -> None:

@@ -314,18 +314,54 @@ def test_npz_written_by_vitspec_loads_in_timm_and_matches(tmp_path: Path, case: 
 # ---- position-embedding resampling vs timm ---------------------------------------------------
 
 
-@pytest.mark.parametrize(("old", "new"), [((4, 4), (6, 6)), ((6, 6), (4, 4)), ((4, 4), (3, 5)), ((2, 3), (7, 5))])
-def test_resampling_matches_timm_bicubic_without_antialias(old: tuple[int, int], new: tuple[int, int]) -> None:
+RESIZES = [((4, 4), (6, 6)), ((6, 6), (4, 4)), ((4, 4), (3, 5)), ((2, 3), (7, 5)), ((14, 14), (24, 24)), ((24, 24), (14, 16)), ((14, 16), (7, 9)), ((7, 7), (7, 12))]
+# each algorithm and the timm call it equals (the first: timm's defaults, antialias=True)
+TIMM_CALLS = {"bicubic-antialias": {}, "bicubic": {"interpolation": "bicubic", "antialias": False}}
+
+
+@pytest.mark.parametrize("algorithm", list(TIMM_CALLS))
+@pytest.mark.parametrize(("old", "new"), RESIZES)
+def test_resampling_matches_timm_and_torch(old: tuple[int, int], new: tuple[int, int], algorithm: str) -> None:
+    import torch.nn.functional as F
     from timm.layers import resample_abs_pos_embed
 
     table = np.random.default_rng(0).standard_normal((1 + old[0] * old[1], 16)).astype(np.float32)
     want = resample_abs_pos_embed(
-        torch.from_numpy(table[None]), new_size=list(new), old_size=list(old), num_prefix_tokens=1,
-        interpolation="bicubic", antialias=False,
+        torch.from_numpy(table[None]), new_size=list(new), old_size=list(old), num_prefix_tokens=1, **TIMM_CALLS[algorithm],
     )[0].numpy()
     spec = vitspec.Spec(image_size=(old[0] * 4, old[1] * 4), patch_size=4, hidden_dim=16, n_heads=2, depth=1)
-    got = resample_pos_embed(spec, table, new)
+    got = resample_pos_embed(spec, table, new, algorithm)
     assert got.shape == want.shape == (1 + new[0] * new[1], 16)
     assert np.array_equal(got[0], table[0])
-    assert rel_err(got, want) <= TOL
-    assert np.allclose(resample_grid(table[1:], old, old), table[1:], atol=0)
+    assert rel_err(got, want) <= 4e-6  # timm computes in float32: a few roundings of 6e-8 each
+    # the kernel itself, against torch in float64
+    grid = torch.from_numpy(table[1:].astype(np.float64).reshape(1, *old, 16)).permute(0, 3, 1, 2)
+    exact = F.interpolate(grid, size=new, mode="bicubic", align_corners=False, antialias=algorithm == "bicubic-antialias")
+    exact = exact.permute(0, 2, 3, 1).reshape(-1, 16).numpy()
+    assert np.abs(resample_grid(table[1:], old, new, algorithm) - exact).max() <= 1e-12
+    assert np.array_equal(resample_grid(table[1:], old, old, algorithm), table[1:].astype(np.float64))
+
+
+@pytest.mark.parametrize(("old", "new"), [((4, 4), (6, 6)), ((6, 6), (4, 4))])
+def test_antialiasing_changes_the_numbers_up_and_down(old: tuple[int, int], new: tuple[int, int]) -> None:
+    # torch's antialiased bicubic is Pillow's a=-0.5 filter, renormalised at the border: it differs
+    # from plain bicubic when upsampling too, not only when the support is stretched
+    table = np.random.default_rng(1).standard_normal((old[0] * old[1], 8))
+    difference = rel_err(resample_grid(table, old, new, "bicubic-antialias"), resample_grid(table, old, new, "bicubic"))
+    assert difference > 1e-2
+
+
+def test_convert_resamples_as_timm_does_by_default(tmp_path: Path) -> None:
+    from timm.layers import resample_abs_pos_embed
+
+    model = _timm_model({})  # 32 px, patch 8: a 4x4 grid
+    src = tmp_path / "timm.safetensors"
+    save_file(model.state_dict(), src)
+    table = model.pos_embed.detach()
+    for algorithm, call in TIMM_CALLS.items():
+        out = tmp_path / f"{algorithm}.safetensors"
+        options = {} if algorithm == "bicubic-antialias" else {"resample": algorithm}
+        result = formats.convert(src, out, spec={"n_heads": 4}, image_size=(40, 56), **options)
+        assert result.resampled.startswith(f"pos_embed grid (4, 4) -> (5, 7) ({algorithm}: ")
+        want = resample_abs_pos_embed(table, new_size=[5, 7], old_size=[4, 4], num_prefix_tokens=1, **call)[0].numpy()
+        assert rel_err(vitspec.load_weights(out)[0]["pos_embed"], want) <= 1e-6

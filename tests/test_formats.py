@@ -406,10 +406,19 @@ def test_unsupported_features_are_named(tmp_path: Path) -> None:
 def test_resampling_keeps_constants_and_the_class_row(tmp_path: Path) -> None:
     spec = family("vit_paper")  # 4x4 grid with a class row
     table = np.concatenate([np.full((1, 32), 7.0), np.full((16, 32), -2.5)]).astype(np.float32)
-    out = resample.resample_pos_embed(spec, table, (6, 6))
-    assert out.shape == (37, 32) and out.dtype == np.float32
-    assert np.all(out[0] == 7.0) and np.allclose(out[1:], -2.5, atol=1e-6)
-    assert np.allclose(resample.bicubic_matrix(4, 6).sum(axis=1), 1.0)
+    for algorithm in resample.ALGORITHMS:
+        for grid in ((6, 6), (3, 2)):
+            out = resample.resample_pos_embed(spec, table, grid, algorithm)
+            assert out.shape == (1 + grid[0] * grid[1], 32) and out.dtype == np.float32
+            assert np.all(out[0] == 7.0) and np.allclose(out[1:], -2.5, atol=1e-6)
+    for n_in, n_out in ((4, 6), (6, 4), (14, 5), (3, 16)):
+        assert np.allclose(resample.bicubic_matrix(n_in, n_out).sum(axis=1), 1.0)
+        assert np.allclose(resample.antialiased_bicubic_matrix(n_in, n_out).sum(axis=1), 1.0)
+    # downsampling 8x with antialiasing averages every input row in; plain bicubic (4 taps) skips some
+    assert (resample.antialiased_bicubic_matrix(32, 4) != 0).any(axis=0).all()
+    assert not (resample.bicubic_matrix(32, 4) != 0).any(axis=0).all()
+    with pytest.raises(ValueError, match="unknown resampling algorithm 'lanczos'; expected one of bicubic-antialias, bicubic"):
+        formats.convert(_canonical(tmp_path, spec)[0], tmp_path / "o.safetensors", image_size=48, resample="lanczos")
 
 
 def test_convert_with_image_size_resamples_and_runs(tmp_path: Path) -> None:

@@ -322,18 +322,23 @@ def convert(
     to_format: str | None = None,
     spec: str | Path | dict[str, Any] | Spec | None = None,
     image_size: int | tuple[int, int] | None = None,
+    resample: str = "bicubic-antialias",
     overwrite: bool = False,
     progress: ProgressFn | None = None,
     on_open: Callable[[Checkpoint], None] | None = None,
 ) -> Conversion:
     """Convert a checkpoint between formats, one tensor at a time, writing ``dst`` atomically.
 
-    ``image_size`` resamples a learned position embedding to a new input size (see
-    ``vitspec.formats.resample``). ``progress(done_bytes, total_bytes)`` is called after each
+    ``image_size`` resamples a learned position embedding to a new input size with the algorithm
+    named by ``resample`` (``vitspec.formats.resample.ALGORITHMS``; the default is timm's). ``progress(done_bytes, total_bytes)`` is called after each
     tensor is written; ``on_open(checkpoint)`` once the source is open and its spec known.
     """
+    from vitspec.formats.resample import ALGORITHMS
+
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
+    if resample not in ALGORITHMS:
+        raise ValueError(f"unknown resampling algorithm {resample!r}; expected one of {', '.join(ALGORITHMS)}")
     to_name = to_format or destination_format(dst)
     target = get_format(to_name)
     _check_output(src, dst, target, overwrite)
@@ -341,7 +346,7 @@ def convert(
         if on_open is not None:
             on_open(ckpt)
         in_spec = ckpt.spec
-        out_spec, how = _resized(in_spec, image_size)
+        out_spec, how = _resized(in_spec, image_size, resample)
         target.check_spec(out_spec)
         dtype = _output_dtype({d for _, d in ckpt.source.entries.values()})
         layout = target.native_layout(out_spec)
@@ -354,7 +359,7 @@ def convert(
         if out_spec != in_spec:
             from vitspec.formats.resample import resampled
 
-            weights = resampled(in_spec, out_spec, weights)
+            weights = resampled(in_spec, out_spec, weights, resample)
         done = [0]
 
         def tick(nbytes: int) -> None:
@@ -370,7 +375,7 @@ def convert(
         )
 
 
-def _resized(spec: Spec, image_size: int | tuple[int, int] | list[int] | None) -> tuple[Spec, str | None]:
+def _resized(spec: Spec, image_size: int | tuple[int, int] | list[int] | None, algorithm: str) -> tuple[Spec, str | None]:
     if image_size is None:
         return spec, None
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
@@ -379,9 +384,9 @@ def _resized(spec: Spec, image_size: int | tuple[int, int] | list[int] | None) -
     new = spec.replace(image_size=size)
     if spec.pos_embed != "learned":
         return new, f"image size {spec.image_size} -> {new.image_size}; pos_embed {spec.pos_embed!r} has no table to resample"
-    from vitspec.formats.resample import ALGORITHM
+    from vitspec.formats.resample import describe
 
-    return new, f"pos_embed grid {spec.grid} -> {new.grid} ({ALGORITHM})"
+    return new, f"pos_embed grid {spec.grid} -> {new.grid} ({describe(algorithm)})"
 
 
 def _checked(items: Iterator[tuple[str, np.ndarray]], source: _io.Source) -> Iterator[tuple[str, np.ndarray]]:
