@@ -33,7 +33,7 @@ import numpy as np
 
 from vitspec.errors import FileFormatError, SpecError, WeightsError
 from vitspec.files import OutputExistsError, check_destination
-from vitspec.formats import _io, canonical, flax, flax_npz, hf, keras, timm, torch
+from vitspec.formats import _io, canonical, flax, flax_npz, hf, keras, timm, torch, unsupported
 from vitspec.formats._common import Materialized
 from vitspec.formats.format import Format
 from vitspec.formats.infer import Facts, Inference, load_partial_spec, resolve
@@ -110,6 +110,9 @@ def detect(path: str | os.PathLike[str]) -> str:
     for name in _CANDIDATES[container]:
         if get_format(name).looks_like(names):
             return name
+    family = unsupported.recognise(names)
+    if family is not None:
+        raise FileFormatError(f"{path}: {unsupported.not_supported(family)}; the formats vitspec reads: {', '.join(FORMATS)}")
     shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
     raise FileFormatError(
         f"{path}: cannot tell which checkpoint format this {container} file is (tensors: {shown}); "
@@ -215,8 +218,19 @@ def open_source(path: str | os.PathLike[str], fmt: str) -> _io.Source:
     container = _io.sniff_container(path)
     if container not in record.containers:
         kind = _KINDS.get(container, container)
-        raise FileFormatError(f"{path}: is {kind}, which cannot hold a {fmt} checkpoint ({record.summary}); check --from")
+        raise FileFormatError(
+            f"{path}: is {kind}, which cannot hold a {fmt} checkpoint ({record.summary}); check --from{_looks_like(path, container)}"
+        )
     return record.read(path)
+
+
+def _looks_like(path: Path, container: str) -> str:
+    """'; it looks like a torchvision ... not supported yet' when the file's names are a family vitspec knows."""
+    if container in ("folder", "msgpack"):
+        return ""
+    with _open_container(path, container) as source:
+        family = unsupported.recognise(source.names)
+    return f"; {unsupported.not_supported(family)}" if family is not None else ""
 
 
 def infer_spec(record: Format, source: _io.Source, given: dict[str, Any]) -> Inference:
@@ -232,9 +246,13 @@ def infer_spec(record: Format, source: _io.Source, given: dict[str, Any]) -> Inf
         try:
             facts = record.infer(source, given)
         except (SpecError, WeightsError) as exc:
-            if exc.source is not None:
+            problems = list(exc.problems)
+            family = unsupported.recognise(source.names)
+            if family is not None:  # the file was read as a format it is not (--from)
+                problems.insert(0, f"read as {record.name}, but {unsupported.not_supported(family)}")
+            if exc.source is not None and family is None:
                 raise
-            raise type(exc)(exc.problems, str(source.path)) from None  # name the file the problem is in
+            raise type(exc)(problems, exc.source or str(source.path)) from None  # name the file the problem is in
     return resolve(facts, given, str(source.path))
 
 
@@ -244,7 +262,16 @@ def check_layout(record: Format, spec: Spec, source: _io.Source) -> None:
         expected = dict(record.native_layout(spec))
     except SpecError as exc:
         raise WeightsError(exc.problems, str(source.path)) from None
+    holds = {r.native: r.canonical for r in record.layout.table(spec).rows}
+
+    def beside(name: str) -> str:
+        canonical = ", ".join(holds.get(name, ()))
+        return name if canonical in ("", name) else f"{name} (canonical {canonical})"
+
     problems = name_problems(expected, source.entries)
+    missing = [beside(n) for n in expected if n not in source.entries]
+    if missing:  # the format's own names, each with the canonical tensor(s) it holds
+        problems[0] = f"missing {len(missing)} tensor(s): {', '.join(missing)}"
     for name, shape in expected.items():
         if name not in source.entries:
             continue

@@ -53,13 +53,16 @@ def block_count(names: list[str], pattern: str, what: str) -> int:
     return len(found)
 
 
-def need(shapes: Mapping[str, Shape], name: str, ndim: int, what: str) -> Shape:
-    """The shape of a tensor the format requires, or an error naming it."""
+def need(shapes: Mapping[str, Shape], name: str, ndim: int, what: str, canonical: str, native: str | None = None) -> Shape:
+    """The shape of a tensor the format requires, or an error naming it by the format's own name
+    (``native``, when ``shapes`` is keyed otherwise; else ``name``) with the canonical name beside it."""
+    shown = native or name
+    beside = f"canonical {canonical}, " if canonical != shown else ""
     if name not in shapes:
-        raise WeightsError([f"missing tensor {name} ({what}); is this file of the format it was read as?"])
+        raise WeightsError([f"missing tensor {shown} ({beside}{what}); is this file of the format it was read as?"])
     shape = shapes[name]
     if len(shape) != ndim:
-        raise WeightsError([f"{name}: expected {ndim} dimensions ({what}), found shape {list(shape)}"])
+        raise WeightsError([f"{shown}: expected {ndim} dimensions ({beside}{what}), found shape {list(shape)}"])
     return shape
 
 

@@ -47,7 +47,7 @@ def infer(source: _io.Source, given: dict[str, Any]) -> Facts:
             shapes[name.replace(".qkv.", ".query.")] = (shape[0] // 3,)
         elif name != "patch_embed.kernel":
             shapes[name] = shape
-    facts = infer_from_shapes(shapes, given, NAME, "the file has no embedded spec")
+    facts = infer_from_shapes(shapes, given, NAME, "the file has no embedded spec", {"blocks.{i}": "blocks.{i}"})
     patch_dim = source.shape("patch_embed.kernel")[0] if "patch_embed.kernel" in source.shapes else 0
     channels = given.get("in_channels", 3)
     if "in_channels" not in given:

@@ -165,20 +165,20 @@ def infer(source: _io.Source, given: dict[str, Any]) -> Facts:
     k = facts.known
     classifier = "classifier.weight" in shapes
     p = "vit." if classifier else ""
-    d, c, ph, pw = need(shapes, f"{p}embeddings.patch_embeddings.projection.weight", 4, "the patch projection")
+    d, c, ph, pw = need(shapes, f"{p}embeddings.patch_embeddings.projection.weight", 4, "the patch projection", "patch_embed.kernel")
     k.update(hidden_dim=d, in_channels=c, patch_size=(ph, pw), class_token=True, pooling="token", pos_embed="learned")
     k.update(final_norm="before_pool", drop_path=0.0)  # HF ViT has no stochastic depth
     depth = block_count(names, rf"^{re.escape(p)}encoder\.layer\.(\d+)\.", "encoder.layer")
     if not depth:
         raise WeightsError([f"no {p}encoder.layer.{{i}}.* tensors found: not an HF ViT checkpoint"])
     k["depth"] = depth
-    k["mlp_ratio"] = need(shapes, f"{p}encoder.layer.0.intermediate.dense.weight", 2, "the first MLP layer")[0] / d
+    k["mlp_ratio"] = need(shapes, f"{p}encoder.layer.0.intermediate.dense.weight", 2, "the first MLP layer", "blocks.0.mlp.fc1.kernel")[0] / d
     k["qkv_bias"] = f"{p}encoder.layer.0.attention.attention.query.bias" in shapes
     k["n_classes"] = shapes["classifier.weight"][0] if classifier else 0
     k["pre_logits_dim"] = shapes["pooler.dense.weight"][0] if "pooler.dense.weight" in shapes else 0
     if classifier and k["pre_logits_dim"]:
         raise WeightsError(["found both classifier.* and pooler.*: ViTForImageClassification has no pooler"])
-    rows = need(shapes, f"{p}embeddings.position_embeddings", 3, "the position embedding")[1]
+    rows = need(shapes, f"{p}embeddings.position_embeddings", 3, "the position embedding", "pos_embed")[1]
     config = source.config
     if config is not None:
         _from_config(facts, config, source)

@@ -81,13 +81,13 @@ def infer(source: _io.Source, given: dict[str, Any]) -> Facts:
     reject_features(names, UNSUPPORTED, NAME)
     facts = Facts(NAME)
     k = facts.known
-    d, c, ph, pw = need(shapes, "patch_embed.proj.weight", 4, "the patch projection")
+    d, c, ph, pw = need(shapes, "patch_embed.proj.weight", 4, "the patch projection", "patch_embed.kernel")
     k.update(hidden_dim=d, in_channels=c, patch_size=(ph, pw))
     depth = block_count(names, r"^blocks\.(\d+)\.", "blocks")
     if not depth:
         raise WeightsError(["no blocks.{i}.* tensors found: not a timm VisionTransformer state_dict"])
     k["depth"] = depth
-    mlp = need(shapes, "blocks.0.mlp.fc1.weight", 2, "the first MLP layer")[0]
+    mlp = need(shapes, "blocks.0.mlp.fc1.weight", 2, "the first MLP layer", "blocks.0.mlp.fc1.kernel")[0]
     k["mlp_ratio"] = mlp / d
     k["qkv_bias"] = "blocks.0.attn.qkv.bias" in shapes
     k["class_token"] = "cls_token" in shapes
@@ -97,7 +97,7 @@ def infer(source: _io.Source, given: dict[str, Any]) -> Facts:
     facts.default("pooling", *_pooling(k["class_token"], "fc_norm.weight" in shapes))
     if "pos_embed" in shapes:
         k["pos_embed"] = "learned"
-        rows = need(shapes, "pos_embed", 3, "the position embedding")[1]
+        rows = need(shapes, "pos_embed", 3, "the position embedding", "pos_embed")[1]
         place_positions(facts, rows, (ph, pw), k["class_token"], given)
     else:
         k["pos_embed"] = "none"
