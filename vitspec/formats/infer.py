@@ -255,12 +255,14 @@ def place_positions(
             f"{rows - int(usual)} patches {_with_row(usual)}, {facts.family}'s usual layout, make no plausible grid",
         )
         return
-    readings = [_reading(rows, patch, s, square[s]) for s in slots if square[s] or plausible_grids(rows - int(s))]
-    if len(readings) < 2:
+    fitting = [s for s in slots if square[s] or plausible_grids(rows - int(s))]
+    if len(fitting) < 2:
+        example = rows - int(fitting[0] if fitting else usual)
         raise SpecError(
-            [f"cannot tell the image size: the position embedding has {rows} rows, a square grid neither with "
-             f"nor without a class-token row; pass image_size with --spec ({_example(rows - int(usual), patch)})"]
+            [f"cannot tell the image size: the position embedding has {rows} rows, which is not a square grid with "
+             f"or without a class-token row; pass image_size with --spec ({_example(example, patch)})"]
         )
+    readings = [_reading(rows, patch, s, square[s]) for s in fitting]
     raise SpecError(
         [f"the position embedding has {rows} rows, which can be read two ways (vitspec does not guess): "
          f"(a) {readings[0]}; (b) {readings[1]}"]
