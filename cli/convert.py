@@ -50,7 +50,7 @@ def print_assumed(inference: Any, err: Any) -> None:
     "--resample", type=click.Choice(["bicubic-antialias", "bicubic"]), default=None,
     help="How --image-size resamples: bicubic-antialias (default; timm's resample_abs_pos_embed) or bicubic (no antialiasing; HF).",
 )
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists; into an existing folder, write only the files the format writes.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
 def convert(
     src: Path, dst: Path, from_format: str | None, to_format: str | None, spec: str | None,
@@ -59,7 +59,8 @@ def convert(
     """Convert the checkpoint IN to OUT, losslessly and one tensor at a time.
 
     Formats: canonical, torch, keras, flax, timm, hf, google, big_vision (docs/convert.md).
-    OUT is written atomically; an existing OUT is replaced only with --force.
+    OUT is written atomically; an existing OUT is replaced only with --force. Every spec field the
+    file does not tell is printed as assumed; a file that reads two ways asks for --spec.
     """
     from vitspec.formats import PROGRESS_BYTES
     from vitspec.formats import convert as run_convert
