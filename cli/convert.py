@@ -30,10 +30,11 @@ def parse_image_size(value: str | None) -> int | tuple[int, int] | None:
     return size
 
 
-def print_defaults(inference: Any, err: Any) -> None:
+def print_assumed(inference: Any, err: Any) -> None:
+    """Every field the file does not tell, with the value assumed and why."""
     notes = inference.notes()
     if notes:
-        err.print(f"[yellow]not in the file; {inference.family} defaults used (set them with --spec):[/]", soft_wrap=True)
+        err.print(f"[yellow]assumed, not read from the file ({inference.family}; set them with --spec FIELD=VALUE):[/]", soft_wrap=True)
         for note in notes:
             err.print(f"  {note}", soft_wrap=True)
 
@@ -45,28 +46,35 @@ def print_defaults(inference: Any, err: Any) -> None:
 @click.option("--to", "to_format", type=click.Choice(FORMAT_NAMES), help="Output format (default: from OUT's name: .safetensors canonical, .weights.h5 keras, a folder hf).")
 @click.option("--spec", "spec", metavar="SPEC", help="What the file cannot tell: a (partial) YAML/JSON spec, a preset, or field=value,... pairs.")
 @click.option("--image-size", metavar="N|HxW", help="Resample the position embedding for this input size.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option(
+    "--resample", type=click.Choice(["bicubic-antialias", "bicubic"]), default=None,
+    help="How --image-size resamples: bicubic-antialias (default; timm's resample_abs_pos_embed) or bicubic (no antialiasing; HF).",
+)
+@click.option("--force", is_flag=True, help="Replace OUT if it exists; into an existing folder, write only the files the format writes.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
 def convert(
     src: Path, dst: Path, from_format: str | None, to_format: str | None, spec: str | None,
-    image_size: str | None, force: bool, quiet: bool,
+    image_size: str | None, resample: str | None, force: bool, quiet: bool,
 ) -> None:
     """Convert the checkpoint IN to OUT, losslessly and one tensor at a time.
 
     Formats: canonical, torch, keras, flax, timm, hf, google, big_vision (docs/convert.md).
-    OUT is written atomically; an existing OUT is replaced only with --force.
+    OUT is written atomically; an existing OUT is replaced only with --force. Every spec field the
+    file does not tell is printed as assumed; a file that reads two ways asks for --spec.
     """
     from vitspec.formats import PROGRESS_BYTES
     from vitspec.formats import convert as run_convert
 
     err = console(stderr=True)
     size = parse_image_size(image_size)
+    if resample is not None and size is None:
+        raise click.UsageError("--resample chooses how --image-size resamples; it needs --image-size")
     bar: dict[str, Any] = {}
 
     def on_open(ckpt: Any) -> None:
         if not quiet:
             err.print(f"reading {ckpt.path} as [bold]{ckpt.format}[/]", soft_wrap=True)
-            print_defaults(ckpt.inference, err)
+            print_assumed(ckpt.inference, err)
 
     def progress(done: int, total: int) -> None:
         if quiet or total < PROGRESS_BYTES:
@@ -91,7 +99,7 @@ def convert(
     try:
         result = run_convert(
             src, dst, from_format=from_format, to_format=to_format, spec=spec, image_size=size,
-            overwrite=force, progress=progress, on_open=on_open,
+            resample=resample or "bicubic-antialias", overwrite=force, progress=progress, on_open=on_open,
         )
     finally:
         if "progress" in bar:

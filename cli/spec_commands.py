@@ -125,9 +125,9 @@ def inspect(file: Path, from_format: str | None, spec: str | None) -> None:
     """Show the spec and tensor table of a checkpoint FILE of any supported format.
 
     The spec is the embedded one, or inferred from the tensors (fields the file cannot tell are
-    marked with the family default used). Exits 1 if the tensors do not fit that spec.
+    marked as assumed, with the value used). Exits 1 if the tensors do not fit that spec.
     """
-    from vitspec.cli.convert import print_defaults
+    from vitspec.cli.convert import print_assumed
     from vitspec.errors import SpecError, WeightsError
     from vitspec.formats import check_layout, detect, get_format, infer_spec, open_source
     from vitspec.formats.infer import load_partial_spec
@@ -153,9 +153,9 @@ def inspect(file: Path, from_format: str | None, spec: str | None) -> None:
             out.print(f"[bold]spec[/] ({where}):")
             for line in inference.spec.to_yaml().rstrip().splitlines():
                 key = line.split(":", 1)[0]
-                mark = "  [yellow]# default, not in the file[/]" if key in inference.defaulted else ""
+                mark = "  [yellow]# assumed, not in the file[/]" if key in inference.assumed else ""
                 out.print(line + mark, markup=True)
-            print_defaults(inference, console(stderr=True))
+            print_assumed(inference, console(stderr=True))
             if record.prepare is not None:
                 source = record.prepare(inference.spec, source)
             check_layout(record, inference.spec, source)

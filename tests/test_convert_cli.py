@@ -73,7 +73,7 @@ def test_convert_prints_the_defaults_it_used_and_writes(capsys, tmp_path: Path, 
     assert code == 0, stderr
     assert "reading" in stderr and "as timm" in stderr
     assert "norm_eps = 1e-06 (timm's VisionTransformer LayerNorm eps)" in stderr
-    assert "gelu = exact" in stderr and "n_heads" not in stderr.split("defaults used")[1]
+    assert "gelu = exact" in stderr and "n_heads" not in stderr.split("assumed, not read from the file")[1]
     assert f"wrote {out} (flax)" in stdout
     assert formats.detect(out) == "flax"
 
@@ -101,9 +101,55 @@ def test_inspect_any_format_shows_spec_and_native_tensors(capsys, tmp_path: Path
     assert code == 0, err
     assert "format: google (detected), npz file" in out
     assert "spec (inferred from the tensors)" in out
-    assert "n_heads: 4" in out and "gelu: tanh  # default, not in the file" in out
+    assert "n_heads: 4" in out and "gelu: tanh  # assumed, not in the file" in out
     assert "Transformer/encoderblock_1/MultiHeadDotProductAttention_1/query/kernel" in out and "(32, 4, 8)" in out
     assert "gelu = tanh (Flax's nn.gelu" in err
+
+
+def _bare_timm(tmp_path: Path, spec: vitspec.Spec) -> Path:
+    from safetensors.numpy import save_file
+
+    weights = vitspec.init_weights(spec, seed=0, scheme="random")
+    path = tmp_path / "bare.safetensors"
+    save_file({k: np.ascontiguousarray(v) for k, v in formats.get_format("timm").to_native(spec, weights)}, path)
+    return path
+
+
+def test_convert_and_inspect_mark_every_assumed_field(capsys, tmp_path: Path) -> None:
+    path = _bare_timm(tmp_path, family("timm_avg_fc_norm"))
+    code, out, err = vitspec_cli(capsys, "inspect", str(path), "--spec", "n_heads=4")
+    assert code == 0, err
+    marked = {line.split(":")[0] for line in out.splitlines() if line.endswith("# assumed, not in the file")}
+    assert marked == {"image_size", "pos_embed_class_slot", "pooling", "norm_eps", "gelu", "dropout", "attn_dropout", "drop_path"}
+    code, _, err = vitspec_cli(capsys, "convert", str(path), str(tmp_path / "o.safetensors"), "--spec", "n_heads=4")
+    assert code == 0, err
+    notes = err.split("assumed, not read from the file (timm; set them with --spec FIELD=VALUE):")[1]
+    assert "image_size = 32, pos_embed_class_slot = true (17 position rows read as 16 patches plus a class-token row in a square 4x4 grid" in notes
+    assert "pooling = avg (a timm state_dict does not record global_pool; fc_norm comes with timm's global_pool='avg'" in notes
+    assert "pool_include_prefix=True leave the same tensors and have no vitspec equivalent" in notes
+    assert "dropout, attn_dropout, drop_path = 0.0 (a training-time rate" in notes
+
+
+def test_two_readings_of_the_position_table_are_an_error_until_spec_chooses(capsys, tmp_path: Path) -> None:
+    # a 4x6 grid with a class row: 25 rows, also a 5x5 grid without one
+    path = _bare_timm(tmp_path, family("timm_token", image_size=[32, 48], patch_size=8))
+    out = tmp_path / "o.safetensors"
+    code, _, err = vitspec_cli(capsys, "convert", str(path), str(out), "--spec", "n_heads=4")
+    assert code == 1 and not out.exists()
+    assert _error_lines(err) == [
+        f"error: {path}: the position embedding has 25 rows, which can be read two ways (vitspec does not guess): "
+        "(a) 24 patches plus a class-token row in a non-square grid such as 4x6 or 6x4: --spec image_size=[32,48] or [48,32]; "
+        "(b) 25 patches without a class-token row in a square 5x5 grid (image_size 40): --spec pos_embed_class_slot=false"
+    ]
+    code, _, err = vitspec_cli(capsys, "convert", str(path), str(out), "--spec", "n_heads=4,pos_embed_class_slot=true")
+    assert code == 1 and "contradicts" not in err
+    assert "pass image_size with --spec (for example --spec image_size=[32,48] for a 4x6 grid)" in _error_lines(err)[0]
+    code, _, err = vitspec_cli(capsys, "convert", str(path), str(out), "--spec", "n_heads=4,pos_embed_class_slot=true,image_size=[32,48]")
+    assert code == 0, err
+    assert vitspec.load_weights(out)[1].image_size == (32, 48)
+    code, out_text, err = vitspec_cli(capsys, "inspect", str(path), "--spec", "n_heads=4")
+    assert code == 1 and "blocks.0.attn.qkv.weight" in out_text  # the table, then the error
+    assert "can be read two ways" in _error_lines(err)[0]
 
 
 def test_inspect_lists_problems_after_the_table(capsys, tmp_path: Path, timm_file: Path) -> None:
@@ -121,8 +167,25 @@ def test_image_size_resamples(capsys, tmp_path: Path, canonical: Path) -> None:
     out = tmp_path / "hf384"
     code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(out), "--image-size", "48x64")
     assert code == 0, err
-    assert "resampled: pos_embed grid (4, 4) -> (6, 8) (bicubic" in err
+    assert "resampled: pos_embed grid (4, 4) -> (6, 8) (bicubic-antialias: bicubic with antialiasing" in err
     assert json.loads((out / "config.json").read_text())["image_size"] == [48, 64]
+    plain = tmp_path / "plain.safetensors"
+    code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(plain), "--image-size", "48x64", "--resample", "bicubic")
+    assert code == 0, err
+    assert "(bicubic: bicubic (Keys a=-0.75), align_corners=False, border-clamped, no antialiasing" in err
+    default, other = formats.load(out)[0]["pos_embed"], vitspec.load_weights(plain)[0]["pos_embed"]
+    assert np.array_equal(default[0], other[0]) and not np.allclose(default[1:], other[1:], atol=1e-3)
+    code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(tmp_path / "x.safetensors"), "--resample", "bicubic")
+    assert code == 2 and "--resample chooses how --image-size resamples; it needs --image-size" in err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_the_cli_offers_every_resampling_algorithm() -> None:
+    from vitspec.cli.convert import convert
+    from vitspec.formats.resample import ALGORITHMS, DEFAULT
+
+    option = next(p for p in convert.params if p.name == "resample")
+    assert list(option.type.choices) == list(ALGORITHMS) and DEFAULT == "bicubic-antialias"
 
 
 def test_progress_bar_shows_on_big_files(capsys, tmp_path: Path, canonical: Path, monkeypatch) -> None:
@@ -277,6 +340,85 @@ def test_existing_output_needs_force_and_unwritable_destinations(capsys, tmp_pat
     under_a_file = canonical / "o.safetensors"
     code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(under_a_file))
     assert code == 1 and "does not exist" in _error_lines(err)[0]
+
+
+def _sharded_hf_output(folder: Path, canonical: Path) -> dict[str, str]:
+    """An earlier sharded save_pretrained output in ``folder``: an index naming two shards."""
+    tensors = read_safetensors(canonical)[0]
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2], "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+    for shard, part in shards.items():
+        write_safetensors(folder / shard, {n: tensors[n] for n in part})
+    weight_map = {n: shard for shard, part in shards.items() for n in part}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return weight_map
+
+
+def test_force_into_an_existing_folder_touches_only_the_files_the_format_writes(capsys, tmp_path: Path, canonical: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("mine")
+    (victim / "model-00001-of-00009.safetensors").write_bytes(b"a shard no index of this folder names")
+    (victim / "config.json").write_text("{}")
+    _sharded_hf_output(victim, canonical)
+    code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(victim), "--to", "hf")
+    assert code == 1 and _error_lines(err) == [
+        f"error: {victim} already exists; pass --force (overwrite=True) to replace config.json, model.safetensors, "
+        "model.safetensors.index.json, model-00001-of-00002.safetensors and model-00002-of-00002.safetensors in it "
+        "(nothing else there is touched)"
+    ]
+    assert (victim / "config.json").read_text() == "{}"
+    code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(victim), "--to", "hf", "--force")
+    assert code == 0, err
+    # the user's files stay; the earlier output's index and the shards it names go; nothing half-written is left
+    assert _folder_files(victim) == {"notes.txt", "model-00001-of-00009.safetensors", "config.json", "model.safetensors"}
+    assert (victim / "notes.txt").read_text() == "mine"
+    assert (victim / "model-00001-of-00009.safetensors").read_bytes() == b"a shard no index of this folder names"
+    assert json.loads((victim / "config.json").read_text())["hidden_size"] == SPEC.hidden_dim
+    weights, spec = formats.load(victim)
+    assert spec == SPEC
+    for name, value in vitspec.load_weights(canonical)[0].items():
+        assert np.array_equal(weights[name], value), name
+
+
+def test_force_into_the_current_folder(capsys, tmp_path: Path, canonical: Path, monkeypatch) -> None:
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "notes.txt").write_text("mine")
+    monkeypatch.chdir(here)
+    code, stdout, err = vitspec_cli(capsys, "convert", str(canonical), ".", "--force")
+    assert code == 0, err
+    assert "wrote . (hf)" in stdout
+    assert _folder_files(here) == {"notes.txt", "config.json", "model.safetensors"}
+    assert formats.load(".")[1] == SPEC
+    # a one-file format cannot be written as a folder: said in one line, nothing written
+    code, _, err = vitspec_cli(capsys, "convert", str(canonical), ".", "--to", "timm", "--force")
+    assert code == 1 and _error_lines(err) == [
+        "error: .: is a folder, and the timm format writes a single file; name the file to write (for example model.safetensors)"
+    ]
+    # the folder's own weights are the input: writing would replace them
+    code, _, err = vitspec_cli(capsys, "convert", "model.safetensors", ".", "--force", "--image-size", "48")
+    assert code == 1 and _error_lines(err) == ["error: .: refusing to convert a checkpoint onto itself (writing it would replace model.safetensors)"]
+    assert _folder_files(here) == {"notes.txt", "config.json", "model.safetensors"}
+
+
+def test_an_interrupted_write_into_an_existing_folder_leaves_it_as_it_was(tmp_path: Path, canonical: Path, monkeypatch) -> None:
+    victim = tmp_path / "victim"
+    formats.convert(canonical, victim, to_format="hf")
+    (victim / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in victim.iterdir()}
+    real = Format.to_native
+
+    def interrupted(self, spec, weights):
+        for i, item in enumerate(real(self, spec, weights)):
+            if i == 5:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(Format, "to_native", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        formats.convert(canonical, victim, to_format="hf", image_size=48, overwrite=True)
+    assert {p.name: p.read_bytes() for p in victim.iterdir()} == before
 
 
 def test_read_only_folder(capsys, tmp_path: Path, canonical: Path) -> None:

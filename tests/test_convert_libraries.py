@@ -8,6 +8,7 @@ Numbers are compared as max |a - ref| / max |ref| <= 1e-5 in float32.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -144,6 +145,61 @@ def test_timm_pth_checkpoint_reads_through_weights_only(tmp_path: Path) -> None:
     assert rel_err(reference.forward(spec, weights, images)["output"], expected) <= TOL
 
 
+# Real timm files whose patch grid the tensors do not tell: the img_size=(224, 256) (225
+# rows, also a 15x15 grid without a class row), other n x (n+2) grids, the mirror (a square grid
+# with no_embed_class, also n x (n+2) with a row) and a non-square grid without a class token.
+TIMM_GRIDS = {
+    "224x256": ({"img_size": (224, 256)}, "image_size=[224,256]", "225 rows, which can be read two ways"),
+    "48x80_slot_given": ({"img_size": (48, 80)}, "pos_embed_class_slot=true,image_size=[48,80]", "16 rows, which can be read two ways"),
+    "80x48": ({"img_size": (80, 48)}, "image_size=[80,48]", "16 rows, which can be read two ways"),
+    "no_embed_class_80": ({"img_size": 80, "no_embed_class": True}, "pos_embed_class_slot=false", "25 rows, which can be read two ways"),
+    "no_class_token_64x112": ({"img_size": (64, 112), "class_token": False, "global_pool": "avg"}, "image_size=[64,112]", "cannot tell the image size: the position embedding has 28 rows"),
+}
+
+
+@pytest.mark.parametrize("case", list(TIMM_GRIDS))
+def test_timm_grids_the_tensors_cannot_tell_are_asked_for_never_guessed(tmp_path: Path, case: str) -> None:
+    from timm.models.vision_transformer import VisionTransformer
+
+    options, given, refusal = TIMM_GRIDS[case]
+    model = VisionTransformer(patch_size=16, embed_dim=32, depth=1, num_heads=2, num_classes=3, **options).eval()
+    _randomize(model, 3)
+    src = tmp_path / "timm.safetensors"
+    save_file(model.state_dict(), src)
+    with pytest.raises(vitspec.errors.SpecError, match=re.escape(refusal)):
+        formats.convert(src, tmp_path / "guess.safetensors", spec="n_heads=2")
+    assert not (tmp_path / "guess.safetensors").exists()
+    result = formats.convert(src, tmp_path / "c.safetensors", spec=f"n_heads=2,{given}")
+    weights, spec = vitspec.load_weights(tmp_path / "c.safetensors")
+    assert spec.image_size == tuple(model.patch_embed.img_size)
+    assert spec.pos_embed_class_slot == (model.has_class_token and not model.no_embed_class)
+    images = _images(spec, batch=1)
+    with torch.no_grad():
+        expected = model(_nchw(images)).numpy()
+    assert rel_err(reference.forward(spec, weights, images)["output"], expected) <= TOL
+    # a square grid the user did not give is still an assumption, and marked as one
+    assert ("image_size" in result.inference.assumed) == ("image_size" not in given)
+    assert "pooling" in result.inference.assumed
+
+
+@pytest.mark.parametrize("options", [{"global_pool": "max"}, {"global_pool": "avgmax"}, {"global_pool": "avg", "pool_include_prefix": True}])
+def test_timm_pooling_vitspec_cannot_express_is_named_where_pooling_is_assumed(tmp_path: Path, options: dict) -> None:
+    model = _timm_model(options)
+    src = tmp_path / "timm.safetensors"
+    save_file(model.state_dict(), src)
+    result = formats.convert(src, tmp_path / "c.safetensors", spec={"n_heads": 4})
+    assert result.inference.assumed["pooling"] == "avg"
+    note = next(line for line in result.inference.notes() if line.startswith("pooling = avg"))
+    assert "does not record global_pool" in note
+    assert "global_pool='max' and 'avgmax' and pool_include_prefix=True leave the same tensors and have no vitspec equivalent" in note
+    # which is why it must be said: such a model's numbers are not the converted model's
+    weights, spec = vitspec.load_weights(tmp_path / "c.safetensors")
+    images = _images(spec)
+    with torch.no_grad():
+        expected = model(_nchw(images)).numpy()
+    assert rel_err(reference.forward(spec, weights, images)["output"], expected) > 1e-3
+
+
 # ---- HF transformers ---------------------------------------------------------------------------
 
 HF_CASES = {
@@ -184,7 +240,7 @@ def test_hf_checkpoint_runs_in_every_backend(tmp_path: Path, backend, case: str)
     images = _images(spec0)
     out = tmp_path / "c.safetensors"
     result = formats.convert(folder, out)
-    assert result.from_format == "hf" and result.inference.defaulted == {}
+    assert result.from_format == "hf" and result.inference.assumed == {}
     spec = _run_everywhere(backend, out, images, _hf_output(model, images))
     if cls_name == "ViTModel":
         assert spec.n_classes == 0 and spec.pre_logits_dim == 32
@@ -260,18 +316,54 @@ def test_npz_written_by_vitspec_loads_in_timm_and_matches(tmp_path: Path, case: 
 # ---- position-embedding resampling vs timm ---------------------------------------------------
 
 
-@pytest.mark.parametrize(("old", "new"), [((4, 4), (6, 6)), ((6, 6), (4, 4)), ((4, 4), (3, 5)), ((2, 3), (7, 5))])
-def test_resampling_matches_timm_bicubic_without_antialias(old: tuple[int, int], new: tuple[int, int]) -> None:
+RESIZES = [((4, 4), (6, 6)), ((6, 6), (4, 4)), ((4, 4), (3, 5)), ((2, 3), (7, 5)), ((14, 14), (24, 24)), ((24, 24), (14, 16)), ((14, 16), (7, 9)), ((7, 7), (7, 12))]
+# each algorithm and the timm call it equals (the first: timm's defaults, antialias=True)
+TIMM_CALLS = {"bicubic-antialias": {}, "bicubic": {"interpolation": "bicubic", "antialias": False}}
+
+
+@pytest.mark.parametrize("algorithm", list(TIMM_CALLS))
+@pytest.mark.parametrize(("old", "new"), RESIZES)
+def test_resampling_matches_timm_and_torch(old: tuple[int, int], new: tuple[int, int], algorithm: str) -> None:
+    import torch.nn.functional as F
     from timm.layers import resample_abs_pos_embed
 
     table = np.random.default_rng(0).standard_normal((1 + old[0] * old[1], 16)).astype(np.float32)
     want = resample_abs_pos_embed(
-        torch.from_numpy(table[None]), new_size=list(new), old_size=list(old), num_prefix_tokens=1,
-        interpolation="bicubic", antialias=False,
+        torch.from_numpy(table[None]), new_size=list(new), old_size=list(old), num_prefix_tokens=1, **TIMM_CALLS[algorithm],
     )[0].numpy()
     spec = vitspec.Spec(image_size=(old[0] * 4, old[1] * 4), patch_size=4, hidden_dim=16, n_heads=2, depth=1)
-    got = resample_pos_embed(spec, table, new)
+    got = resample_pos_embed(spec, table, new, algorithm)
     assert got.shape == want.shape == (1 + new[0] * new[1], 16)
     assert np.array_equal(got[0], table[0])
-    assert rel_err(got, want) <= TOL
-    assert np.allclose(resample_grid(table[1:], old, old), table[1:], atol=0)
+    assert rel_err(got, want) <= 4e-6  # timm computes in float32: a few roundings of 6e-8 each
+    # the kernel itself, against torch in float64
+    grid = torch.from_numpy(table[1:].astype(np.float64).reshape(1, *old, 16)).permute(0, 3, 1, 2)
+    exact = F.interpolate(grid, size=new, mode="bicubic", align_corners=False, antialias=algorithm == "bicubic-antialias")
+    exact = exact.permute(0, 2, 3, 1).reshape(-1, 16).numpy()
+    assert np.abs(resample_grid(table[1:], old, new, algorithm) - exact).max() <= 1e-12
+    assert np.array_equal(resample_grid(table[1:], old, old, algorithm), table[1:].astype(np.float64))
+
+
+@pytest.mark.parametrize(("old", "new"), [((4, 4), (6, 6)), ((6, 6), (4, 4))])
+def test_antialiasing_changes_the_numbers_up_and_down(old: tuple[int, int], new: tuple[int, int]) -> None:
+    # torch's antialiased bicubic is Pillow's a=-0.5 filter, renormalised at the border: it differs
+    # from plain bicubic when upsampling too, not only when the support is stretched
+    table = np.random.default_rng(1).standard_normal((old[0] * old[1], 8))
+    difference = rel_err(resample_grid(table, old, new, "bicubic-antialias"), resample_grid(table, old, new, "bicubic"))
+    assert difference > 1e-2
+
+
+def test_convert_resamples_as_timm_does_by_default(tmp_path: Path) -> None:
+    from timm.layers import resample_abs_pos_embed
+
+    model = _timm_model({})  # 32 px, patch 8: a 4x4 grid
+    src = tmp_path / "timm.safetensors"
+    save_file(model.state_dict(), src)
+    table = model.pos_embed.detach()
+    for algorithm, call in TIMM_CALLS.items():
+        out = tmp_path / f"{algorithm}.safetensors"
+        options = {} if algorithm == "bicubic-antialias" else {"resample": algorithm}
+        result = formats.convert(src, out, spec={"n_heads": 4}, image_size=(40, 56), **options)
+        assert result.resampled.startswith(f"pos_embed grid (4, 4) -> (5, 7) ({algorithm}: ")
+        want = resample_abs_pos_embed(table, new_size=[5, 7], old_size=[4, 4], num_prefix_tokens=1, **call)[0].numpy()
+        assert rel_err(vitspec.load_weights(out)[0]["pos_embed"], want) <= 1e-6

@@ -176,9 +176,14 @@ def test_timm_spec_inference_reports_what_came_from_defaults(tmp_path: Path) -> 
     with formats.open_checkpoint(bare) as ckpt:
         inferred = ckpt.inference
     assert inferred.spec.n_heads == 1  # width 64: head_dim 64, no preset has it
-    assert set(inferred.defaulted) == {"n_heads", "norm_eps", "gelu", "pooling"}
+    # everything the tensors cannot tell is assumed and said so, down to the training-only rates
+    assert set(inferred.assumed) == {
+        "n_heads", "norm_eps", "gelu", "pooling", "image_size", "pos_embed_class_slot", "dropout", "attn_dropout", "drop_path",
+    }
+    assert set(inferred.known) | set(inferred.assumed) == set(vitspec.Spec.model_fields)
     notes = "\n".join(inferred.notes())
     assert "n_heads = 1 (head_dim 64" in notes and "gelu = exact (timm's nn.GELU)" in notes
+    assert "image_size = 32, pos_embed_class_slot = true (17 position rows read as 16 patches plus a class-token row in a square 4x4 grid" in notes
     assert inferred.spec.replace(n_heads=1) == spec
 
 
@@ -229,6 +234,111 @@ def test_non_square_grid_needs_the_image_size(tmp_path: Path) -> None:
     assert got_spec == spec
     with pytest.raises(SpecError, match=r"image_size: --spec says 24x24 \(12 patches of 6x8\), but the file's position embedding has 21 rows"):
         formats.load(bare, spec="n_heads=4,image_size=24")
+
+
+def _bare(tmp_path: Path, spec: vitspec.Spec, fmt: str = "timm") -> tuple[Path, dict[str, np.ndarray]]:
+    """A file of ``fmt`` as its library saves it: native tensors, no metadata, no spec."""
+    from safetensors.numpy import save_file
+
+    weights = vitspec.init_weights(spec, seed=5, scheme="random")
+    path = tmp_path / f"bare-{fmt}.safetensors"
+    save_file({k: np.ascontiguousarray(v) for k, v in formats.get_format(fmt).to_native(spec, weights)}, path)
+    return path, weights
+
+
+def _sized(spec: vitspec.Spec) -> list[int]:
+    return list(spec.image_size)
+
+
+# (grid, patch): grids of n x (n+2) patches, whose table plus a class-token row has (n+1)^2 rows,
+# so it also reads as a square grid without the row. Not the issue's 14x16: other heights and widths.
+TWO_READINGS = [((3, 5), (4, 4)), ((5, 3), (4, 4)), ((6, 8), (2, 3)), ((2, 4), (8, 8)), ((8, 6), (4, 2))]
+
+
+@pytest.mark.parametrize(("grid", "patch"), TWO_READINGS)
+def test_a_table_with_two_readings_is_listed_never_guessed(tmp_path: Path, grid: tuple[int, int], patch: tuple[int, int]) -> None:
+    spec = family("timm_token", image_size=[grid[0] * patch[0], grid[1] * patch[1]], patch_size=list(patch))
+    path, weights = _bare(tmp_path, spec)
+    rows, side = grid[0] * grid[1] + 1, min(grid) + 1
+    with pytest.raises(SpecError) as info:
+        formats.load(path, spec="n_heads=4")
+    message = str(info.value)
+    assert f"the position embedding has {rows} rows, which can be read two ways (vitspec does not guess)" in message
+    assert f"(a) {rows - 1} patches plus a class-token row in a non-square grid such as" in message
+    assert f"{grid[0]}x{grid[1]}" in message and f"[{spec.image_size[0]},{spec.image_size[1]}]" in message
+    assert f"(b) {rows} patches without a class-token row in a square {side}x{side} grid" in message
+    assert "--spec pos_embed_class_slot=false" in message
+    # the image size picks reading (a); with the class slot given too it is accepted, not a contradiction
+    for given in ({"image_size": _sized(spec)}, {"image_size": _sized(spec), "pos_embed_class_slot": True}):
+        got, got_spec = formats.load(path, spec={"n_heads": 4, **given})
+        assert got_spec == spec
+        _assert_bits(got, weights)
+    # the class slot alone still needs the grid: asked for by name, with an example that fits
+    with pytest.raises(SpecError, match=rf"cannot tell the image size: the position embedding has {rows} rows, {rows - 1} patches plus a class-token row, which is not a square grid; pass image_size with --spec \(for example --spec image_size=\["):
+        formats.load(path, spec="n_heads=4,pos_embed_class_slot=true")
+    # reading (b), chosen by the user: the square grid is taken and marked as assumed
+    with formats.open_checkpoint(path, spec="n_heads=4,pos_embed_class_slot=false") as ckpt:
+        assert ckpt.spec.image_size == (side * patch[0], side * patch[1]) and not ckpt.spec.pos_embed_class_slot
+        assert set(ckpt.inference.assumed) >= {"image_size", "pooling"}
+        assert "pos_embed_class_slot" in ckpt.inference.given
+
+
+def test_the_mirror_case_a_square_table_without_the_class_row_is_not_guessed_either(tmp_path: Path) -> None:
+    # timm no_embed_class=True (DeiT III): 5x5 patches and a class token, but no row for it: 25 rows,
+    # which timm's usual class row would read as 24 patches in a 4x6 grid.
+    spec = family("timm_no_embed_class", image_size=40, patch_size=8)
+    path, weights = _bare(tmp_path, spec)
+    with pytest.raises(SpecError, match=r"has 25 rows, which can be read two ways .*\(a\) 24 patches plus a class-token row in a non-square grid such as 4x6 or 6x4: --spec image_size=\[32,48\] or \[48,32\]; \(b\) 25 patches without a class-token row in a square 5x5 grid \(image_size 40\): --spec pos_embed_class_slot=false"):
+        formats.load(path, spec="n_heads=4")
+    got, got_spec = formats.load(path, spec="n_heads=4,pos_embed_class_slot=false")
+    assert got_spec == spec
+    _assert_bits(got, weights)
+
+
+@pytest.mark.parametrize("grid", [(3, 5), (4, 7), (6, 4)])
+def test_without_a_class_token_a_non_square_grid_needs_the_size(tmp_path: Path, grid: tuple[int, int]) -> None:
+    spec = family("big_vision_gap", image_size=[grid[0] * 4, grid[1] * 4], patch_size=4)
+    path, weights = _bare(tmp_path, spec)
+    n = grid[0] * grid[1]
+    with pytest.raises(SpecError, match=rf"cannot tell the image size: the position embedding has {n} rows, {n} patches without a class-token row, which is not a square grid"):
+        formats.load(path, spec="n_heads=4")
+    got, got_spec = formats.load(path, spec={"n_heads": 4, "image_size": _sized(spec)})
+    assert got_spec == spec
+    _assert_bits(got, weights)
+    with pytest.raises(SpecError, match="the given spec contradicts the file: pos_embed_class_slot: the file says false, --spec says true"):
+        formats.load(path, spec={"n_heads": 4, "image_size": _sized(spec), "pos_embed_class_slot": True})
+
+
+@pytest.mark.parametrize(("fmt", "family_name", "side"), [("timm", "timm_token", 4), ("timm", "big_vision_gap", 5), ("canonical", "vit_paper", 3)])
+def test_a_square_reading_is_taken_only_as_an_assumption(tmp_path: Path, fmt: str, family_name: str, side: int) -> None:
+    spec = family(family_name, image_size=side * 8, patch_size=8)
+    path, _ = _bare(tmp_path, spec, fmt)
+    with formats.open_checkpoint(path, from_format=fmt, spec="n_heads=4") as ckpt:
+        inference = ckpt.inference
+    assert inference.spec == spec
+    assert inference.assumed["image_size"] == (side * 8, side * 8) and "image_size" not in inference.known
+    assert ("pos_embed_class_slot" in inference.assumed) == spec.class_token  # read from the file without one
+    assert f"in a square {side}x{side} grid" in inference.why["image_size"]
+
+
+def test_big_vision_old_style_class_row_is_read_because_the_usual_layout_fits_no_grid(tmp_path: Path) -> None:
+    spec = family("vit_paper", image_size=32, patch_size=8)  # 16 patches + a class row: 17 rows, prime
+    canonical, _weights = _canonical(tmp_path, spec)
+    npz = tmp_path / "bv.npz"
+    formats.convert(canonical, npz, to_format="big_vision")
+    with formats.open_checkpoint(npz, spec={"gelu": "exact"}) as ckpt:
+        assert ckpt.spec == spec
+        assert "17 patches without a class-token row, big_vision's usual layout, make no plausible grid" in ckpt.inference.why["pos_embed_class_slot"]
+
+
+def test_plausible_grids() -> None:
+    from vitspec.formats.infer import plausible_grids
+
+    assert plausible_grids(224)[:2] == [(14, 16), (16, 14)]
+    assert plausible_grids(197) == []  # ViT-B/16's table read without its class row: prime, no grid
+    assert plausible_grids(196) == []  # 14x14 is square; 7x28 is wider than 2:1
+    assert plausible_grids(50) == [(5, 10), (10, 5)]  # 2:1 is the widest counted
+    assert plausible_grids(51) == []  # 3x17
 
 
 def test_hf_config_must_agree_with_the_tensors(tmp_path: Path) -> None:
@@ -296,10 +406,19 @@ def test_unsupported_features_are_named(tmp_path: Path) -> None:
 def test_resampling_keeps_constants_and_the_class_row(tmp_path: Path) -> None:
     spec = family("vit_paper")  # 4x4 grid with a class row
     table = np.concatenate([np.full((1, 32), 7.0), np.full((16, 32), -2.5)]).astype(np.float32)
-    out = resample.resample_pos_embed(spec, table, (6, 6))
-    assert out.shape == (37, 32) and out.dtype == np.float32
-    assert np.all(out[0] == 7.0) and np.allclose(out[1:], -2.5, atol=1e-6)
-    assert np.allclose(resample.bicubic_matrix(4, 6).sum(axis=1), 1.0)
+    for algorithm in resample.ALGORITHMS:
+        for grid in ((6, 6), (3, 2)):
+            out = resample.resample_pos_embed(spec, table, grid, algorithm)
+            assert out.shape == (1 + grid[0] * grid[1], 32) and out.dtype == np.float32
+            assert np.all(out[0] == 7.0) and np.allclose(out[1:], -2.5, atol=1e-6)
+    for n_in, n_out in ((4, 6), (6, 4), (14, 5), (3, 16)):
+        assert np.allclose(resample.bicubic_matrix(n_in, n_out).sum(axis=1), 1.0)
+        assert np.allclose(resample.antialiased_bicubic_matrix(n_in, n_out).sum(axis=1), 1.0)
+    # downsampling 8x with antialiasing averages every input row in; plain bicubic (4 taps) skips some
+    assert (resample.antialiased_bicubic_matrix(32, 4) != 0).any(axis=0).all()
+    assert not (resample.bicubic_matrix(32, 4) != 0).any(axis=0).all()
+    with pytest.raises(ValueError, match="unknown resampling algorithm 'lanczos'; expected one of bicubic-antialias, bicubic"):
+        formats.convert(_canonical(tmp_path, spec)[0], tmp_path / "o.safetensors", image_size=48, resample="lanczos")
 
 
 def test_convert_with_image_size_resamples_and_runs(tmp_path: Path) -> None:

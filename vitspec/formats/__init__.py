@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 
 from vitspec import containers
-from vitspec.errors import FileFormatError, SpecError, WeightsError
-from vitspec.files import check_destination
-from vitspec.formats import canonical, flax, flax_npz, hf, keras, timm, torch
+from vitspec.errors import FileFormatError, SpecError, VitspecError, WeightsError
+from vitspec.files import OutputExistsError, check_destination
+from vitspec.formats import canonical, flax, flax_npz, hf, keras, timm, torch, unsupported
 from vitspec.formats.format import Format
 from vitspec.formats.infer import Facts, Inference, load_partial_spec, resolve
 from vitspec.formats.streaming import Materialized
@@ -111,6 +111,9 @@ def detect(path: str | os.PathLike[str]) -> str:
     for name in _CANDIDATES[container]:
         if get_format(name).looks_like(names):
             return name
+    family = unsupported.recognise(names)
+    if family is not None:
+        raise FileFormatError(f"{path}: {unsupported.not_supported(family)}; the formats vitspec reads: {', '.join(FORMATS)}")
     shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
     raise FileFormatError(
         f"{path}: cannot tell which checkpoint format this {container} file is (tensors: {shown}); "
@@ -216,8 +219,19 @@ def open_source(path: str | os.PathLike[str], fmt: str) -> containers.Source:
     container = containers.sniff_container(path)
     if container not in record.containers:
         kind = _KINDS.get(container, container)
-        raise FileFormatError(f"{path}: is {kind}, which cannot hold a {fmt} checkpoint ({record.summary}); check --from")
+        raise FileFormatError(
+            f"{path}: is {kind}, which cannot hold a {fmt} checkpoint ({record.summary}); check --from{_looks_like(path, container)}"
+        )
     return record.read(path)
+
+
+def _looks_like(path: Path, container: str) -> str:
+    """'; it looks like a torchvision ... not supported yet' when the file's names are a family vitspec knows."""
+    if container in ("folder", "msgpack"):
+        return ""
+    with _open_container(path, container) as source:
+        family = unsupported.recognise(source.names)
+    return f"; {unsupported.not_supported(family)}" if family is not None else ""
 
 
 def infer_spec(record: Format, source: containers.Source, given: dict[str, Any]) -> Inference:
@@ -230,7 +244,16 @@ def infer_spec(record: Format, source: containers.Source, given: dict[str, Any])
         facts = Facts(record.name, known=embedded.to_dict())
         facts.family = f"{record.name} (embedded spec)"
     else:
-        facts = record.infer(source, given)
+        try:
+            facts = record.infer(source, given)
+        except (SpecError, WeightsError) as exc:
+            problems = list(exc.problems)
+            family = unsupported.recognise(source.names)
+            if family is not None:  # the file was read as a format it is not (--from)
+                problems.insert(0, f"read as {record.name}, but {unsupported.not_supported(family)}")
+            if exc.source is not None and family is None:
+                raise
+            raise type(exc)(problems, exc.source or str(source.path)) from None  # name the file the problem is in
     return resolve(facts, given, str(source.path))
 
 
@@ -240,7 +263,16 @@ def check_layout(record: Format, spec: Spec, source: containers.Source) -> None:
         expected = dict(record.native_layout(spec))
     except SpecError as exc:
         raise WeightsError(exc.problems, str(source.path)) from None
+    holds = {r.native: r.canonical for r in record.layout.table(spec).rows}
+
+    def beside(name: str) -> str:
+        canonical = ", ".join(holds.get(name, ()))
+        return name if canonical in ("", name) else f"{name} (canonical {canonical})"
+
     problems = name_problems(expected, source.entries)
+    missing = [beside(n) for n in expected if n not in source.entries]
+    if missing:  # the format's own names, each with the canonical tensor(s) it holds
+        problems[0] = f"missing {len(missing)} tensor(s): {', '.join(missing)}"
     for name, shape in expected.items():
         if name not in source.entries:
             continue
@@ -282,7 +314,7 @@ def save(
     record = get_format(fmt)
     check_weights(spec, weights, source=str(path))
     record.check_spec(spec)
-    check_destination(path, overwrite)
+    _check_output(None, path, record, overwrite)
     dtype = _output_dtype({np.asarray(w).dtype for w in weights.values()})
     record.write(path, spec, record.to_native(spec, weights), dtype, overwrite=overwrite)
 
@@ -318,28 +350,31 @@ def convert(
     to_format: str | None = None,
     spec: str | Path | dict[str, Any] | Spec | None = None,
     image_size: int | tuple[int, int] | None = None,
+    resample: str = "bicubic-antialias",
     overwrite: bool = False,
     progress: ProgressFn | None = None,
     on_open: Callable[[Checkpoint], None] | None = None,
 ) -> Conversion:
     """Convert a checkpoint between formats, one tensor at a time, writing ``dst`` atomically.
 
-    ``image_size`` resamples a learned position embedding to a new input size (see
-    ``vitspec.formats.resample``). ``progress(done_bytes, total_bytes)`` is called after each
+    ``image_size`` resamples a learned position embedding to a new input size with the algorithm
+    named by ``resample`` (``vitspec.formats.resample.ALGORITHMS``; the default is timm's). ``progress(done_bytes, total_bytes)`` is called after each
     tensor is written; ``on_open(checkpoint)`` once the source is open and its spec known.
     """
+    from vitspec.formats.resample import ALGORITHMS
+
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
+    if resample not in ALGORITHMS:
+        raise ValueError(f"unknown resampling algorithm {resample!r}; expected one of {', '.join(ALGORITHMS)}")
     to_name = to_format or destination_format(dst)
     target = get_format(to_name)
-    check_destination(dst, overwrite)
-    if dst.exists() and src.exists() and _same_file(src, dst):
-        raise FileFormatError(f"{dst}: refusing to convert a checkpoint onto itself")
+    _check_output(src, dst, target, overwrite)
     with open_checkpoint(src, from_format, spec) as ckpt:
         if on_open is not None:
             on_open(ckpt)
         in_spec = ckpt.spec
-        out_spec, how = _resized(in_spec, image_size)
+        out_spec, how = _resized(in_spec, image_size, resample)
         target.check_spec(out_spec)
         dtype = _output_dtype({d for _, d in ckpt.source.entries.values()})
         layout = target.native_layout(out_spec)
@@ -352,7 +387,7 @@ def convert(
         if out_spec != in_spec:
             from vitspec.formats.resample import resampled
 
-            weights = resampled(in_spec, out_spec, weights)
+            weights = resampled(in_spec, out_spec, weights, resample)
         done = [0]
 
         def tick(nbytes: int) -> None:
@@ -368,7 +403,7 @@ def convert(
         )
 
 
-def _resized(spec: Spec, image_size: int | tuple[int, int] | list[int] | None) -> tuple[Spec, str | None]:
+def _resized(spec: Spec, image_size: int | tuple[int, int] | list[int] | None, algorithm: str) -> tuple[Spec, str | None]:
     if image_size is None:
         return spec, None
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
@@ -377,9 +412,9 @@ def _resized(spec: Spec, image_size: int | tuple[int, int] | list[int] | None) -
     new = spec.replace(image_size=size)
     if spec.pos_embed != "learned":
         return new, f"image size {spec.image_size} -> {new.image_size}; pos_embed {spec.pos_embed!r} has no table to resample"
-    from vitspec.formats.resample import ALGORITHM
+    from vitspec.formats.resample import describe
 
-    return new, f"pos_embed grid {spec.grid} -> {new.grid} ({ALGORITHM})"
+    return new, f"pos_embed grid {spec.grid} -> {new.grid} ({describe(algorithm)})"
 
 
 def _checked(items: Iterator[tuple[str, np.ndarray]], source: containers.Source) -> Iterator[tuple[str, np.ndarray]]:
@@ -404,6 +439,35 @@ def _output_dtype(dtypes: set[np.dtype]) -> np.dtype:
     if np.dtype(np.float64) in floats:
         return np.dtype(np.float64)
     return np.dtype(np.float32)
+
+
+def _check_output(src: Path | None, dst: Path, target: Format, overwrite: bool) -> None:
+    """Refuse, before any work: a folder for a one-file format, an existing OUT without overwrite,
+    and an output that would replace or remove the input."""
+    if dst.is_dir() and not target.writes_folder:
+        raise FileFormatError(
+            f"{dst}: is a folder, and the {target.name} format writes a single file; name the file to write "
+            f"(for example {dst / ('model' + _SUFFIX.get(target.name, '.safetensors'))})"
+        )
+    if dst.is_dir() and not overwrite:
+        raise FolderExistsError(dst, target)
+    check_destination(dst, overwrite)
+    if src is not None and src.exists() and any(_same_file(src, out) for out in [dst, *target.touches(dst)] if out.exists()):
+        raise FileFormatError(f"{dst}: refusing to convert a checkpoint onto itself (writing it would replace {src})")
+
+
+_SUFFIX = {"keras": ".weights.h5", "google": ".npz", "big_vision": ".npz"}
+
+
+class FolderExistsError(OutputExistsError):
+    """An existing output folder: with overwrite, only the files the format writes are replaced."""
+
+    def __init__(self, path: Path, target: Format) -> None:
+        names = [p.name for p in target.touches(path)]
+        shown = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
+        VitspecError.__init__(
+            self, f"{path} already exists; pass --force (overwrite=True) to replace {shown} in it (nothing else there is touched)"
+        )
 
 
 def _same_file(a: Path, b: Path) -> bool:

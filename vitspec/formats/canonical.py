@@ -35,25 +35,34 @@ def infer(source: containers.Source, given: dict[str, Any]) -> Facts:
     return infer_from_shapes(source.shapes, given, NAME, "the file has no embedded spec")
 
 
-def infer_from_shapes(shapes: Mapping[str, tuple[int, ...]], given: dict[str, Any], family: str, why: str) -> Facts:
+def infer_from_shapes(
+    shapes: Mapping[str, tuple[int, ...]], given: dict[str, Any], family: str, why: str,
+    native: Mapping[str, str] | None = None,
+) -> Facts:
     """Facts from canonical names and shapes (only those present); vitspec's defaults for the rest.
 
-    Native formats whose names map onto canonical ones (keras, flax) reuse this.
+    Native formats whose names map onto canonical ones (keras, flax) reuse this; ``native`` maps a
+    canonical name (and ``blocks.{i}``) to the format's own, which errors name.
     """
+    native = native or {}
     names = list(shapes)
+
+    def need_(name: str, ndim: int, what: str) -> tuple[int, ...]:
+        return need(shapes, name, ndim, what, name, native.get(name))
+
     facts = Facts(family)
     k = facts.known
     if "patch_embed.kernel" in shapes and len(shapes["patch_embed.kernel"]) == 4:
         ph, pw, c, d = shapes["patch_embed.kernel"]
         k.update(in_channels=c, patch_size=(ph, pw))
     else:
-        d = need(shapes, "patch_embed.bias", 1, "the patch embedding bias")[0]
+        d = need_("patch_embed.bias", 1, "the patch embedding bias")[0]
     k["hidden_dim"] = d
     depth = block_count(names, r"^blocks\.(\d+)\.", "blocks")
     if not depth:
-        raise WeightsError(["no blocks.{i}.* tensors found"])
+        raise WeightsError([f"no {native.get('blocks.{i}', 'blocks.{i}')}.* tensors found"])
     k["depth"] = depth
-    k["mlp_ratio"] = need(shapes, "blocks.0.mlp.fc1.kernel", 2, "the first MLP layer")[1] / d
+    k["mlp_ratio"] = need_("blocks.0.mlp.fc1.kernel", 2, "the first MLP layer")[1] / d
     k["qkv_bias"] = "blocks.0.attn.query.bias" in shapes
     k["class_token"] = "class_token" in shapes
     k["pre_logits_dim"] = shapes["pre_logits.kernel"][1] if "pre_logits.kernel" in shapes else 0
@@ -62,9 +71,9 @@ def infer_from_shapes(shapes: Mapping[str, tuple[int, ...]], given: dict[str, An
         k["pooling"] = "avg"
     if "pos_embed" in shapes:
         k["pos_embed"] = "learned"
-        rows = need(shapes, "pos_embed", 2, "the position embedding")[0]
+        rows = need_("pos_embed", 2, "the position embedding")[0]
         if "patch_size" in k:
-            place_positions(facts, rows, k["patch_size"], k["class_token"], given.get("image_size"))
+            place_positions(facts, rows, k["patch_size"], k["class_token"], given)
     else:
         facts.default("pos_embed", "none", "no pos_embed tensor; pass --spec pos_embed=sincos2d for a fixed table")
         facts.default("image_size", 224, "no position embedding to read it from")

@@ -48,7 +48,7 @@ def infer(source: containers.Source, given: dict[str, Any]) -> Facts:
             shapes[name.replace(".qkv.", ".query.")] = (shape[0] // 3,)
         elif name != "patch_embed.kernel":
             shapes[name] = shape
-    facts = infer_from_shapes(shapes, given, NAME, "the file has no embedded spec")
+    facts = infer_from_shapes(shapes, given, NAME, "the file has no embedded spec", {"blocks.{i}": "blocks.{i}"})
     patch_dim = source.shape("patch_embed.kernel")[0] if "patch_embed.kernel" in source.shapes else 0
     channels = given.get("in_channels", 3)
     if "in_channels" not in given:
@@ -59,9 +59,7 @@ def infer(source: containers.Source, given: dict[str, Any]) -> Facts:
     patch = given.get("patch_size", facts.defaults.get("patch_size"))
     if "pos_embed" in shapes and patch:
         patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
-        place_positions(facts, shapes["pos_embed"][0], patch, facts.known["class_token"], given.get("image_size"))
-        if "patch_size" not in given and "image_size" in facts.known:
-            facts.default("image_size", facts.known.pop("image_size"), "the position embedding's grid times the inferred patch size")
+        place_positions(facts, shapes["pos_embed"][0], patch, facts.known["class_token"], given)
     return facts
 
 

@@ -110,16 +110,18 @@ def _infer(s: Scheme, source: containers.Source, given: dict[str, Any]) -> Facts
     reject_features(names, UNSUPPORTED[s.name], s.name)
     facts = Facts(s.name)
     k = facts.known
-    ph, pw, c, d = need(shapes, "embedding/kernel", 4, "the patch embedding")
+    ph, pw, c, d = need(shapes, "embedding/kernel", 4, "the patch embedding", "patch_embed.kernel", p + "embedding/kernel")
     k.update(hidden_dim=d, in_channels=c, patch_size=(ph, pw), final_norm="before_pool")
     depth = block_count(names, r"^Transformer/encoderblock_(\d+)/", "Transformer/encoderblock")
     if not depth:
         raise WeightsError([f"no {p}Transformer/encoderblock_{{i}}/* arrays found: not a {s.name} ViT checkpoint"])
     k["depth"] = depth
 
-    _, heads, _ = need(shapes, native_name(s, "blocks.0.attn.query.kernel").removeprefix(p), 3, "the first query kernel (D, heads, head_dim)")
+    query = native_name(s, "blocks.0.attn.query.kernel")
+    _, heads, _ = need(shapes, query.removeprefix(p), 3, "the first query kernel (D, heads, head_dim)", "blocks.0.attn.query.kernel", query)
     k["n_heads"] = heads
-    k["mlp_ratio"] = need(shapes, native_name(s, "blocks.0.mlp.fc1.kernel").removeprefix(p), 2, "the first MLP layer")[1] / d
+    fc1 = native_name(s, "blocks.0.mlp.fc1.kernel")
+    k["mlp_ratio"] = need(shapes, fc1.removeprefix(p), 2, "the first MLP layer", "blocks.0.mlp.fc1.kernel", fc1)[1] / d
     k["qkv_bias"] = native_name(s, "blocks.0.attn.query.bias").removeprefix(p) in shapes
     k["class_token"] = "cls" in shapes
     k["pooling"] = "token" if k["class_token"] else "avg"
@@ -127,9 +129,9 @@ def _infer(s: Scheme, source: containers.Source, given: dict[str, Any]) -> Facts
     k["n_classes"] = shapes["head/kernel"][1] if "head/kernel" in shapes else 0
     if s.pos in shapes:
         k["pos_embed"] = "learned"
-        rows = need(shapes, s.pos, 3, "the position embedding")[1]
+        rows = need(shapes, s.pos, 3, "the position embedding", "pos_embed", p + s.pos)[1]
         slot = k["class_token"] if s.slot_with_cls else None
-        place_positions(facts, rows, (ph, pw), k["class_token"], given.get("image_size"), slot=slot)
+        place_positions(facts, rows, (ph, pw), k["class_token"], given, slot=slot, usual_slot=s.slot_with_cls)
     return facts
 
 
@@ -199,7 +201,8 @@ def big_vision_infer(source: containers.Source, given: dict[str, Any]) -> Facts:
         facts.known["pos_embed"] = "sincos2d"
         facts.default("image_size", 224, "a sincos2d table has no arrays to read the grid from; 224 assumed")
     if not facts.known["class_token"]:
-        facts.why["pooling"] = "no cls: pool_type 'gap'"
+        del facts.known["pooling"]
+        facts.default("pooling", "avg", "no cls: big_vision's pool_type='gap'; pool_type='0' (the first token) has the same arrays and no vitspec equivalent")
     facts.default("norm_eps", 1e-6, "Flax LayerNorm's epsilon, which big_vision uses")
     facts.default("gelu", "tanh", "Flax's nn.gelu, which big_vision's MlpBlock uses, is the tanh approximation")
     return facts

@@ -59,6 +59,16 @@ class Format:
     check_spec: Callable[[Spec], None] = no_limits
     # Renames a source's tensors to native names once the spec is known (keras .h5 datasets).
     prepare: Callable[[Spec, Source], Source] | None = None
+    # Every file a write to a path replaces or removes (a folder format writes several); None: the path.
+    outputs: Callable[[Path], list[Path]] | None = None
+
+    @property
+    def writes_folder(self) -> bool:
+        return "folder" in self.containers
+
+    def touches(self, path: Path) -> list[Path]:
+        """The files writing ``path`` would replace or remove."""
+        return self.outputs(path) if self.outputs is not None else [path]
 
     def native_layout(self, spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
         self.check_spec(spec)

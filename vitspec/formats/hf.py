@@ -39,7 +39,7 @@ import numpy as np
 
 from vitspec import containers
 from vitspec.errors import FileFormatError, SpecError, WeightsError
-from vitspec.files import atomic_dir
+from vitspec.files import atomic_dir, atomic_file, check_destination
 from vitspec.formats import streaming
 from vitspec.formats.format import Format, refuse
 from vitspec.formats.infer import (
@@ -172,29 +172,26 @@ def infer(source: containers.Source, given: dict[str, Any]) -> Facts:
     k = facts.known
     classifier = "classifier.weight" in shapes
     p = "vit." if classifier else ""
-    d, c, ph, pw = need(shapes, f"{p}embeddings.patch_embeddings.projection.weight", 4, "the patch projection")
+    d, c, ph, pw = need(shapes, f"{p}embeddings.patch_embeddings.projection.weight", 4, "the patch projection", "patch_embed.kernel")
     k.update(hidden_dim=d, in_channels=c, patch_size=(ph, pw), class_token=True, pooling="token", pos_embed="learned")
-    k.update(final_norm="before_pool")
+    k.update(final_norm="before_pool", drop_path=0.0)  # HF ViT has no stochastic depth
     depth = block_count(names, rf"^{re.escape(p)}encoder\.layer\.(\d+)\.", "encoder.layer")
     if not depth:
         raise WeightsError([f"no {p}encoder.layer.{{i}}.* tensors found: not an HF ViT checkpoint"])
     k["depth"] = depth
-    k["mlp_ratio"] = need(shapes, f"{p}encoder.layer.0.intermediate.dense.weight", 2, "the first MLP layer")[0] / d
+    k["mlp_ratio"] = need(shapes, f"{p}encoder.layer.0.intermediate.dense.weight", 2, "the first MLP layer", "blocks.0.mlp.fc1.kernel")[0] / d
     k["qkv_bias"] = f"{p}encoder.layer.0.attention.attention.query.bias" in shapes
     k["n_classes"] = shapes["classifier.weight"][0] if classifier else 0
     k["pre_logits_dim"] = shapes["pooler.dense.weight"][0] if "pooler.dense.weight" in shapes else 0
     if classifier and k["pre_logits_dim"]:
         raise WeightsError(["found both classifier.* and pooler.*: ViTForImageClassification has no pooler"])
-    rows = need(shapes, f"{p}embeddings.position_embeddings", 3, "the position embedding")[1]
+    rows = need(shapes, f"{p}embeddings.position_embeddings", 3, "the position embedding", "pos_embed")[1]
     config = source.config
     if config is not None:
         _from_config(facts, config, source)
-        if "image_size" in k:
-            place_positions(facts, rows, (ph, pw), True, k["image_size"], by="config.json", slot=True)
-        else:
-            place_positions(facts, rows, (ph, pw), True, given.get("image_size"), slot=True)
+        place_positions(facts, rows, (ph, pw), True, given, declared=k.get("image_size"), slot=True)
     else:
-        place_positions(facts, rows, (ph, pw), True, given.get("image_size"), slot=True)
+        place_positions(facts, rows, (ph, pw), True, given, slot=True)
         add_default_heads(facts, d)
         facts.default("norm_eps", 1e-12, "HF ViTConfig's layer_norm_eps; no config.json found")
         facts.default("gelu", "exact", "HF ViTConfig's hidden_act 'gelu'; no config.json found")
@@ -227,6 +224,8 @@ def _from_config(facts: Facts, config: dict[str, Any], source: containers.Source
         raise SpecError(problems, str(source.path))
     k["n_heads"] = int(config.get("num_attention_heads", 12))
     k["norm_eps"] = float(config.get("layer_norm_eps", 1e-12))
+    k["dropout"] = float(config.get("hidden_dropout_prob", 0.0))
+    k["attn_dropout"] = float(config.get("attention_probs_dropout_prob", 0.0))
     act = config.get("hidden_act", "gelu")
     if act in EXACT_ACTS:
         k["gelu"] = "exact"
@@ -270,14 +269,62 @@ def config_for(spec: Spec) -> dict[str, Any]:
     return config
 
 
+# What write() puts in a folder; nothing else there is touched.
+WRITTEN = ("config.json", "model.safetensors")
+
+
+def stale_files(folder: Path) -> list[Path]:
+    """An earlier sharded output in ``folder``: its index and the shards the index names.
+
+    Only what that index names goes, as the folder may hold the user's own files; the index must
+    go because readers prefer it to ``model.safetensors``.
+    """
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return []
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise FileFormatError(
+            f"{index}: an earlier output's index that cannot be read, so its shards cannot be told apart "
+            "from other files; remove it (and its shards) or write to another folder"
+        ) from None
+    named = [folder / s for s in sorted(shards) if isinstance(s, str) and Path(s).name == s and s != WRITTEN[1]]
+    return [index, *(p for p in named if p.is_file())]
+
+
+def outputs(path: Path) -> list[Path]:
+    """Every file a write to ``path`` replaces or removes."""
+    if not path.is_dir():
+        return [path]
+    return [path / name for name in WRITTEN] + stale_files(path)
+
+
 def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype: np.dtype, *, overwrite: bool, progress: containers.Progress | None = None) -> None:
-    """A save_pretrained folder: config.json and model.safetensors, swapped into place when complete."""
+    """A save_pretrained folder: config.json and model.safetensors.
+
+    A new folder is made next to ``path`` and moved into place when complete. Into an existing
+    folder (with ``overwrite``) only those two files are written, each atomically, as
+    ``save_pretrained`` does; the index and shards of an earlier sharded output go, nothing else.
+    """
     config = config_for(spec)
     config["torch_dtype"] = str(dtype) if str(dtype) != "bfloat16" else "bfloat16"
     metadata = {"format": "pt", "vitspec.format": NAME, "vitspec.spec": spec.to_json()}
-    with atomic_dir(path, overwrite=overwrite) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        streaming.write_safetensors(tmp / "model.safetensors", HF.native_layout(spec), items, dtype, metadata, overwrite=True, progress=progress)
+    text = json.dumps(config, indent=2) + "\n"
+    layout = HF.native_layout(spec)
+    if not path.is_dir():
+        with atomic_dir(path, overwrite=overwrite) as tmp:
+            (tmp / "config.json").write_text(text)
+            streaming.write_safetensors(tmp / "model.safetensors", layout, items, dtype, metadata, overwrite=True, progress=progress)
+        return
+    check_destination(path, overwrite)
+    stale = stale_files(path)
+    # config.json is moved into place right after the weights, so the two never disagree for long
+    with atomic_file(path / "config.json", overwrite=True) as tmp:
+        tmp.write_text(text)
+        streaming.write_safetensors(path / "model.safetensors", layout, items, dtype, metadata, overwrite=True, progress=progress)
+    for old in stale:
+        old.unlink(missing_ok=True)
 
 
 FORMAT = Format(
@@ -290,4 +337,5 @@ FORMAT = Format(
     read=read,
     write=write,
     check_spec=check_spec,
+    outputs=outputs,
 )

@@ -1,10 +1,13 @@
-"""Spec inference: what the file says, what the user gives, and the family's defaults for the rest.
+"""Spec inference: what the file says, what the user gives, and what is assumed for the rest.
 
 A checkpoint's tensors fix most of a spec (widths, depth, patch size, which optional tensors
 exist). What they cannot tell (for example the number of heads behind a fused ``(3D, D)`` qkv
-kernel, the GELU form or the norm epsilon) comes from ``--spec`` or else from the family's known
-defaults, which are reported so the user sees every guess. A ``--spec`` value that contradicts the
-file is an error naming the field, the file's value and the given value.
+kernel, the GELU form, the norm epsilon, timm's pooling, or the patch grid behind a position
+table) comes from ``--spec`` or else is assumed, and every assumed field is reported with the
+reason, so the user sees every guess. Where the tensors admit several readings and the family's
+usual choices do not single one out, nothing is guessed: the readings are listed and ``--spec``
+picks one. A ``--spec`` value that contradicts the file is an error naming the field, the file's
+value and the given value.
 """
 
 from __future__ import annotations
@@ -21,14 +24,20 @@ from vitspec.presets import VARIANTS
 from vitspec.spec import Spec, read_mapping
 
 _FIELDS = list(Spec.model_fields)
+# Why a field nobody set has vitspec's default (fields with no better reason get a generic one).
+_UNSET_WHY = {
+    "dropout": "a training-time rate: it changes neither the weights nor the outputs",
+    "attn_dropout": "a training-time rate: it changes neither the weights nor the outputs",
+    "drop_path": "a training-time rate: it changes neither the weights nor the outputs",
+}
 
 
 @dataclass
 class Facts:
     """What a format reader learned from a file, before the user's ``--spec`` is merged in.
 
-    ``known``: fields the file fixes. ``defaults``: fields it cannot tell, with the family's
-    default. ``why``: a short reason per default (printed next to it).
+    ``known``: fields the file fixes (tensors, config, metadata). ``defaults``: fields it cannot
+    tell, with the value assumed. ``why``: a short reason per assumed field (printed next to it).
     """
 
     family: str
@@ -43,24 +52,36 @@ class Facts:
 
 @dataclass(frozen=True)
 class Inference:
-    """The spec of a checkpoint and where each field came from."""
+    """The spec of a checkpoint and where each field came from.
+
+    Every field is in exactly one of ``known`` (read from the file), ``given`` (``--spec``) and
+    ``assumed`` (neither: a family default or vitspec's, with the reason in ``why``).
+    """
 
     spec: Spec
     family: str
     known: dict[str, Any]
     given: dict[str, Any]
-    defaulted: dict[str, Any]
+    assumed: dict[str, Any]
     why: dict[str, str]
 
     def notes(self) -> list[str]:
-        """One line per field taken from the family's defaults (what the user should check)."""
-        return [
-            f"{name} = {_show(value)} ({self.why.get(name, f'{self.family} default')})"
-            for name, value in self.defaulted.items()
-        ]
+        """One line per assumed field (what the user should check); fields with one reason share a line."""
+        groups: dict[str, dict[str, str]] = {}
+        for name, value in self.assumed.items():
+            groups.setdefault(self.why.get(name, f"{self.family} default"), {})[name] = _show(value)
+        lines = []
+        for reason, values in groups.items():
+            if len(set(values.values())) == 1:
+                lines.append(f"{', '.join(values)} = {next(iter(values.values()))} ({reason})")
+            else:
+                lines.append(f"{', '.join(f'{n} = {v}' for n, v in values.items())} ({reason})")
+        return lines
 
 
 def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
     if isinstance(value, tuple | list) and len(value) == 2 and value[0] == value[1]:
         return str(value[0])
     return str(list(value)) if isinstance(value, tuple) else str(value)
@@ -106,7 +127,16 @@ def resolve(facts: Facts, given: dict[str, Any] | None, source: str) -> Inferenc
             source,
         )
     spec = Spec.from_dict(merged, source=f"{source} (inferred spec)")
-    return Inference(spec, facts.family, dict(facts.known), given, defaulted, dict(facts.why))
+    why = dict(facts.why)
+    assumed = {}
+    for name in _FIELDS:
+        if name in facts.known or name in given:
+            continue
+        if name == "pos_embed_class_slot" and not (spec.class_token and spec.pos_embed == "learned"):
+            continue  # no class token or no table: the slot follows, nothing is assumed
+        assumed[name] = getattr(spec, name)
+        why.setdefault(name, _UNSET_WHY.get(name, "vitspec's default; the file does not say"))
+    return Inference(spec, facts.family, dict(facts.known), given, assumed, why)
 
 
 def default_heads(width: int) -> tuple[int, str] | None:
@@ -125,16 +155,36 @@ def add_default_heads(facts: Facts, width: int) -> None:
         facts.default("n_heads", found[0], found[1])
 
 
-def grid_from_positions(rows: int, class_token: bool) -> tuple[tuple[int, int], bool] | None:
-    """(grid, has class slot) from a learned position table of ``rows`` rows, if it is square."""
-    if class_token:
-        side = math.isqrt(rows - 1) if rows > 1 else 0
-        if side * side == rows - 1 and side > 0:
-            return (side, side), True
-    side = math.isqrt(rows)
-    if side * side == rows and side > 0:
-        return (side, side), False
-    return None
+def _square(patches: int) -> int | None:
+    side = math.isqrt(patches) if patches > 0 else 0
+    return side if side and side * side == patches else None
+
+
+def plausible_grids(patches: int) -> list[tuple[int, int]]:
+    """Non-square (h, w) grids of ``patches`` patches, sides at least 2 and at most 2:1, squarest first.
+
+    These are the non-square readings of a position table worth listing: a 1 x N strip or a 3:1
+    image is not what anyone trained a ViT on, so a prime count has no plausible non-square grid.
+    """
+    out = []
+    for h in range(2, math.isqrt(patches) + 1):
+        w, rest = divmod(patches, h)
+        if not rest and w != h and w <= 2 * h:
+            out += [(h, w), (w, h)]
+    return sorted(out, key=lambda g: (max(g) / min(g), g))
+
+
+def _example(patches: int, patch: tuple[int, int]) -> str:
+    """'for example --spec image_size=[224,256] for a 14x16 grid' (or why there is no example)."""
+    grids = plausible_grids(patches)
+    if not grids:
+        return f"{patches} patches make no grid with sides of 2 or more within 2:1"
+    h, w = grids[0]
+    return f"for example --spec image_size=[{h * patch[0]},{w * patch[1]}] for a {h}x{w} grid"
+
+
+def _with_row(slot: bool) -> str:
+    return "plus a class-token row" if slot else "without a class-token row"
 
 
 def place_positions(
@@ -142,38 +192,104 @@ def place_positions(
     rows: int,
     patch: tuple[int, int],
     class_token: bool,
-    image_size: Any = None,
+    given: Mapping[str, Any],
     *,
-    by: str = "--spec",
+    declared: Any = None,
     slot: bool | None = None,
+    usual_slot: bool = True,
 ) -> None:
-    """Set image_size and pos_embed_class_slot from a learned position table's row count.
+    """Set image_size and pos_embed_class_slot from a learned position table of ``rows`` rows.
 
-    ``image_size`` is the size declared elsewhere (``by`` says where), if any; the rows must agree
-    with it. Without it the grid must be square. ``slot`` fixes the class slot when the format does.
+    ``declared`` is an image size the file itself states (config.json); else ``given`` (the user's
+    partial spec) may hold one. ``slot`` fixes the class-token row when the format does;
+    ``usual_slot`` is the family's usual choice when both are possible (timm: a row for the class
+    token; big_vision: none). Without an image size the grid is assumed square, and a reading is
+    taken only when it is the one the family's usual choices give, or the only plausible one; it
+    is marked as assumed. Otherwise the readings are listed and ``--spec`` must choose.
     """
-    if image_size is not None:
-        ih, iw = _norm("image_size", image_size)
+    size = declared if declared is not None else given.get("image_size")
+    by = "config.json" if declared is not None else "--spec"
+    if not class_token:
+        slot = False
+    if slot is not None:
+        facts.known["pos_embed_class_slot"] = slot
+        slots: tuple[bool, ...] = (slot,)
+    elif given.get("pos_embed_class_slot") is not None:
+        slots = (bool(given["pos_embed_class_slot"]),)
+    else:
+        slots = (usual_slot, not usual_slot)
+    if size is not None:
+        ih, iw = _norm("image_size", size)
         patches = (ih // patch[0]) * (iw // patch[1])
-        options = [s for s in ((False, True) if slot is None else (slot,)) if patches + int(s) == rows and (class_token or not s)]
-        if not options:
+        fits = [s for s in slots if patches + int(s) == rows]
+        if not fits:
+            row = f" {_with_row(slots[0])}" if len(slots) == 1 else ""
             raise SpecError(
-                [f"image_size: {by} says {ih}x{iw} ({patches} patches of {patch[0]}x{patch[1]}), "
+                [f"image_size: {by} says {ih}x{iw} ({patches} patches of {patch[0]}x{patch[1]}{row}), "
                  f"but the file's position embedding has {rows} rows"]
             )
-        facts.known["pos_embed_class_slot"] = options[0]
+        if len(slots) > 1:
+            facts.known["pos_embed_class_slot"] = fits[0]
         return
-    found = grid_from_positions(rows, class_token)
-    if slot is not None and found is not None and found[1] != slot:
-        found = None
-    if found is None:
-        raise SpecError(
-            [f"cannot tell the image size: the position embedding has {rows} rows, not a square grid"
-             f"{' plus a class-token row' if class_token else ''}; pass image_size with --spec"]
+    square = {s: _square(rows - int(s)) for s in slots}
+    if len(slots) == 1:
+        s = slots[0]
+        if square[s] is None:
+            raise SpecError(
+                [f"cannot tell the image size: the position embedding has {rows} rows, {rows - int(s)} patches "
+                 f"{_with_row(s)}, which is not a square grid; pass image_size with --spec "
+                 f"({_example(rows - int(s), patch)})"]
+            )
+        _assume_square(facts, rows, patch, s, square[s], "")
+        return
+    usual, other = slots
+    if square[usual] is not None:
+        alt = plausible_grids(rows - int(other))
+        also = (f"; {rows - int(other)} patches {_with_row(other)} in a {alt[0][0]}x{alt[0][1]} grid would fit too"
+                if alt else "")
+        _assume_square(facts, rows, patch, usual, square[usual], f"{facts.family}'s usual layout{also}")
+        return
+    if square[other] is not None and not plausible_grids(rows - int(usual)):
+        _assume_square(
+            facts, rows, patch, other, square[other],
+            f"{rows - int(usual)} patches {_with_row(usual)}, {facts.family}'s usual layout, make no plausible grid",
         )
-    (gh, gw), has_slot = found
-    facts.known["image_size"] = (gh * patch[0], gw * patch[1])
-    facts.known["pos_embed_class_slot"] = has_slot
+        return
+    fitting = [s for s in slots if square[s] or plausible_grids(rows - int(s))]
+    if len(fitting) < 2:
+        example = rows - int(fitting[0] if fitting else usual)
+        raise SpecError(
+            [f"cannot tell the image size: the position embedding has {rows} rows, which is not a square grid with "
+             f"or without a class-token row; pass image_size with --spec ({_example(example, patch)})"]
+        )
+    readings = [_reading(rows, patch, s, square[s]) for s in fitting]
+    raise SpecError(
+        [f"the position embedding has {rows} rows, which can be read two ways (vitspec does not guess): "
+         f"(a) {readings[0]}; (b) {readings[1]}"]
+    )
+
+
+def _reading(rows: int, patch: tuple[int, int], slot: bool, side: int | None) -> str:
+    """One reading of a position table, and the ``--spec`` that chooses it."""
+    n = rows - int(slot)
+    if side is not None:
+        h, w = side * patch[0], side * patch[1]
+        size = str(h) if h == w else f"[{h},{w}]"
+        return (f"{n} patches {_with_row(slot)} in a square {side}x{side} grid (image_size {size}): "
+                f"--spec pos_embed_class_slot={str(slot).lower()}")
+    grids = plausible_grids(n)[:2]
+    shown = " or ".join(f"{h}x{w}" for h, w in grids)
+    sizes = " or ".join(f"[{h * patch[0]},{w * patch[1]}]" for h, w in grids)
+    return f"{n} patches {_with_row(slot)} in a non-square grid such as {shown}: --spec image_size={sizes}"
+
+
+def _assume_square(facts: Facts, rows: int, patch: tuple[int, int], slot: bool, side: int, why: str) -> None:
+    """image_size (and the class-token row, unless known) from a square-grid reading, marked as assumed."""
+    reason = (f"{rows} position rows read as {rows - int(slot)} patches {_with_row(slot)} in a square "
+              f"{side}x{side} grid{f', {why}' if why else ''}; --spec image_size=[H,W] for another grid")
+    facts.default("image_size", (side * patch[0], side * patch[1]), reason)
+    if "pos_embed_class_slot" not in facts.known:
+        facts.default("pos_embed_class_slot", slot, reason)
 
 
 # ---- the user's partial spec -----------------------------------------------------------------
@@ -254,13 +370,16 @@ def block_count(names: list[str], pattern: str, what: str) -> int:
     return len(found)
 
 
-def need(shapes: Mapping[str, Shape], name: str, ndim: int, what: str) -> Shape:
-    """The shape of a tensor the format requires, or an error naming it."""
+def need(shapes: Mapping[str, Shape], name: str, ndim: int, what: str, canonical: str, native: str | None = None) -> Shape:
+    """The shape of a tensor the format requires, or an error naming it by the format's own name
+    (``native``, when ``shapes`` is keyed otherwise; else ``name``) with the canonical name beside it."""
+    shown = native or name
+    beside = f"canonical {canonical}, " if canonical != shown else ""
     if name not in shapes:
-        raise WeightsError([f"missing tensor {name} ({what}); is this file of the format it was read as?"])
+        raise WeightsError([f"missing tensor {shown} ({beside}{what}); is this file of the format it was read as?"])
     shape = shapes[name]
     if len(shape) != ndim:
-        raise WeightsError([f"{name}: expected {ndim} dimensions ({what}), found shape {list(shape)}"])
+        raise WeightsError([f"{shown}: expected {ndim} dimensions ({beside}{what}), found shape {list(shape)}"])
     return shape
 
 

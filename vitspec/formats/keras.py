@@ -69,7 +69,16 @@ def infer(source: containers.Source, given: dict[str, Any]) -> Facts:
         shapes["pre_logits.kernel"] = raw["layers/dense/vars/0"]
     if "head/vars/0" in raw:
         shapes["head.kernel"] = raw["head/vars/0"]
-    return infer_from_shapes(shapes, given, NAME, "a .weights.h5 file has no spec of its own")
+    return infer_from_shapes(shapes, given, NAME, "a .weights.h5 file has no spec of its own", NATIVE)
+
+
+# The datasets errors name, for the canonical names inference needs.
+NATIVE = {
+    "patch_embed.bias": "layers/patch_embed/vars/1",
+    "blocks.0.mlp.fc1.kernel": "blocks_0/mlp/fc1/vars/0",
+    "pos_embed": "vars/1 (vars/0 without a class token)",
+    "blocks.{i}": "blocks_{i}/*/vars",
+}
 
 
 def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype: np.dtype, *, overwrite: bool, progress: containers.Progress | None = None) -> None:

@@ -1,80 +1,134 @@
 """Position-embedding resampling for a new image size.
 
-The algorithm, named and exact: **bicubic convolution (Keys, a = -0.75) with half-pixel centres
-(align_corners=False), indices clamped at the border, no antialiasing**, applied separably (rows,
-then columns) in float64 to the patch rows of the table viewed as a (grid_h, grid_w, D) image; a
-class-token row is kept unchanged. It is ``torch.nn.functional.interpolate(mode="bicubic",
-align_corners=False, antialias=False)``, i.e. timm's ``resample_abs_pos_embed(...,
-interpolation="bicubic", antialias=False)``, computed in float64 instead of float32. (timm's
-default ``antialias=True`` renormalises the kernel at the border, so its rows and columns at the
-edge differ slightly; HF's ``interpolate_pos_encoding`` is bicubic with align_corners=False too.)
+The patch rows of a learned table, viewed as a (grid_h, grid_w, D) image, are resampled
+separably (rows, then columns) in float64 and cast back to the table's dtype; a class-token row
+is kept unchanged. Two algorithms, each exactly a ``torch.nn.functional.interpolate`` call (the
+tests compare them with torch and with timm to 1e-6):
 
-For an output index ``o`` and scale ``s = in / out``, the source coordinate is
-``x = (o + 0.5) * s - 0.5``; with ``i = floor(x)`` and ``t = x - i`` the taps ``i-1 .. i+2``
-(clamped to ``0 .. in-1``) get the weights ``W(t+1), W(t), W(1-t), W(2-t)`` where
-``W(x) = (a+2)|x|^3 - (a+3)|x|^2 + 1`` for ``|x| <= 1`` and ``a|x|^3 - 5a|x|^2 + 8a|x| - 4a``
-for ``1 < |x| < 2``.
+``bicubic-antialias`` (the default): ``interpolate(mode="bicubic", align_corners=False,
+antialias=True)``, which is what timm's ``resample_abs_pos_embed`` does by default (and what
+``timm.create_model(..., img_size=...)`` uses on a pretrained checkpoint). It is Pillow's bicubic
+filter: Keys' cubic with **a = -0.5**; for output index ``o`` and scale ``s = in / out`` the centre is
+``c = (o + 0.5) * s``, the support is ``2 * max(s, 1)`` (stretched by the scale when
+downsampling, so every input row is averaged in), the taps are the input indices ``j`` in
+``[floor(c - support + 0.5), floor(c + support + 0.5))`` that lie inside the input, with weights
+``W((j + 0.5 - c) / max(s, 1))`` divided by their sum (renormalised at the border, never clamped).
+When upsampling the support is not stretched, but a = -0.5 and the border renormalisation still
+make it differ from plain ``bicubic``.
+
+``bicubic``: ``interpolate(mode="bicubic", align_corners=False, antialias=False)``, i.e. timm's
+``resample_abs_pos_embed(..., antialias=False)``: Keys' cubic with **a = -0.75**, source coordinate
+``x = (o + 0.5) * s - 0.5``; with ``i = floor(x)`` and ``t = x - i`` the taps ``i-1 .. i+2`` (clamped
+to ``0 .. in-1``) get the weights ``W(t+1), W(t), W(1-t), W(2-t)``; no antialiasing. HF's
+``interpolate_pos_encoding`` is this too.
+
+In both, ``W(x) = (a+2)|x|^3 - (a+3)|x|^2 + 1`` for ``|x| <= 1``, ``a|x|^3 - 5a|x|^2 + 8a|x| - 4a``
+for ``1 < |x| < 2`` and 0 beyond.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
 from vitspec.formats.streaming import LazyView
 from vitspec.spec import Spec
 
-A = -0.75
-ALGORITHM = "bicubic (Keys a=-0.75), align_corners=False, border-clamped, no antialiasing, float64"
 
-
-def _cubic(x: np.ndarray) -> np.ndarray:
+def _cubic(x: np.ndarray, a: float) -> np.ndarray:
     x = np.abs(x)
-    near = ((A + 2) * x - (A + 3)) * x * x + 1
-    far = ((A * x - 5 * A) * x + 8 * A) * x - 4 * A
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
     return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
 
 
 def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) float64 matrix ``M`` with ``out = M @ in`` along one axis."""
-    matrix = np.zeros((n_out, n_in))
+    """(n_out, n_in) float64 matrix ``M`` with ``out = M @ in`` along one axis: plain bicubic (a = -0.75)."""
     if n_in == n_out:
         return np.eye(n_in)
+    matrix = np.zeros((n_out, n_in))
     scale = n_in / n_out
     for o in range(n_out):
         x = (o + 0.5) * scale - 0.5
-        i = int(np.floor(x))
+        i = math.floor(x)
         t = x - i
-        for k, w in zip(range(i - 1, i + 3), _cubic(np.array([t + 1, t, 1 - t, 2 - t])), strict=True):
+        for k, w in zip(range(i - 1, i + 3), _cubic(np.array([t + 1, t, 1 - t, 2 - t]), -0.75), strict=True):
             matrix[o, min(max(k, 0), n_in - 1)] += w
     return matrix
 
 
-def resample_grid(table: np.ndarray, old: tuple[int, int], new: tuple[int, int]) -> np.ndarray:
+def antialiased_bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) float64 matrix of torch's antialiased bicubic (Pillow's filter, a = -0.5)."""
+    if n_in == n_out:
+        return np.eye(n_in)
+    matrix = np.zeros((n_out, n_in))
+    scale = n_in / n_out
+    stretch = max(scale, 1.0)
+    support = 2.0 * stretch
+    for o in range(n_out):
+        centre = scale * (o + 0.5)
+        # int() truncates as torch's C++ does; the bounds are never negative where it matters
+        lo = max(int(centre - support + 0.5), 0)
+        hi = min(int(centre + support + 0.5), n_in)
+        taps = np.arange(lo, hi)
+        weights = _cubic((taps + 0.5 - centre) / stretch, -0.5)
+        matrix[o, lo:hi] = weights / weights.sum()
+    return matrix
+
+
+# name -> (one-axis matrix, what it is); the first is the default.
+ALGORITHMS: dict[str, tuple[Callable[[int, int], np.ndarray], str]] = {
+    "bicubic-antialias": (
+        antialiased_bicubic_matrix,
+        "bicubic with antialiasing (Pillow's a=-0.5 filter, support stretched when downsampling, "
+        "renormalised at the border), align_corners=False, float64: timm's resample_abs_pos_embed default",
+    ),
+    "bicubic": (
+        bicubic_matrix,
+        "bicubic (Keys a=-0.75), align_corners=False, border-clamped, no antialiasing, float64: "
+        "timm's resample_abs_pos_embed with antialias=False, HF's interpolate_pos_encoding",
+    ),
+}
+DEFAULT = "bicubic-antialias"
+
+
+def describe(algorithm: str) -> str:
+    """'bicubic-antialias: bicubic with antialiasing (...)' for messages."""
+    return f"{algorithm}: {_algorithm(algorithm)[1]}"
+
+
+def _algorithm(name: str) -> tuple[Callable[[int, int], np.ndarray], str]:
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown resampling algorithm {name!r}; known: {', '.join(ALGORITHMS)}")
+    return ALGORITHMS[name]
+
+
+def resample_grid(table: np.ndarray, old: tuple[int, int], new: tuple[int, int], algorithm: str = DEFAULT) -> np.ndarray:
     """(old_h * old_w, D) -> (new_h * new_w, D), in float64, rows in row-major grid order."""
+    matrix = _algorithm(algorithm)[0]
     d = table.shape[-1]
     grid = np.asarray(table, np.float64).reshape(old[0], old[1], d)
-    rows = bicubic_matrix(old[0], new[0])
-    cols = bicubic_matrix(old[1], new[1])
-    out = np.einsum("ab,bcd->acd", rows, grid)
-    out = np.einsum("ab,cbd->cad", cols, out)
+    out = np.einsum("ab,bcd->acd", matrix(old[0], new[0]), grid)
+    out = np.einsum("ab,cbd->cad", matrix(old[1], new[1]), out)
     return out.reshape(new[0] * new[1], d)
 
 
-def resample_pos_embed(spec: Spec, table: np.ndarray, new_grid: tuple[int, int]) -> np.ndarray:
+def resample_pos_embed(spec: Spec, table: np.ndarray, new_grid: tuple[int, int], algorithm: str = DEFAULT) -> np.ndarray:
     """A canonical ``pos_embed`` of ``spec`` for ``new_grid``; a class-token row stays as it is."""
     lead = int(bool(spec.pos_embed_class_slot))
-    patches = resample_grid(table[lead:], spec.grid, new_grid).astype(table.dtype)
+    patches = resample_grid(table[lead:], spec.grid, new_grid, algorithm).astype(table.dtype)
     return np.concatenate([table[:lead], patches], axis=0) if lead else patches
 
 
-def resampled(spec: Spec, new_spec: Spec, weights: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+def resampled(spec: Spec, new_spec: Spec, weights: Mapping[str, np.ndarray], algorithm: str = DEFAULT) -> Mapping[str, np.ndarray]:
     """``weights`` of ``spec`` seen as weights of ``new_spec`` (same model, another image size)."""
+    _algorithm(algorithm)
 
     def compute(name: str) -> np.ndarray:
         if name == "pos_embed":
-            return resample_pos_embed(spec, np.asarray(weights[name]), new_spec.grid)
+            return resample_pos_embed(spec, np.asarray(weights[name]), new_spec.grid, algorithm)
         return weights[name]
 
     return LazyView(new_spec, compute)

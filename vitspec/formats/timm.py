@@ -21,7 +21,10 @@ timm name                              shape                            canonica
 
 The file is safetensors (what ``safetensors.torch.save_file(model.state_dict())`` writes) or a
 ``torch.save`` pickle, read with ``weights_only=True`` only. timm's defaults fill what tensors
-cannot tell: LayerNorm eps 1e-6, exact GELU, and heads from the preset of that width (head_dim 64).
+cannot tell, each reported as assumed: LayerNorm eps 1e-6, exact GELU, heads from the preset of
+that width (head_dim 64), the pooling (a state_dict does not record ``global_pool``; ``max``,
+``avgmax`` and ``pool_include_prefix`` have the same tensors and no vitspec equivalent), and the
+patch grid (``vitspec.formats.infer.place_positions``).
 """
 
 from __future__ import annotations
@@ -86,34 +89,24 @@ def infer(source: containers.Source, given: dict[str, Any]) -> Facts:
     reject_features(names, UNSUPPORTED, NAME)
     facts = Facts(NAME)
     k = facts.known
-    d, c, ph, pw = need(shapes, "patch_embed.proj.weight", 4, "the patch projection")
+    d, c, ph, pw = need(shapes, "patch_embed.proj.weight", 4, "the patch projection", "patch_embed.kernel")
     k.update(hidden_dim=d, in_channels=c, patch_size=(ph, pw))
     depth = block_count(names, r"^blocks\.(\d+)\.", "blocks")
     if not depth:
         raise WeightsError(["no blocks.{i}.* tensors found: not a timm VisionTransformer state_dict"])
     k["depth"] = depth
-    mlp = need(shapes, "blocks.0.mlp.fc1.weight", 2, "the first MLP layer")[0]
+    mlp = need(shapes, "blocks.0.mlp.fc1.weight", 2, "the first MLP layer", "blocks.0.mlp.fc1.kernel")[0]
     k["mlp_ratio"] = mlp / d
     k["qkv_bias"] = "blocks.0.attn.qkv.bias" in shapes
     k["class_token"] = "cls_token" in shapes
     k["n_classes"] = shapes["head.weight"][0] if "head.weight" in shapes else 0
     k["pre_logits_dim"] = 0
-    if "fc_norm.weight" in shapes:
-        k["final_norm"] = "after_pool"
-        if k["class_token"]:
-            facts.default("pooling", "avg", "timm uses fc_norm with global_pool='avg'; pass --spec pooling=token for fc_norm=True with token pooling")
-        else:
-            k["pooling"] = "avg"
-    else:
-        k["final_norm"] = "before_pool"
-        if k["class_token"]:
-            facts.default("pooling", "token", "timm's default global_pool='token'; pass --spec pooling=avg for global_pool='avg' with fc_norm=False")
-        else:
-            k["pooling"] = "avg"
+    k["final_norm"] = "after_pool" if "fc_norm.weight" in shapes else "before_pool"
+    facts.default("pooling", *_pooling(k["class_token"], "fc_norm.weight" in shapes))
     if "pos_embed" in shapes:
         k["pos_embed"] = "learned"
-        rows = need(shapes, "pos_embed", 3, "the position embedding")[1]
-        place_positions(facts, rows, (ph, pw), k["class_token"], given.get("image_size"))
+        rows = need(shapes, "pos_embed", 3, "the position embedding", "pos_embed")[1]
+        place_positions(facts, rows, (ph, pw), k["class_token"], given)
     else:
         k["pos_embed"] = "none"
         facts.default("image_size", 224, "no position embedding to read it from; timm's default img_size")
@@ -121,6 +114,22 @@ def infer(source: containers.Source, given: dict[str, Any]) -> Facts:
     facts.default("norm_eps", 1e-6, "timm's VisionTransformer LayerNorm eps")
     facts.default("gelu", "exact", "timm's nn.GELU")
     return facts
+
+
+# timm pooling modes whose state_dict is the same as an expressible one: they must be named
+# wherever pooling is assumed, because a model trained with them converts with wrong outputs.
+INEXPRESSIBLE_POOLING = "timm's global_pool='max' and 'avgmax' and pool_include_prefix=True leave the same tensors and have no vitspec equivalent"
+
+
+def _pooling(class_token: bool, fc_norm: bool) -> tuple[str, str]:
+    """(pooling, why): a state_dict does not record global_pool; the tensors narrow it down."""
+    if not class_token:
+        value, usual = "avg", "without a class token timm pools with global_pool='avg'"
+    elif fc_norm:
+        value, usual = "avg", "fc_norm comes with timm's global_pool='avg'; --spec pooling=token for global_pool='token' with fc_norm=True"
+    else:
+        value, usual = "token", "no fc_norm: timm's default global_pool='token'; --spec pooling=avg for global_pool='avg' with fc_norm=False"
+    return value, f"a timm state_dict does not record global_pool; {usual}. {INEXPRESSIBLE_POOLING}"
 
 
 def read(path: Path) -> containers.Source:

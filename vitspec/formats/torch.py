@@ -31,7 +31,7 @@ def infer(source: containers.Source, given: dict[str, Any]) -> Facts:
     facts = timm.infer(source.subset(n for n in shapes if not n.startswith("pre_logits.fc.")), given)
     facts.family = NAME
     if "pre_logits.fc.weight" in shapes:
-        facts.known["pre_logits_dim"] = need(shapes, "pre_logits.fc.weight", 2, "the pre-logits layer")[0]
+        facts.known["pre_logits_dim"] = need(shapes, "pre_logits.fc.weight", 2, "the pre-logits layer", "pre_logits.kernel")[0]
     return facts
 
 
