@@ -121,6 +121,14 @@ def capture_shapes(spec: Spec, batch: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def drop_path_rates(spec: Spec) -> list[float]:
+    """Stochastic-depth rate of each block: ``drop_path * i / (depth - 1)``, so block 0 never drops
+    and a one-block model uses 0 (timm's ``linspace(0, drop_path, depth)``)."""
+    if spec.depth == 1:
+        return [0.0]
+    return [spec.drop_path * i / (spec.depth - 1) for i in range(spec.depth)]
+
+
 CAPTURE_MEANINGS = {
     "patch_embed": "patch tokens after the patch projection, before class token and position",
     "embed": "tokens entering block 0: class token prepended, position embedding added",
@@ -136,7 +144,7 @@ CAPTURE_MEANINGS = {
 }
 
 
-def check_capture(spec: Spec, capture: tuple[str, ...] | list[str]) -> list[str]:
+def check_capture(spec: Spec, capture: str | tuple[str, ...] | list[str]) -> list[str]:
     """Validate requested capture names; ``"all"`` expands to every point."""
     names = capture_points(spec)
     if isinstance(capture, str):
