@@ -47,7 +47,8 @@ class Backend:
                                                      #   WeightsError listing every mismatch, before any copy
         export(model) -> dict[str, np.ndarray]       # native -> canonical, bit for bit: export(load(m, w)) == w
         forward(model, images, capture=()) -> dict   # NHWC float NumPy images in; the requested capture points
-                                                     #   in forward order, then "output", as float32 NumPy, in eval mode
+                                                     #   in forward order, then "output", as NumPy arrays of
+                                                     #   ``dtype`` (float32 in ours), in eval mode
         supports(spec) -> str | None                 # None: builds ``spec``; a string: why not (the suite then
                                                      #   reports the case as unsupported, never as a pass)
         environment() -> dict[str, str]              # what the numbers depend on (keys: ENVIRONMENT_KEYS)
@@ -68,7 +69,8 @@ class Backend:
         run(model, images, names) -> dict            # eval-mode forward of checked NHWC images: "output"
                                                      #   and ``names`` (forward order) as NumPy arrays
         save_artifact(model, path, batch) -> Path    # optional; starts with self.check_batch(batch)
-        device() -> str, threads() -> int            # for environment()
+        device() -> str, threads() -> int            # for environment(); by default "cpu" and the CPUs
+                                                     #   this process may run on
 
     Everything else (normalising and ordering captures, checking images, weights and ``batch``,
     the copy through ``layout``, the environment report) is here, once.

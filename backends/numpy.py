@@ -30,11 +30,11 @@ class NumpyModel:
 
 class NumpyBackend(Backend):
     name = "numpy"
+    version = np.__version__
     layout = CANONICAL
     frameworks = ("numpy",)
 
     def __init__(self, dtype: type | np.dtype = np.float32) -> None:
-        self.version: str = np.__version__
         self.dtype = np.dtype(dtype)
 
     def build(self, spec: Spec, weights: Mapping[str, np.ndarray] | None = None, seed: int = 0) -> NumpyModel:
