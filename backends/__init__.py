@@ -9,43 +9,18 @@ Requirements of the design:
 - our backends register exactly as a third party's would: an entry point in the group
   ``vitspec.backends`` naming a zero-argument callable that returns the backend object.
 
-A backend object has, in this order::
-
-    name: str                     # "torch"
-    version: str                  # the framework's version
-    build(spec, weights=None, seed=0) -> model      # native model; weights None: vitspec.init_weights(spec, seed)
-    load(model, weights) -> model                   # canonical -> native; one error lists every mismatch
-    export(model) -> dict[str, np.ndarray]          # native -> canonical, bit for bit
-    forward(model, images, capture=()) -> dict      # NHWC NumPy in; {"output": ..., capture: ...} NumPy out
-
-and, optionally, ``supports(spec) -> None | True | str`` (a reason string when the backend cannot
-build ``spec``: the conformance suite then reports the case as unsupported, never as a pass),
-``environment() -> dict[str, str]`` (settings that change the numbers) and, for backends that can
-write a deployable artifact of their framework, ``save_artifact(model, path, batch)``. The native
-model carries its spec as ``model.spec``.
-
-Our backends also expose, at module level and without importing their framework, the one place
-where canonical and native layouts meet (so converters can stream tensors without a model)::
-
-    native_layout(spec) -> list[tuple[str, tuple[int, ...]]]        # native name, shape, in order
-    to_native(spec, weights) -> Iterator[tuple[str, np.ndarray]]      # canonical -> native names/arrays
-    from_native(spec, native) -> Iterator[tuple[str, np.ndarray]]     # native -> canonical, table order
-
-``weights`` and ``native`` are mappings that may read lazily from a file; ``load`` and ``export``
-are built on these two functions, so ``export(load(w)) == w`` holds bit for bit.
+A backend is a ``vitspec.backends.Backend`` (backends/base.py, whose docstring is the protocol),
+or any object with the same public methods (``supports``, ``environment`` and
+``save_artifact`` are optional for those).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
 
-import numpy as np
-
+from vitspec.backends.base import Backend
 from vitspec.errors import BackendError
-from vitspec.spec import Spec
 
 GROUP = "vitspec.backends"
 
@@ -53,20 +28,6 @@ GROUP = "vitspec.backends"
 EXTRAS = {"torch": "torch", "tensorflow": "tensorflow", "jax": "jax"}
 # The distributions each of our backends imports; the first one's version is the backend's version.
 FRAMEWORKS = {"torch": ("torch",), "tensorflow": ("tensorflow", "keras"), "jax": ("jax", "flax"), "numpy": ("numpy",)}
-
-
-@runtime_checkable
-class Backend(Protocol):
-    name: str
-    version: str
-
-    def build(self, spec: Spec, weights: Mapping[str, np.ndarray] | None = None, seed: int = 0) -> Any: ...
-
-    def load(self, model: Any, weights: Mapping[str, np.ndarray]) -> Any: ...
-
-    def export(self, model: Any) -> dict[str, np.ndarray]: ...
-
-    def forward(self, model: Any, images: np.ndarray, capture: Any = ()) -> dict[str, np.ndarray]: ...
 
 
 @dataclass(frozen=True)

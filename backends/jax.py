@@ -1,18 +1,17 @@
-"""The JAX/Flax backend: a Flax NNX Vision Transformer taking NHWC images.
+"""The JAX backend: a Flax NNX ViT taking NHWC images.
 
-Requirements of the design:
+The native model, ``VisionTransformer(spec)``, is a plain ``flax.nnx.Module``: usable alone under
+``jax.jit``/``nnx.jit`` and ``jax.grad``/``nnx.grad``, with ``model.train()``/``model.eval()`` for
+dropout and its spec as the static attribute ``model.spec``. Native names are the flattened
+``nnx.state(model, nnx.Param)`` paths joined with "."; they follow the canonical names except that
+query, key and value are one fused ``attn.qkv`` kernel ``(D, 3D)`` (one matmul) and the patch
+embedding is a dense layer on flattened patches ``(patch_h * patch_w * C, D)`` (faster than a
+strided conv on CPU; docs/backends/jax.md).
 
-- importing this module never imports jax or flax (the native layout is the NumPy-only table
-  ``vitspec.layouts.flax.FLAX``); the NNX classes are defined on first use (``ViT``, ``JaxBackend()``);
-- the native model, ``ViT``, is a plain ``flax.nnx.Module``: usable alone under ``jax.jit`` /
-  ``nnx.jit`` and ``jax.grad`` / ``nnx.grad``, with ``model.train()`` / ``model.eval()`` for
-  dropout, and its spec as the static attribute ``model.spec``;
-- native names are the flattened ``nnx.state(model, nnx.Param)`` paths joined with "."; they
-  follow the canonical names except that query, key and value are one fused ``attn.qkv`` kernel
-  ``(D, 3D)`` (one matmul) and the patch embedding is a dense layer on flattened patches
-  ``(patch_h * patch_w * C, D)`` (faster than a strided conv on CPU; docs/backends/jax.md);
-- ``forward`` is jitted once per (graph, capture set, input shape) and computes in float32;
-  jax's 64-bit mode is never switched on.
+The native layout is the table ``vitspec.layouts.flax.FLAX``; what every backend shares is
+``vitspec.backends.base.Backend``. Importing this module does not import jax or flax: the model
+classes are defined on first use. ``forward`` is jitted once per (graph, capture set, input
+shape) and computes in float32; jax's 64-bit mode is never switched on.
 """
 
 from __future__ import annotations
@@ -21,32 +20,32 @@ import functools
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
-from vitspec import reference
-from vitspec.errors import InputError
+from vitspec.backends.base import NO_CAPTURES, Backend, Captures, NativeArrays, ordered_captures
 from vitspec.init import init_weights
-from vitspec.layout import capture_points, check_capture
+from vitspec.layout import drop_path_rates
 from vitspec.layouts.flax import FLAX
+from vitspec.reference import sincos2d
 from vitspec.spec import Spec
-from vitspec.weights import check_weights
 
-# ---- the layout: NumPy only, no framework -------------------------------------------------------
+# ---- the native model (Flax NNX, defined on first use) -----------------------------------------
 
-
-def _drop_path_rate(spec: Spec, i: int) -> float:
-    """Stochastic depth of block i: the linear rule, 0 for the first block (timm's linspace)."""
-    return spec.drop_path * i / (spec.depth - 1) if spec.depth > 1 else 0.0
+MODEL_CLASSES = ("PatchEmbed", "Dropout", "Attention", "Mlp", "Block", "VisionTransformer")
 
 
-# ---- the NNX model: defined on first use so that importing this module stays framework-free ----
+def __getattr__(name: str) -> Any:
+    """The model classes (``VisionTransformer``, ``Block``…): jax and flax are imported on first access."""
+    if name in MODEL_CLASSES:
+        return _model_classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @functools.cache
-def _nnx() -> SimpleNamespace:
+def _model_classes() -> dict[str, type]:
+    """Import jax and flax and define the model classes (kept out of module import on purpose)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -54,8 +53,12 @@ def _nnx() -> SimpleNamespace:
     zeros = nnx.initializers.zeros_init()
 
     def linear(din: int, dout: int, **kwargs: Any) -> nnx.Linear:
-        # Zeros now, real weights at once from `assign`; the init key is never used.
+        # Zeros now, real weights at once from `load`; the init key is never used.
         return nnx.Linear(din, dout, kernel_init=zeros, rngs=nnx.Rngs(params=0), **kwargs)
+
+    def layer_norm(spec: Spec) -> nnx.LayerNorm:
+        # Two-pass variance: E[x²] - E[x]² loses digits when the mean is large.
+        return nnx.LayerNorm(spec.hidden_dim, epsilon=spec.norm_eps, use_fast_variance=False, rngs=nnx.Rngs(params=0))
 
     class Dropout(nnx.Dropout):
         """nnx.Dropout, its mask drawn as one flat vector then reshaped.
@@ -64,7 +67,7 @@ def _nnx() -> SimpleNamespace:
         9.5 s against 0.85 s for the attention probabilities of a tiny model).
         """
 
-        def __call__(self, inputs: jax.Array) -> jax.Array:
+        def __call__(self, inputs: jax.Array) -> jax.Array:  # type: ignore[override]
             if self.deterministic or self.rate == 0.0:
                 return inputs
             shape = [1 if i in self.broadcast_dims else n for i, n in enumerate(inputs.shape)]
@@ -79,11 +82,19 @@ def _nnx() -> SimpleNamespace:
     def apply(drop: Dropout | None, x: jax.Array) -> jax.Array:
         return x if drop is None else drop(x)
 
-    def layer_norm(spec: Spec) -> nnx.LayerNorm:
-        # Two-pass variance: E[x²] - E[x]² loses digits when the mean is large.
-        return nnx.LayerNorm(
-            spec.hidden_dim, epsilon=spec.norm_eps, use_fast_variance=False, rngs=nnx.Rngs(params=0)
-        )
+    class PatchEmbed(nnx.Module):
+        """Non-overlapping patches, flattened in (row, col, channel) order, through one dense layer:
+        (B, H, W, C) -> (B, patches, D)."""
+
+        def __init__(self, spec: Spec) -> None:
+            self.kernel = nnx.Param(jnp.zeros((spec.patch_dim, spec.hidden_dim), jnp.float32))
+            self.bias = nnx.Param(jnp.zeros((spec.hidden_dim,), jnp.float32))
+            self.grid, self.patch_size = spec.grid, spec.patch_size
+
+        def __call__(self, images: jax.Array) -> jax.Array:
+            b, (gh, gw), (ph, pw), c = images.shape[0], self.grid, self.patch_size, images.shape[-1]
+            patches = images.reshape(b, gh, ph, gw, pw, c).transpose(0, 1, 3, 2, 4, 5)
+            return patches.reshape(b, gh * gw, ph * pw * c) @ self.kernel[...] + self.bias[...]
 
     class Attention(nnx.Module):
         """Multi-head self-attention with a fused (D, 3D) query/key/value projection."""
@@ -96,17 +107,17 @@ def _nnx() -> SimpleNamespace:
             self.attn_drop = dropout(spec.attn_dropout, rngs)
             self.out_drop = dropout(spec.dropout, rngs)
 
-        def __call__(self, x: jax.Array, out: dict[str, jax.Array] | None = None) -> jax.Array:
-            """Attention output; with ``out``, also writes ``attn_probs`` and ``attn_heads`` into it."""
+        def __call__(self, x: jax.Array, captures: Captures = NO_CAPTURES, prefix: str = "") -> jax.Array:
             b, n, d = x.shape
             h = self.n_heads
             # Heads-first einsums with the query pre-scaled: faster on XLA:CPU than
             # jax.nn.dot_product_attention (docs/backends/jax.md, "Speed").
             q, k, v = self.qkv(x).reshape(b, n, 3, h, d // h).transpose(2, 0, 3, 1, 4)
-            probs = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q / math.sqrt(d // h), k), axis=-1)
+            scores = jnp.einsum("bhqd,bhkd->bhqk", q / math.sqrt(d // h), k)
+            probs = captures.keep(f"{prefix}.attn_probs", jax.nn.softmax(scores, axis=-1))
             heads = jnp.einsum("bhqk,bhkd->bqhd", apply(self.attn_drop, probs), v)
-            if out is not None:
-                out["attn_probs"], out["attn_heads"] = probs, heads.transpose(0, 2, 1, 3)
+            if captures.wants(f"{prefix}.attn_heads"):
+                captures.keep(f"{prefix}.attn_heads", heads.transpose(0, 2, 1, 3))
             return apply(self.out_drop, self.out(heads.reshape(b, n, d)))
 
     class Mlp(nnx.Module):
@@ -123,142 +134,137 @@ def _nnx() -> SimpleNamespace:
             return apply(self.drop, self.fc2(x))
 
     class Block(nnx.Module):
-        """Pre-norm encoder block: x + attn(norm1(x)), then x + mlp(norm2(x)), each with drop path."""
+        """Pre-norm encoder block: x + attn(norm1(x)), then x + mlp(norm2(x)), with stochastic depth."""
 
-        def __init__(self, spec: Spec, i: int, rngs: nnx.Rngs) -> None:
+        def __init__(self, spec: Spec, drop_path: float, rngs: nnx.Rngs) -> None:
             self.norm1 = layer_norm(spec)
             self.attn = Attention(spec, rngs)
             self.norm2 = layer_norm(spec)
             self.mlp = Mlp(spec, rngs)
-            # One mask per sample, broadcast over tokens and channels (stochastic depth).
-            self.drop_path = dropout(_drop_path_rate(spec, i), rngs, broadcast_dims=(1, 2))
+            # One mask value per sample, broadcast over tokens and channels.
+            self.drop_path = dropout(drop_path, rngs, broadcast_dims=(1, 2))
 
-        def __call__(self, x: jax.Array, out: dict[str, jax.Array] | None = None) -> jax.Array:
-            attn = self.attn(self.norm1(x), out)
+        def __call__(self, x: jax.Array, captures: Captures = NO_CAPTURES, prefix: str = "") -> jax.Array:
+            attn = captures.keep(f"{prefix}.attn", self.attn(self.norm1(x), captures, prefix))
             x = x + apply(self.drop_path, attn)
-            mlp = self.mlp(self.norm2(x))
-            if out is not None:
-                out["attn"], out["mlp"] = attn, mlp
-            return x + apply(self.drop_path, mlp)
+            mlp = captures.keep(f"{prefix}.mlp", self.mlp(self.norm2(x)))
+            return captures.keep(prefix, x + apply(self.drop_path, mlp))
 
-    class ViT(nnx.Module):
-        """A Vision Transformer built from a vitspec ``Spec``; NHWC float32 images in, logits out.
+    class VisionTransformer(nnx.Module):
+        """A ViT built from a vitspec Spec: NHWC float32 images in, logits (or features) out.
 
-        ``weights`` (canonical names) default to ``vitspec.init_weights(spec, seed)``; ``rngs``
-        (default ``nnx.Rngs(dropout=seed)``) drive dropout after ``model.train()``. The model is
-        built in eval mode.
+        ``weights`` are canonical vitspec weights (None: ``vitspec.init_weights(spec, seed)``;
+        both None: the parameters are left zero, for weights loaded next). ``rngs`` (default
+        ``nnx.Rngs(dropout=seed)``) drive dropout after ``model.train()``; the model is built in
+        eval mode.
         """
 
         def __init__(
             self,
             spec: Spec,
             weights: Mapping[str, Any] | None = None,
+            seed: int | None = 0,
             *,
-            seed: int = 0,
             rngs: nnx.Rngs | None = None,
         ) -> None:
-            rngs = rngs if rngs is not None else nnx.Rngs(dropout=seed)
-            d = spec.hidden_dim
+            rngs = rngs if rngs is not None else nnx.Rngs(dropout=0 if seed is None else seed)
             self.spec = spec
-            self.patch_embed = linear(spec.patch_dim, d)
+            d = spec.hidden_dim
+            self.patch_embed = PatchEmbed(spec)
             if spec.class_token:
                 self.class_token = nnx.Param(jnp.zeros((d,), jnp.float32))
             if spec.pos_embed == "learned":
                 self.pos_embed = nnx.Param(jnp.zeros((spec.n_positions, d), jnp.float32))
             self.embed_drop = dropout(spec.dropout, rngs)
-            self.blocks = nnx.List([Block(spec, i, rngs) for i in range(spec.depth)])
+            self.blocks = nnx.List([Block(spec, rate, rngs) for rate in drop_path_rates(spec)])
             self.norm = layer_norm(spec)
             if spec.pre_logits_dim:
                 self.pre_logits = linear(d, spec.pre_logits_dim)
             if spec.n_classes:
                 self.head = linear(spec.features_dim, spec.n_classes)
-            assign(self, weights if weights is not None else init_weights(spec, seed))
+            if weights is None and seed is not None:
+                weights = init_weights(spec, seed)
+            if weights is not None:
+                JaxBackend().load(self, weights)
 
         def __call__(self, images: jax.Array) -> jax.Array:
-            """Logits (or the features when the spec has no head) of NHWC images."""
-            return self.capture(images)["output"]
+            """(B, H, W, C) float images -> (B, n_classes) logits, or (B, features) with no head."""
+            return self._forward(images, NO_CAPTURES)
 
-        def capture(self, images: jax.Array, names: Iterable[str] | str = ()) -> dict[str, jax.Array]:
-            """``{"output": ..., name: ...}`` for the capture points ``names`` ("all": every one)."""
+        def forward_captures(self, images: jax.Array, capture: Iterable[str] | str = "all") -> dict[str, jax.Array]:
+            """The named capture points (``vitspec.capture_points(spec)``, or "all") in forward order, then "output"."""
+            captures = Captures(ordered_captures(self.spec, capture))
+            return captures.result(self._forward(images, captures))
+
+        def _forward(self, images: jax.Array, captures: Captures) -> jax.Array:
             spec = self.spec
-            wanted = set(check_capture(spec, names if isinstance(names, str) else tuple(names)))
-            out: dict[str, jax.Array] = {}
-            b, (gh, gw), (ph, pw), c = images.shape[0], spec.grid, spec.patch_size, spec.in_channels
-            patches = images.reshape(b, gh, ph, gw, pw, c).transpose(0, 1, 3, 2, 4, 5)
-            x = out["patch_embed"] = self.patch_embed(patches.reshape(b, gh * gw, spec.patch_dim))
+            x = captures.keep("patch_embed", self.patch_embed(images))
+            x = captures.keep("embed", apply(self.embed_drop, self._embed(x)))
+            for i, block in enumerate(self.blocks):
+                x = block(x, captures, f"blocks.{i}")
+            if spec.final_norm == "before_pool":
+                x = self.norm(x)
+            x = captures.keep("encoded", x)
+            x = x[:, 0] if spec.pooling == "token" else x[:, spec.n_prefix_tokens :].mean(axis=1)
+            if spec.final_norm == "after_pool":
+                x = self.norm(x)
+            x = captures.keep("pooled", x)
+            if spec.pre_logits_dim:
+                x = captures.keep("pre_logits", jnp.tanh(self.pre_logits(x)))
+            return self.head(x) if spec.n_classes else x
 
+        def _embed(self, x: jax.Array) -> jax.Array:
+            """Class token and position embedding, in the order the spec's position table implies."""
+            spec = self.spec
             if spec.pos_embed == "learned" and not spec.pos_embed_class_slot:
                 x = x + self.pos_embed[...]
             elif spec.pos_embed == "sincos2d":
-                x = x + jnp.asarray(reference.sincos2d(spec.grid, spec.hidden_dim), jnp.float32)
+                x = x + jnp.asarray(sincos2d(spec.grid, spec.hidden_dim), jnp.float32)
             if spec.class_token:
-                x = jnp.concatenate([jnp.broadcast_to(self.class_token[...], (b, 1, spec.hidden_dim)), x], axis=1)
-            if spec.pos_embed == "learned" and spec.pos_embed_class_slot:
+                x = jnp.concatenate([jnp.broadcast_to(self.class_token[...], (x.shape[0], 1, spec.hidden_dim)), x], axis=1)
+            if spec.pos_embed_class_slot:
                 x = x + self.pos_embed[...]
-            x = out["embed"] = apply(self.embed_drop, x)
+            return x
 
-            for i, block in enumerate(self.blocks):
-                inner: dict[str, jax.Array] = {}  # what is not returned, jit never computes
-                x = out[f"blocks.{i}"] = block(x, inner)
-                out.update({f"blocks.{i}.{k}": v for k, v in inner.items()})
+    classes = (PatchEmbed, Dropout, Attention, Mlp, Block, VisionTransformer)
+    for cls in classes:  # reprs, tracebacks and pickles name vitspec.backends.jax.<name>
+        cls.__qualname__ = cls.__name__
+    return {cls.__name__: cls for cls in classes}
 
-            if spec.final_norm == "before_pool":
-                x = self.norm(x)
-            out["encoded"] = x
-            pooled = x[:, 0] if spec.pooling == "token" else x[:, spec.n_prefix_tokens :].mean(axis=1)
-            if spec.final_norm == "after_pool":
-                pooled = self.norm(pooled)
-            features = out["pooled"] = pooled
-            if spec.pre_logits_dim:
-                features = out["pre_logits"] = jnp.tanh(self.pre_logits(pooled))
-            out["output"] = self.head(features) if spec.n_classes else features
-            return {name: out[name] for name in capture_points(spec) if name in wanted or name == "output"}
 
-    def params(model: ViT) -> dict[str, nnx.Param]:
-        """The model's own Param variables by native name (flattened nnx.state paths)."""
-        flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-        return {".".join(map(str, path)): variable for path, variable in flat}
+def _parameters(model: Any) -> dict[str, Any]:
+    """Native name (flattened ``nnx.state`` path) -> the model's ``nnx.Param``."""
+    from flax import nnx
 
-    def assign(model: ViT, weights: Mapping[str, Any]) -> None:
-        """Canonical weights into the model's variables, one tensor at a time, cast to float32."""
-        check_weights(model.spec, weights)
-        variables = params(model)
-        for name, value in FLAX.to_native(model.spec, weights):
-            variables[name].set_value(jnp.asarray(value, jnp.float32))
+    return {".".join(map(str, path)): v for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+@functools.cache
+def _compiled() -> Any:
+    """``model.forward_captures`` under ``jax.jit``: compiled once per (graph, capture names, input shape)."""
+    import jax
 
     @functools.partial(jax.jit, static_argnames=("names",))
-    def run(model: ViT, images: jax.Array, names: tuple[str, ...]) -> dict[str, jax.Array]:
+    def forward(model: Any, images: jax.Array, names: tuple[str, ...]) -> dict[str, jax.Array]:
         # The model is a pytree: jit flattens it far faster than nnx.split and keys its cache on
-        # the structure (spec, train/eval flags), the capture set and the input shape.
+        # the structure (spec, train/eval flags), the capture names and the input shape.
         model.eval()  # on the traced copy only: forward is inference whatever mode the user left
         with jax.default_matmul_precision("highest"):  # no TF32 on GPUs: the reference's numbers
-            return model.capture(images, names)
+            return model.forward_captures(images, names)
 
-    for cls in (Dropout, Attention, Mlp, Block, ViT):  # reprs and pickles name this module
-        cls.__module__, cls.__qualname__ = __name__, cls.__name__
-    return SimpleNamespace(
-        jax=jax, jnp=jnp, nnx=nnx, ViT=ViT, Block=Block, Attention=Attention, Mlp=Mlp, Dropout=Dropout,
-        params=params, assign=assign, run=run,
-    )
+    return forward
 
 
-_MODEL_CLASSES = ("ViT", "Block", "Attention", "Mlp", "Dropout")
+# ---- the backend ---------------------------------------------------------------------------------
 
 
-def __getattr__(name: str) -> Any:
-    # `from vitspec.backends.jax import ViT` imports jax and flax only now.
-    if name in _MODEL_CLASSES:
-        return getattr(_nnx(), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-# ---- the backend object ------------------------------------------------------------------------
-
-
-class JaxBackend:
-    """vitspec's backend protocol on JAX/Flax NNX (``version`` is jax's; flax is ``flax_version``)."""
+class JaxBackend(Backend):
+    """JAX/Flax NNX behind ``vitspec.backends.Backend`` (``version`` is jax's, ``flax_version`` flax's)."""
 
     name = "jax"
+    layout = FLAX
+    frameworks = ("jax", "flax")
+    precision = "matmul precision highest (no TF32 or bfloat16 passes)"
 
     def __init__(self) -> None:
         import flax
@@ -266,30 +272,23 @@ class JaxBackend:
 
         self.version: str = jax.__version__
         self.flax_version: str = flax.__version__
-        self._nnx = _nnx()
 
     def build(self, spec: Spec, weights: Mapping[str, np.ndarray] | None = None, seed: int = 0) -> Any:
-        """A ``ViT`` (flax.nnx.Module) with ``weights``, or ``vitspec.init_weights(spec, seed)``."""
-        return self._nnx.ViT(spec, weights, seed=seed)
+        return _model_classes()["VisionTransformer"](spec, weights, seed)
 
-    def load(self, model: Any, weights: Mapping[str, np.ndarray]) -> Any:
-        """Canonical weights into ``model`` in place; one WeightsError lists every mismatch."""
-        self._nnx.assign(model, weights)
-        return model
+    def write_native(self, model: Any, native: Iterable[tuple[str, np.ndarray]]) -> None:
+        import jax.numpy as jnp
 
-    def export(self, model: Any) -> dict[str, np.ndarray]:
-        """Canonical weights of ``model``, bit for bit."""
-        native = {name: np.array(v.get_value()) for name, v in self._nnx.params(model).items()}
-        return dict(FLAX.from_native(model.spec, native))
+        params = _parameters(model)
+        for name, array in native:
+            params[name].set_value(jnp.asarray(array, jnp.float32))
 
-    def forward(self, model: Any, images: np.ndarray, capture: Iterable[str] | str = ()) -> dict[str, np.ndarray]:
-        """NHWC images -> ``{"output": ..., capture: ...}`` as float32 NumPy, in eval mode."""
-        spec = model.spec
-        names = check_capture(spec, capture if isinstance(capture, str) else tuple(capture))
-        x = reference.check_images(spec, images).astype(np.float32, copy=False)
-        ordered = tuple(n for n in capture_points(spec) if n in set(names))  # one cache entry per set
-        out = self._nnx.run(model, x, ordered)
-        return {name: np.array(out[name]) for name in (*ordered, "output")}  # jit sorts dict keys
+    def read_native(self, model: Any) -> Mapping[str, np.ndarray]:
+        return NativeArrays(_parameters(model), lambda param: np.array(param.get_value()))
+
+    def run(self, model: Any, images: np.ndarray, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+        got = _compiled()(model, images.astype(np.float32, copy=False), names)
+        return {name: np.array(value) for name, value in got.items()}
 
     def save_artifact(self, model: Any, path: str | Path, batch: int | None) -> Path:
         """Write ``model`` as a serialized ``jax.export`` module (weights baked in), NHWC -> output.
@@ -297,9 +296,11 @@ class JaxBackend:
         ``batch`` fixes the batch size; None leaves it symbolic (any batch). Load it with jax alone:
         ``jax.export.deserialize(Path(path).read_bytes()).call(images)``.
         """
-        if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
-            raise InputError(f"batch: expected a positive integer or None, found {batch!r}")
-        jax, jnp, nnx = self._nnx.jax, self._nnx.jnp, self._nnx.nnx
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+
+        self.check_batch(batch)
         spec = model.spec
         served = nnx.view(model, deterministic=True, raise_if_not_found=False)  # eval, model untouched
 
@@ -314,6 +315,8 @@ class JaxBackend:
         path.write_bytes(exported.serialize())
         return path
 
-    def environment(self) -> dict[str, str]:
-        """Settings behind forward's numbers (the conformance report prints them)."""
-        return {"flax.version": self.flax_version, "forward.dtype": "float32", "forward.matmul_precision": "highest"}
+    def device(self) -> str:
+        import jax
+
+        first = jax.devices()[0]
+        return "cpu" if first.platform == "cpu" else f"{first.platform}:{first.id} ({first.device_kind})"

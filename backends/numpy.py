@@ -1,7 +1,8 @@
-"""The NumPy backend: the reference forward pass behind the backend protocol.
+"""The NumPy backend: the reference forward pass behind ``vitspec.backends.Backend``.
 
-It is the smallest complete backend (a template for backend authors) and lets the conformance
-suite test itself without a deep-learning framework. It computes in float32 unless told otherwise.
+It is the smallest complete backend (a template for backend authors: its native layout is the
+canonical one) and lets the conformance suite test itself without a deep-learning framework. It
+computes, and returns, float32 unless told otherwise.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vitspec import reference
+from vitspec.backends.base import Backend, NativeArrays
 from vitspec.init import init_weights
-from vitspec.layout import param_table
+from vitspec.layouts import CANONICAL
 from vitspec.spec import Spec
-from vitspec.weights import check_weights
 
 
 @dataclass
@@ -27,9 +28,11 @@ class NumpyModel:
     dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
 
 
-class NumpyBackend:
+class NumpyBackend(Backend):
     name = "numpy"
     version = np.__version__
+    layout = CANONICAL
+    frameworks = ("numpy",)
 
     def __init__(self, dtype: type | np.dtype = np.float32) -> None:
         self.dtype = np.dtype(dtype)
@@ -38,13 +41,11 @@ class NumpyBackend:
         model = NumpyModel(spec, dtype=self.dtype)
         return self.load(model, weights if weights is not None else init_weights(spec, seed))
 
-    def load(self, model: NumpyModel, weights: Mapping[str, np.ndarray]) -> NumpyModel:
-        check_weights(model.spec, weights)
-        model.weights = {p.name: np.array(weights[p.name]) for p in param_table(model.spec)}
-        return model
+    def write_native(self, model: NumpyModel, native: Iterable[tuple[str, np.ndarray]]) -> None:
+        model.weights = {name: np.array(value) for name, value in native}
 
-    def export(self, model: NumpyModel) -> dict[str, np.ndarray]:
-        return {name: value.copy() for name, value in model.weights.items()}
+    def read_native(self, model: NumpyModel) -> Mapping[str, np.ndarray]:
+        return NativeArrays(model.weights, np.array)  # copies: exported weights are the caller's
 
-    def forward(self, model: NumpyModel, images: np.ndarray, capture: Iterable[str] | str = ()) -> dict[str, np.ndarray]:
-        return reference.forward(model.spec, model.weights, images, dtype=model.dtype, capture=capture)
+    def run(self, model: NumpyModel, images: np.ndarray, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+        return reference.forward(model.spec, model.weights, images, dtype=model.dtype, capture=names)

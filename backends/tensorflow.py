@@ -1,47 +1,56 @@
 """The TensorFlow backend: a Keras 3 model on TensorFlow, taking NHWC images.
 
-The native model, ``VisionTransformer``, is an ordinary ``keras.Model``: ``predict``, ``fit``,
+The native model, ``VisionTransformer(spec)``, is an ordinary ``keras.Model``: ``predict``, ``fit``,
 ``tf.function(jit_compile=True)``, ``model.export`` and ``model.save_weights`` all work without
-vitspec's adapter. It carries its spec as ``model.spec`` and ``get_config()`` holds the spec
-dict, so ``keras.saving.load_model`` rebuilds it once the backend is loaded (which registers
-the class with Keras).
+vitspec's adapter. It carries its spec as ``model.spec`` and ``get_config()`` holds the spec dict,
+so ``keras.saving.load_model`` rebuilds it once the class is defined (which registers it with
+Keras as ``vitspec>VisionTransformer``). Native names are the Keras variable paths below the model
+(``blocks_0/attn/qkv/kernel``); query, key and value are fused into one ``(D, 3D)`` kernel.
 
 Keras runs on several frameworks; this backend runs on TensorFlow only. It sets
 ``KERAS_BACKEND=tensorflow`` when nobody has chosen, and refuses (``BackendError``) a Keras that is
 already set to another backend, rather than run silently on it.
 
-Native weight names are the Keras variable paths below the model (``blocks_0/attn/qkv/kernel``);
-query, key and value are fused into one ``(D, 3D)`` kernel, the rest matches the canonical table.
-The table is ``vitspec.layouts.keras.KERAS`` (and ``h5_layout`` for ``.weights.h5`` files); importing
-this module does not import TensorFlow or Keras; the first ``TensorFlowBackend()`` does.
+The native layout is the table ``vitspec.layouts.keras.KERAS`` (and ``h5_layout`` for
+``.weights.h5`` files); what every backend shares is ``vitspec.backends.base.Backend``. Importing
+this module does not import TensorFlow or Keras: the model classes are defined on first use.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
 import sys
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
-from functools import cache
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from vitspec.errors import BackendError, InputError
+from vitspec.backends.base import NO_CAPTURES, Backend, Captures, NativeArrays, ordered_captures
+from vitspec.errors import BackendError
 from vitspec.init import init_weights
-from vitspec.layout import check_capture
+from vitspec.layout import drop_path_rates
 from vitspec.layouts.keras import KERAS
-from vitspec.reference import check_images, sincos2d
+from vitspec.reference import sincos2d
 from vitspec.spec import Spec
-from vitspec.weights import check_weights
 
 # XLA fuses the norms, GELU and attention reshapes; measured faster than plain graphs on CPU.
 JIT_COMPILE = True
 
-# ---- Keras (imported on first use) ------------------------------------------------------------
+# ---- the native model (Keras on TensorFlow, defined on first use) ------------------------------
+
+MODEL_CLASSES = ("PatchEmbed", "LayerNorm", "Attention", "Mlp", "Block", "VisionTransformer")
+
+
+def __getattr__(name: str) -> Any:
+    """The model classes (``VisionTransformer``, ``Block``…): TensorFlow is imported on first access."""
+    if name in MODEL_CLASSES:
+        return _model_classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _import_keras() -> tuple[Any, Any]:
@@ -67,28 +76,28 @@ def _import_keras() -> tuple[Any, Any]:
     return tf, keras
 
 
-@cache
-def _classes() -> dict[str, type]:
-    """Define the Keras layers on first use, so that importing this module needs no framework."""
+@functools.cache
+def _model_classes() -> dict[str, type]:
+    """Import TensorFlow and Keras and define the model classes (kept out of module import on purpose)."""
     tf, keras = _import_keras()
+
+    def dense(units: int, name: str, policy: Any, **kwargs: Any) -> Any:
+        # Zeros now, real weights at once from `load`.
+        return keras.layers.Dense(units, kernel_initializer="zeros", name=name, dtype=policy, **kwargs)
 
     def dropout(x: Any, rate: float, training: bool) -> Any:
         # tf.nn.dropout keeps no seed state, so the model's variables are exactly its parameters.
         return tf.nn.dropout(x, rate=rate) if training and rate > 0 else x
 
     def drop_path(x: Any, rate: float, training: bool) -> Any:
-        """Stochastic depth: drop a residual branch for whole samples, rescale the kept ones."""
+        """Stochastic depth: zero whole samples' residual branch, scale the rest by 1 / keep."""
         if not training or rate <= 0:
             return x
         keep = 1.0 - rate
         mask = tf.floor(keep + tf.random.uniform([tf.shape(x)[0], 1, 1], dtype=x.dtype))
         return x / keep * mask
 
-    def dense(units: int, name: str, policy: Any, **kwargs: Any) -> Any:
-        # Zeros: the real values (vitspec init or loaded weights) are assigned right after build.
-        return keras.layers.Dense(units, kernel_initializer="zeros", name=name, dtype=policy, **kwargs)
-
-    class PatchEmbed(keras.layers.Layer):
+    class PatchEmbed(keras.layers.Layer):  # type: ignore[name-defined]
         """Cut NHWC images into patches and project each; the kernel is a Conv2D's (ph, pw, C, D)."""
 
         def __init__(self, patch_size: tuple[int, int], hidden_dim: int, **kwargs: Any) -> None:
@@ -108,7 +117,7 @@ def _classes() -> dict[str, type]:
             y = tf.matmul(tf.reshape(x, [-1, flat]), tf.reshape(self.kernel, [flat, self.hidden_dim]))
             return tf.reshape(y + self.bias, [-1, gh * gw, self.hidden_dim])
 
-    class LayerNorm(keras.layers.Layer):
+    class LayerNorm(keras.layers.Layer):  # type: ignore[name-defined]
         """LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * scale + bias, eps exact.
 
         keras.layers.LayerNormalization defaults to eps 1e-3 (5e-4 off the reference at unit
@@ -130,7 +139,7 @@ def _classes() -> dict[str, type]:
             var = tf.reduce_mean(tf.square(centred), axis=-1, keepdims=True)
             return centred * tf.math.rsqrt(var + self.epsilon) * self.scale + self.bias
 
-    class Attention(keras.layers.Layer):
+    class Attention(keras.layers.Layer):  # type: ignore[name-defined]
         """Multi-head self-attention with one fused projection qkv = [query | key | value]."""
 
         def __init__(self, spec: Spec, **kwargs: Any) -> None:
@@ -144,23 +153,22 @@ def _classes() -> dict[str, type]:
             self.qkv.build(input_shape)
             self.out.build(input_shape)
 
-        def forward(self, x: Any, training: bool, keep: dict[str, Any], prefix: str) -> Any:
+        def call(self, x: Any, training: bool | None = None) -> Any:
+            return self.forward(x, bool(training))
+
+        def forward(self, x: Any, training: bool, captures: Captures = NO_CAPTURES, prefix: str = "") -> Any:
             s = self.spec
             n, heads, hd = x.shape[1], s.n_heads, s.head_dim
             qkv = tf.transpose(tf.reshape(self.qkv(x), [-1, n, 3, heads, hd]), [2, 0, 3, 1, 4])
             q, k, v = qkv[0], qkv[1], qkv[2]
-            probs = tf.nn.softmax(tf.matmul(q, k, transpose_b=True) * (1.0 / math.sqrt(hd)), axis=-1)
-            keep[f"{prefix}attn_probs"] = probs
-            per_head = tf.matmul(dropout(probs, s.attn_dropout, training), v)
-            keep[f"{prefix}attn_heads"] = per_head
+            scores = tf.matmul(q, k, transpose_b=True) * (1.0 / math.sqrt(hd))
+            probs = captures.keep(f"{prefix}.attn_probs", tf.nn.softmax(scores, axis=-1))
+            per_head = captures.keep(f"{prefix}.attn_heads", tf.matmul(dropout(probs, s.attn_dropout, training), v))
             merged = tf.reshape(tf.transpose(per_head, [0, 2, 1, 3]), [-1, n, s.hidden_dim])
             return dropout(self.out(merged), s.dropout, training)
 
-        def call(self, x: Any, training: bool | None = None) -> Any:
-            return self.forward(x, bool(training), {}, "")
-
-    class Mlp(keras.layers.Layer):
-        """fc1, GELU (erf or tanh form, as the spec says), fc2; dropout after each when training."""
+    class Mlp(keras.layers.Layer):  # type: ignore[name-defined]
+        """fc1 -> GELU -> dropout -> fc2 -> dropout, as timm's Mlp."""
 
         def __init__(self, spec: Spec, **kwargs: Any) -> None:
             super().__init__(**kwargs)
@@ -181,8 +189,8 @@ def _classes() -> dict[str, type]:
                 h = 0.5 * h * (1.0 + tf.math.erf(h * (1.0 / math.sqrt(2.0))))
             return dropout(self.fc2(dropout(h, s.dropout, training)), s.dropout, training)
 
-    class EncoderBlock(keras.layers.Layer):
-        """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x)); drop_path on both branches."""
+    class Block(keras.layers.Layer):  # type: ignore[name-defined]
+        """Pre-norm encoder block: x + attn(norm1(x)), then x + mlp(norm2(x)), with stochastic depth."""
 
         def __init__(self, spec: Spec, drop_path: float = 0.0, **kwargs: Any) -> None:
             super().__init__(**kwargs)
@@ -197,25 +205,22 @@ def _classes() -> dict[str, type]:
             for layer in (self.norm1, self.attn, self.norm2, self.mlp):
                 layer.build(input_shape)
 
-        def forward(self, x: Any, training: bool, keep: dict[str, Any], prefix: str) -> Any:
-            attn = self.attn.forward(self.norm1(x), training, keep, prefix)
-            keep[f"{prefix}attn"] = attn
-            x = x + drop_path(attn, self.drop_path, training)
-            mlp = self.mlp(self.norm2(x), training=training)
-            keep[f"{prefix}mlp"] = mlp
-            return x + drop_path(mlp, self.drop_path, training)
-
         def call(self, x: Any, training: bool | None = None) -> Any:
-            return self.forward(x, bool(training), {}, "")
+            return self.forward(x, bool(training))
+
+        def forward(self, x: Any, training: bool, captures: Captures = NO_CAPTURES, prefix: str = "") -> Any:
+            attn = captures.keep(f"{prefix}.attn", self.attn.forward(self.norm1(x), training, captures, prefix))
+            x = x + drop_path(attn, self.drop_path, training)
+            mlp = captures.keep(f"{prefix}.mlp", self.mlp(self.norm2(x), training=training))
+            return captures.keep(prefix, x + drop_path(mlp, self.drop_path, training))
 
     @keras.saving.register_keras_serializable(package="vitspec")
-    class VisionTransformer(keras.Model):
-        """A vitspec Vision Transformer as a Keras model: NHWC float images in, logits out.
+    class VisionTransformer(keras.Model):  # type: ignore[name-defined]
+        """A ViT built from a vitspec Spec (or its dict): NHWC float images in, logits (or features) out.
 
-        ``spec`` is a ``vitspec.Spec`` or its dict. ``weights`` are canonical vitspec weights;
-        without them ``seed`` fills the model with ``vitspec.init_weights(spec, seed)`` (``None``
-        leaves zeros, for weights loaded next). The model is built on construction, so
-        ``summary()``, ``weights`` and ``save_weights`` work at once.
+        ``weights`` are canonical vitspec weights (None: ``vitspec.init_weights(spec, seed)``;
+        both None: the parameters are left zero, for weights loaded next). The model is built on
+        construction, so ``summary()``, ``weights`` and ``save_weights`` work at once.
         """
 
         def __init__(
@@ -231,21 +236,18 @@ def _classes() -> dict[str, type]:
             self.spec, self.seed = spec, seed
             policy = self.dtype_policy
             self.patch_embed = PatchEmbed(spec.patch_size, spec.hidden_dim, name="patch_embed", dtype=policy)
-            for i in range(spec.depth):
-                # timm's linspace(0, drop_path, depth): 0 for the first block (and a one-block model).
-                rate = spec.drop_path * i / (spec.depth - 1) if spec.depth > 1 else 0.0
-                setattr(self, f"blocks_{i}", EncoderBlock(spec, rate, name=f"blocks_{i}", dtype=policy))
+            for i, rate in enumerate(drop_path_rates(spec)):
+                setattr(self, f"blocks_{i}", Block(spec, rate, name=f"blocks_{i}", dtype=policy))
             self.norm = LayerNorm(spec.norm_eps, name="norm", dtype=policy)
             if spec.pre_logits_dim:
                 self.pre_logits = dense(spec.pre_logits_dim, "pre_logits", policy, activation="tanh")
             if spec.n_classes:
                 self.head = dense(spec.n_classes, "head", policy)
             self.build((None, *spec.image_size, spec.in_channels))
+            if weights is None and seed is not None:
+                weights = init_weights(spec, seed)
             if weights is not None:
-                check_weights(spec, weights)
-                _assign(self, KERAS.to_native(spec, weights))
-            elif seed is not None:
-                _assign(self, KERAS.to_native(spec, init_weights(spec, seed)))
+                TensorFlowBackend().load(self, weights)
 
         def build(self, input_shape: Any) -> None:
             s = self.spec
@@ -267,114 +269,129 @@ def _classes() -> dict[str, type]:
             """The encoder blocks in order (a method, not a list attribute, so saving walks each once)."""
             return [getattr(self, f"blocks_{i}") for i in range(self.spec.depth)]
 
-        def call_with_captures(self, images: Any, training: bool = False) -> dict[str, Any]:
-            """Every capture point by its vitspec name (``vitspec.capture_points``), ``output`` last."""
-            s, out = self.spec, {}
-            tokens = self.patch_embed(images)
-            out["patch_embed"] = tokens
-            if s.pos_embed == "learned" and not s.pos_embed_class_slot:
-                tokens = tokens + self.pos_embed
-            elif s.pos_embed == "sincos2d":
-                tokens = tokens + tf.constant(sincos2d(s.grid, s.hidden_dim), dtype=tokens.dtype)
-            if s.class_token:
-                cls = tf.broadcast_to(tf.cast(self.class_token, tokens.dtype), [tf.shape(tokens)[0], 1, s.hidden_dim])
-                tokens = tf.concat([cls, tokens], axis=1)
-            if s.pos_embed == "learned" and s.pos_embed_class_slot:
-                tokens = tokens + self.pos_embed
-            out["embed"] = tokens
-            tokens = dropout(tokens, s.dropout, training)
-            for i, block in enumerate(self.blocks()):
-                tokens = out[f"blocks.{i}"] = block.forward(tokens, training, out, f"blocks.{i}.")
-            if s.final_norm == "before_pool":
-                tokens = self.norm(tokens)
-            out["encoded"] = tokens
-            pooled = tokens[:, 0] if s.pooling == "token" else tf.reduce_mean(tokens[:, s.n_prefix_tokens :], axis=1)
-            if s.final_norm == "after_pool":
-                pooled = self.norm(pooled)
-            out["pooled"] = features = pooled
-            if s.pre_logits_dim:
-                out["pre_logits"] = features = self.pre_logits(pooled)
-            out["output"] = self.head(features) if s.n_classes else features
-            return out
-
         def call(self, images: Any, training: bool | None = None) -> Any:
-            return self.call_with_captures(images, bool(training))["output"]
+            """(B, H, W, C) float images -> (B, n_classes) logits, or (B, features) with no head."""
+            return self._forward(images, bool(training), NO_CAPTURES)
+
+        def forward_captures(self, images: Any, capture: Iterable[str] | str = "all", training: bool = False) -> dict[str, Any]:
+            """The named capture points (``vitspec.capture_points(spec)``, or "all") in forward order, then "output"."""
+            captures = Captures(ordered_captures(self.spec, capture))
+            return captures.result(self._forward(images, training, captures))
+
+        def _forward(self, images: Any, training: bool, captures: Captures) -> Any:
+            s = self.spec
+            x = captures.keep("patch_embed", self.patch_embed(images))
+            x = captures.keep("embed", dropout(self._embed(x), s.dropout, training))
+            for i, block in enumerate(self.blocks()):
+                x = block.forward(x, training, captures, f"blocks.{i}")
+            if s.final_norm == "before_pool":
+                x = self.norm(x)
+            x = captures.keep("encoded", x)
+            x = x[:, 0] if s.pooling == "token" else tf.reduce_mean(x[:, s.n_prefix_tokens :], axis=1)
+            if s.final_norm == "after_pool":
+                x = self.norm(x)
+            x = captures.keep("pooled", x)
+            if s.pre_logits_dim:
+                x = captures.keep("pre_logits", self.pre_logits(x))
+            return self.head(x) if s.n_classes else x
+
+        def _embed(self, x: Any) -> Any:
+            """Class token and position embedding, in the order the spec's position table implies."""
+            s = self.spec
+            if s.pos_embed == "learned" and not s.pos_embed_class_slot:
+                x = x + self.pos_embed
+            elif s.pos_embed == "sincos2d":
+                x = x + tf.constant(sincos2d(s.grid, s.hidden_dim), dtype=x.dtype)
+            if s.class_token:
+                x = tf.concat([tf.broadcast_to(tf.cast(self.class_token, x.dtype), [tf.shape(x)[0], 1, s.hidden_dim]), x], axis=1)
+            if s.pos_embed_class_slot:
+                x = x + self.pos_embed
+            return x
 
         def get_config(self) -> dict[str, Any]:
             return {**super().get_config(), "spec": self.spec.to_dict(), "seed": self.seed}
 
-    classes = [PatchEmbed, LayerNorm, Attention, Mlp, EncoderBlock, VisionTransformer]
-    for cls in classes:
-        cls.__qualname__ = cls.__name__  # reprs and tracebacks read vitspec.backends.tensorflow.Mlp
+    classes = (PatchEmbed, LayerNorm, Attention, Mlp, Block, VisionTransformer)
+    for cls in classes:  # reprs and tracebacks name vitspec.backends.tensorflow.<name>
+        cls.__qualname__ = cls.__name__
     return {cls.__name__: cls for cls in classes}
 
 
-def _variables(model: Any) -> dict[str, Any]:
-    """Native name (variable path below the model) -> Keras variable."""
+def _parameters(model: Any) -> dict[str, Any]:
+    """Native name (variable path below the model) -> the model's Keras variable."""
     prefix = f"{model.path}/"
     return {v.path.removeprefix(prefix): v for v in model.weights}
 
 
-def _assign(model: Any, native: Iterable[tuple[str, np.ndarray]]) -> None:
-    variables = _variables(model)
-    for name, value in native:
-        variables[name].assign(np.asarray(value, dtype=variables[name].dtype))
+# model -> {capture names: compiled forward}; the functions hold the model weakly, so it is freed.
+_COMPILED: weakref.WeakKeyDictionary[Any, dict[tuple[str, ...], Any]] = weakref.WeakKeyDictionary()
 
 
-def __getattr__(name: str) -> Any:
-    """The Keras classes (``VisionTransformer``, ``EncoderBlock``…), defined on first access."""
-    if name in ("PatchEmbed", "LayerNorm", "Attention", "Mlp", "EncoderBlock", "VisionTransformer"):
-        return _classes()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def _compiled(model: Any, names: tuple[str, ...]) -> Any:
+    """``model.forward_captures`` as an XLA-compiled ``tf.function``: made once per (model, capture names)."""
+    import tensorflow as tf
+
+    compiled = _COMPILED.setdefault(model, {})
+    if names not in compiled:
+        spec, ref = model.spec, weakref.ref(model)
+
+        def forward(images: Any) -> dict[str, Any]:
+            return ref().forward_captures(images, names)  # type: ignore[union-attr]  # alive: it is the cache's key
+
+        signature = [tf.TensorSpec((None, *spec.image_size, spec.in_channels), tf.float32)]
+        compiled[names] = tf.function(forward, input_signature=signature, jit_compile=JIT_COMPILE)
+    return compiled[names]
 
 
-# ---- the backend --------------------------------------------------------------------------------
-
-# model -> {captured names: compiled forward}; the functions hold the model weakly, so it is freed.
-_FORWARD: weakref.WeakKeyDictionary[Any, dict[frozenset[str], Any]] = weakref.WeakKeyDictionary()
+# ---- the backend ---------------------------------------------------------------------------------
 
 
-class TensorFlowBackend:
-    """vitspec's backend protocol over ``VisionTransformer``, a Keras 3 model on TensorFlow."""
+class TensorFlowBackend(Backend):
+    """Keras 3 on TensorFlow behind ``vitspec.backends.Backend`` (``keras_version`` is Keras')."""
 
     name = "tensorflow"
+    layout = KERAS
+    frameworks = ("tensorflow", "keras")
+    precision = "no TF32 (off during each forward)"
 
     def __init__(self) -> None:
         tf, keras = _import_keras()
-        _classes()  # registers VisionTransformer with Keras, for keras.saving.load_model
+        _model_classes()  # registers VisionTransformer with Keras, for keras.saving.load_model
         self.version: str = tf.__version__
         self.keras_version: str = keras.__version__
-        # TF32 matmuls (Ampere and later GPUs) would put float32 results ~1e-3 off the reference.
-        tf.config.experimental.enable_tensor_float_32_execution(False)
-        self._tf = tf
 
     def build(self, spec: Spec, weights: Mapping[str, np.ndarray] | None = None, seed: int = 0) -> Any:
-        return _classes()["VisionTransformer"](spec, weights, seed=seed, dtype="float32")
+        return _model_classes()["VisionTransformer"](spec, weights, seed, dtype="float32")
 
-    def load(self, model: Any, weights: Mapping[str, np.ndarray]) -> Any:
-        check_weights(model.spec, weights)
-        _assign(model, KERAS.to_native(model.spec, weights))
-        return model
+    def write_native(self, model: Any, native: Iterable[tuple[str, np.ndarray]]) -> None:
+        variables = _parameters(model)
+        for name, array in native:
+            variables[name].assign(np.asarray(array, dtype=variables[name].dtype))
 
-    def export(self, model: Any) -> dict[str, np.ndarray]:
-        return dict(KERAS.from_native(model.spec, _VariableArrays(_variables(model))))
+    def read_native(self, model: Any) -> Mapping[str, np.ndarray]:
+        return NativeArrays(_parameters(model), lambda variable: np.asarray(variable.numpy()))
 
-    def forward(self, model: Any, images: np.ndarray, capture: Iterable[str] | str = ()) -> dict[str, np.ndarray]:
-        spec = model.spec
-        wanted = [c for c in check_capture(spec, capture if isinstance(capture, str) else tuple(capture)) if c != "output"]
-        x = check_images(spec, images).astype(np.float32, copy=False)
-        got = self._compiled(model, frozenset(wanted))(self._tf.constant(x))
-        return {name: got[name].numpy() for name in (*wanted, "output")}
+    def run(self, model: Any, images: np.ndarray, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+        import tensorflow as tf
 
-    def save_artifact(self, model: Any, path: str | os.PathLike[str], batch: int | None) -> Path:
+        # TF32 is off for this forward only: forward gives the reference's float32 numbers, and
+        # outside it the setting stays the user's (their training may want TF32).
+        tf32 = tf.config.experimental.tensor_float_32_execution_enabled()
+        tf.config.experimental.enable_tensor_float_32_execution(False)
+        try:
+            got = _compiled(model, names)(tf.constant(images.astype(np.float32, copy=False)))
+            return {name: value.numpy() for name, value in got.items()}
+        finally:
+            tf.config.experimental.enable_tensor_float_32_execution(tf32)
+
+    def save_artifact(self, model: Any, path: str | Path, batch: int | None) -> Path:
         """Write a SavedModel whose ``serving_default`` maps ``images`` (NHWC) to ``{"output": ...}``.
 
-        ``batch`` fixes the batch dimension of the signature; ``None`` accepts any batch. Load it
-        with TensorFlow alone: ``tf.saved_model.load(path).signatures["serving_default"]``.
+        ``batch`` fixes the batch size; None accepts any batch. Load it with TensorFlow alone:
+        ``tf.saved_model.load(path).signatures["serving_default"]``.
         """
-        if batch is not None and (not isinstance(batch, int) or batch < 1):
-            raise InputError(f"batch: expected a positive integer or None, found {batch!r}")
         tf, keras = _import_keras()
+        self.check_batch(batch)
         spec = model.spec
         archive = keras.export.ExportArchive()
         archive.track(model)
@@ -383,32 +400,15 @@ class TensorFlowBackend:
         archive.write_out(os.fspath(path), verbose=False)
         return Path(path)
 
-    def _compiled(self, model: Any, wanted: frozenset[str]) -> Any:
-        fns = _FORWARD.setdefault(model, {})
-        if wanted not in fns:
-            tf, spec, ref = self._tf, model.spec, weakref.ref(model)
-            names = (*wanted, "output")
+    def device(self) -> str:
+        import tensorflow as tf
 
-            def run(images: Any) -> dict[str, Any]:
-                out = ref().call_with_captures(images, training=False)
-                return {name: out[name] for name in names}
+        gpus = tf.config.list_physical_devices("GPU")
+        if not gpus:
+            return "cpu"
+        return f"gpu:0 ({tf.config.experimental.get_device_details(gpus[0]).get('device_name', 'GPU')})"
 
-            signature = [tf.TensorSpec((None, *spec.image_size, spec.in_channels), tf.float32)]
-            fns[wanted] = tf.function(run, input_signature=signature, jit_compile=JIT_COMPILE)
-        return fns[wanted]
+    def threads(self) -> int:
+        import tensorflow as tf
 
-
-class _VariableArrays(Mapping[str, np.ndarray]):
-    """Keras variables read into NumPy one at a time, as from_native asks for them."""
-
-    def __init__(self, variables: Mapping[str, Any]) -> None:
-        self._variables = variables
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        return np.asarray(self._variables[name].numpy())
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._variables)
-
-    def __len__(self) -> int:
-        return len(self._variables)
+        return tf.config.threading.get_intra_op_parallelism_threads() or super().threads()

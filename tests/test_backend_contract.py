@@ -5,21 +5,35 @@ Numbers are compared with the float64 NumPy reference as max |backend - ref| / m
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import BACKENDS, rel_err
 
 import vitspec
-from vitspec import reference
-from vitspec.errors import WeightsError
+from vitspec import backends, reference
+from vitspec.backends.base import ENVIRONMENT_KEYS, Backend
+from vitspec.conformance.suite import environment
+from vitspec.errors import BackendError, WeightsError
 from vitspec.families import FAMILIES, family
-from vitspec.layout import capture_points, capture_shapes
+from vitspec.layout import capture_points, capture_shapes, check_capture, drop_path_rates
 
 TOL = 1e-5
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> vitspec.backends.Backend:
+    return vitspec.backend(request.param)
+
+
+# The backends that write a deployable artifact (numpy has none).
+ARTIFACT_BACKENDS = [name for name in BACKENDS if name != "numpy"]
+
+
+@pytest.fixture(scope="module", params=ARTIFACT_BACKENDS)
+def artifact_backend(request: pytest.FixtureRequest) -> vitspec.backends.Backend:
     return vitspec.backend(request.param)
 
 
@@ -129,8 +143,119 @@ def test_load_replaces_weights(backend) -> None:
     assert rel_err(backend.forward(model, images)["output"], reference.forward(spec, new, images)["output"]) <= TOL
 
 
+def _raised(call, *args) -> Exception:
+    """The exception ``call(*args)`` raises (the test fails if it raises none)."""
+    with pytest.raises(Exception) as info:
+        call(*args)
+    return info.value
+
+
+def test_captures_come_in_forward_order_whatever_the_request_order(backend) -> None:
+    spec = family("vit_paper_pre_logits")
+    model = backend.build(spec)
+    images = _images(spec, 2)
+    points = capture_points(spec)
+    requested = ["output", "pre_logits", "blocks.1", "patch_embed", "blocks.0.attn_probs", "embed", "pre_logits"]
+    got = backend.forward(model, images, capture=requested)
+    assert list(got) == ["patch_embed", "embed", "blocks.0.attn_probs", "blocks.1", "pre_logits", "output"]
+    assert all(v.dtype == np.float32 and v.flags.c_contiguous for v in got.values())
+    assert list(backend.forward(model, images, capture=points[::-1])) == points
+    assert list(backend.forward(model, images, capture="all")) == points
+    assert list(backend.forward(model, images, capture="blocks.1.mlp")) == ["blocks.1.mlp", "output"]
+
+
+_BAD_IMAGES = {
+    "nchw": np.zeros((2, 3, 32, 32), np.float32),
+    "no_batch_axis": np.zeros((32, 32, 3), np.float32),
+    "empty_batch": np.zeros((0, 32, 32, 3), np.float32),
+    "integers": np.zeros((2, 32, 32, 3), np.uint8),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_IMAGES))
+def test_bad_images_raise_the_references_error(backend, case: str) -> None:
+    spec = family("vit_paper")
+    expected = _raised(reference.check_images, spec, _BAD_IMAGES[case])
+    got = _raised(backend.forward, backend.build(spec), _BAD_IMAGES[case])
+    assert type(got) is type(expected) and isinstance(got, ValueError)
+    assert str(got) == str(expected)
+
+
 def test_bad_images_name_the_problem(backend) -> None:
     spec = family("vit_paper")
-    model = backend.build(spec)
-    with pytest.raises(ValueError, match=r"images: expected shape \(batch, 32, 32, 3\)"):
-        backend.forward(model, np.zeros((2, 3, 32, 32), np.float32))
+    with pytest.raises(ValueError, match=r"images: expected shape \(batch, 32, 32, 3\) NHWC, found \(2, 3, 32, 32\)"):
+        backend.forward(backend.build(spec), _BAD_IMAGES["nchw"])
+
+
+def test_unknown_capture_raises_the_same_error_everywhere(backend) -> None:
+    spec = family("vit_paper")
+    expected = _raised(check_capture, spec, ("blocks.0", "blocks.9"))
+    got = _raised(backend.forward, backend.build(spec), _images(spec, 1), ("blocks.0", "blocks.9"))
+    assert type(got) is type(expected) and isinstance(got, ValueError)
+    assert str(got) == str(expected) and "'blocks.9'" in str(got)
+
+
+@pytest.mark.parametrize("batch", [True, False, 0, -2, 2.0, "2"], ids=repr)
+def test_save_artifact_rejects_a_bad_batch_before_writing(artifact_backend, tmp_path: Path, batch: object) -> None:
+    expected = _raised(Backend.check_batch, batch)
+    got = _raised(artifact_backend.save_artifact, artifact_backend.build(family("mnist", depth=1)), tmp_path / "artifact", batch)
+    assert type(got) is type(expected) and isinstance(got, ValueError)
+    assert str(got) == f"batch: expected a positive integer or None, found {batch!r}"
+    assert not (tmp_path / "artifact").exists()
+
+
+def test_check_batch_passes_good_batches_through() -> None:
+    assert Backend.check_batch(None) is None
+    assert Backend.check_batch(3) == 3
+
+
+def test_environment_has_the_same_keys_for_every_backend(backend) -> None:
+    env = backend.environment()
+    assert tuple(env) == ENVIRONMENT_KEYS
+    assert all(isinstance(v, str) and v for v in env.values())
+    assert env["backend"] == backend.name
+    assert env["framework"].split(", ")[0].endswith(f" {backend.version}")
+    assert env["numpy"] == np.__version__ and env["python"] == platform.python_version()
+    assert int(env["threads"]) >= 1
+    assert env["forward"].split(", ")[0] == "float32"
+    # The conformance report shows them with the suite's own probes.
+    assert environment(backend).items() >= env.items()
+
+
+def test_every_family_is_supported(backend) -> None:
+    assert [n for n in FAMILIES if backend.supports(family(n)) is not None] == []
+
+
+def test_drop_path_rates_follow_timms_linspace() -> None:
+    assert drop_path_rates(family("vit_paper", depth=1, drop_path=0.2)) == [0.0]
+    assert drop_path_rates(family("vit_paper", depth=5, drop_path=0.2)) == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2])
+    assert drop_path_rates(family("vit_paper", depth=3)) == [0.0, 0.0, 0.0]
+
+
+class _EntryPoint:
+    def __init__(self, name: str, factory: type) -> None:
+        self.name, self.value, self.dist, self._factory = name, f"thirdparty:{factory.__name__}", None, factory
+
+    def load(self) -> type:
+        return self._factory
+
+
+def test_a_duck_typed_backend_loads_and_one_missing_a_method_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Lame:  # no forward
+        name, version = "lame", "1.0"
+
+        def build(self, spec, weights=None, seed=0): ...
+        def load(self, model, weights): ...
+        def export(self, model): ...
+
+    class Duck(Lame):  # the public methods, and no subclass of Backend
+        name = "duck"
+
+        def forward(self, model, images, capture=()): ...
+
+    monkeypatch.setattr(backends, "_entry_points", lambda: {"duck": _EntryPoint("duck", Duck), "lame": _EntryPoint("lame", Lame)})
+    monkeypatch.setattr(backends, "_CACHE", {})
+    duck = backends.get_backend("duck")
+    assert isinstance(duck, Duck) and not isinstance(duck, Backend)
+    with pytest.raises(BackendError, match=r"backend 'lame' \(thirdparty:Lame\) has no 'forward'"):
+        backends.get_backend("lame")

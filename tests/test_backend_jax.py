@@ -5,6 +5,7 @@ for every backend in test_backend_contract.py."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -120,12 +121,12 @@ print(json.dumps({"ok": ok, "layout": len(FLAX.native_layout(spec)),
 def test_model_alone_under_jit_matches_reference() -> None:
     spec = family("timm_avg_fc_norm", depth=1)
     weights = vitspec.init_weights(spec, seed=6, scheme="random")
-    model = vjax.ViT(spec, weights)
+    model = vjax.VisionTransformer(spec, weights)
     images = _images(spec, 3)
     expected = reference.forward(spec, weights, images, capture=("blocks.0.attn_probs", "pooled"))
     by_nnx = nnx.jit(lambda m, x: m(x))(model, images)
-    # model.capture: the backend's named intermediates, from the plain module under jax.jit.
-    by_jax = jax.jit(lambda m, x: m.capture(x, ("blocks.0.attn_probs", "pooled")))(model, images)
+    # model.forward_captures: the backend's named intermediates, from the plain module under jax.jit.
+    by_jax = jax.jit(lambda m, x: m.forward_captures(x, ("blocks.0.attn_probs", "pooled")))(model, images)
     assert set(by_jax) == {"blocks.0.attn_probs", "pooled", "output"}
     assert by_jax["blocks.0.attn_probs"].shape == (3, 4, 17, 17)
     for got in (by_nnx, by_jax["output"]):
@@ -137,7 +138,7 @@ def test_model_alone_under_jit_matches_reference() -> None:
 
 def test_spec_is_static_and_the_model_holds_only_float32_arrays() -> None:
     spec = family("big_vision_gap", dropout=0.1)
-    model = vjax.ViT(spec)
+    model = vjax.VisionTransformer(spec)
     assert model.spec is spec
     graphdef, state = nnx.split(model)
     assert spec not in jax.tree.leaves(state)  # static: part of the graph definition, hashable
@@ -149,7 +150,7 @@ def test_spec_is_static_and_the_model_holds_only_float32_arrays() -> None:
 
 def test_default_init_is_vitspec_init() -> None:
     spec = family("vit_paper")
-    model = vjax.ViT(spec, seed=7)
+    model = vjax.VisionTransformer(spec, seed=7)
     native = dict(FLAX.to_native(spec, vitspec.init_weights(spec, seed=7)))
     for name, value in _flat_params(model).items():
         assert np.array_equal(np.asarray(value), native[name]), name
@@ -162,7 +163,7 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def test_gradient_step_has_finite_grads_for_every_parameter_and_lowers_the_loss() -> None:
     spec = family("vit_paper_pre_logits", depth=2, dropout=0.1, drop_path=0.1)
-    model = vjax.ViT(spec, vitspec.init_weights(spec, seed=0, scheme="random"), rngs=nnx.Rngs(dropout=3))
+    model = vjax.VisionTransformer(spec, vitspec.init_weights(spec, seed=0, scheme="random"), rngs=nnx.Rngs(dropout=3))
     images = jax.numpy.asarray(_images(spec, 4))
     labels = jax.numpy.asarray([1, 3, 5, 7])
 
@@ -191,7 +192,7 @@ def test_gradient_step_has_finite_grads_for_every_parameter_and_lowers_the_loss(
 def test_forward_compiles_once_per_capture_set_and_shape(backend) -> None:
     spec = family("mnist", depth=1, hidden_dim=16, n_heads=2)
     model = backend.build(spec)
-    run = vjax._nnx().run
+    run = vjax._compiled()
     before = run._cache_size()
     first = backend.forward(model, _images(spec, 2), capture=("pooled", "embed"))
     backend.forward(model, _images(spec, 2, seed=5), capture=["embed", "pooled"])
@@ -204,29 +205,19 @@ def test_forward_compiles_once_per_capture_set_and_shape(backend) -> None:
 def test_dropout_only_in_training_and_forward_always_evaluates(backend) -> None:
     spec = family("vit_paper", depth=3, dropout=0.5, attn_dropout=0.2, drop_path=0.3)
     weights = vitspec.init_weights(spec, seed=1, scheme="random")
-    model = vjax.ViT(spec, weights, rngs=nnx.Rngs(dropout=0))
+    model = vjax.VisionTransformer(spec, weights, rngs=nnx.Rngs(dropout=0))
     images = _images(spec, 8)
     expected = reference.forward(spec, weights, images, capture=("embed",))
     assert [b.drop_path.rate if b.drop_path else 0.0 for b in model.blocks] == [0.0, 0.15, 0.3]
-    assert model.blocks[2].drop_path.broadcast_dims == (1, 2)
     assert model.embed_drop.deterministic is True  # built in eval mode
     # nnx.jit carries the advanced dropout RNG state back into the model.
-    apply = nnx.jit(lambda m, x: m.capture(x, ("embed",)))
+    apply = nnx.jit(lambda m, x: m.forward_captures(x, ("embed",)))
 
     model.train()
     first, second = apply(model, images), apply(model, images)
     assert np.isfinite(first["output"]).all()
     assert not np.array_equal(first["output"], second["output"])
     assert rel_err(np.asarray(first["output"]), expected["output"]) > 1e-2
-    # Dropout after the position embedding: each value kept (scaled by 1/keep) or zeroed.
-    train_embed = np.asarray(first["embed"])
-    kept = train_embed != 0
-    assert 0.4 < kept.mean() < 0.6
-    np.testing.assert_allclose(train_embed[kept], 2 * expected["embed"][kept], rtol=1e-5, atol=1e-6)
-    # Stochastic depth drops whole samples: one mask value per image.
-    mask = np.asarray(model.blocks[2].drop_path(jax.numpy.ones((64, 5, 3))))
-    assert set(np.unique(mask).tolist()) == {0.0, float(np.float32(1 / 0.7))}
-    assert (mask == mask[:, :1, :1]).all()
 
     # backend.forward is inference: dropout off, and the user's model stays in training mode.
     assert rel_err(backend.forward(model, images)["output"], expected["output"]) <= TOL
@@ -235,14 +226,58 @@ def test_dropout_only_in_training_and_forward_always_evaluates(backend) -> None:
     assert rel_err(np.asarray(apply(model, images)["output"]), expected["output"]) <= TOL
 
 
-def test_attention_dropout_alone_is_active_in_training() -> None:
-    spec = family("vit_paper", depth=1, attn_dropout=0.3)
+@pytest.mark.parametrize("rates", [{"dropout": 0.3}, {"attn_dropout": 0.3}, {"drop_path": 0.3}], ids=lambda r: "+".join(r))
+def test_each_rate_alone_changes_the_output_in_training_only(rates: dict[str, float]) -> None:
+    spec = family("vit_paper", depth=2, **rates)
     weights = vitspec.init_weights(spec, seed=1, scheme="random")
-    model = vjax.ViT(spec, weights)
-    images = _images(spec, 2)
+    model = vjax.VisionTransformer(spec, weights, rngs=nnx.Rngs(dropout=0))
+    images = _images(spec, 4)
+    expected = reference.forward(spec, weights, images)["output"]
+    apply = nnx.jit(lambda m, x: m(x))
+    evaluated, again = np.asarray(apply(model, images)), np.asarray(apply(model, images))
+    assert np.array_equal(evaluated, again)
+    assert rel_err(evaluated, expected) <= TOL
     model.train()
-    trained = np.asarray(nnx.jit(lambda m, x: m(x))(model, images))
-    assert rel_err(trained, reference.forward(spec, weights, images)["output"]) > 1e-3
+    first, second = np.asarray(apply(model, images)), np.asarray(apply(model, images))
+    assert rel_err(first, expected) > 1e-3 and rel_err(second, expected) > 1e-3
+    assert not np.array_equal(first, second)
+    model.eval()
+    assert np.array_equal(np.asarray(apply(model, images)), evaluated)
+
+
+def _within(fraction: float, p: float, n: int) -> bool:
+    """A Bernoulli(p) frequency over n draws within 5 standard deviations of p."""
+    return abs(fraction - p) <= 5 * math.sqrt(p * (1 - p) / n)
+
+
+def test_dropout_rates_are_right_statistically() -> None:
+    spec = family("vit_paper", depth=3, dropout=0.3, attn_dropout=0.2, drop_path=0.4)
+    weights = vitspec.init_weights(spec, seed=2, scheme="random")
+    model = vjax.VisionTransformer(spec, weights, rngs=nnx.Rngs(dropout=5))
+    images = _images(spec, 16)
+    expected = reference.forward(spec, weights, images, capture=("embed",))["embed"]
+    model.train()
+    # Dropout after the position embedding, end to end: each value zeroed with probability 0.3,
+    # the kept ones scaled by 1 / 0.7.
+    embed = np.asarray(nnx.jit(lambda m, x: m.forward_captures(x, ("embed",)))(model, images)["embed"])
+    kept = embed != 0
+    assert _within(1 - kept.mean(), 0.3, kept.size), kept.mean()
+    np.testing.assert_allclose(embed[kept], expected[kept] / 0.7, rtol=1e-5, atol=1e-6)
+    n = 200_000
+    for i, block in enumerate(model.blocks):
+        # Attention dropout: every block's module, on n attention probabilities.
+        probs = np.asarray(block.attn.attn_drop(jax.numpy.ones((n,))))
+        assert set(np.unique(probs).tolist()) == {0.0, float(np.float32(1 / 0.8))}, i
+        assert _within((probs == 0).mean(), 0.2, n), (i, (probs == 0).mean())
+        # Stochastic depth: block i drops with rate 0.4 * i / 2, one mask value per sample.
+        rate = 0.4 * i / 2
+        if rate == 0:
+            assert block.drop_path is None
+            continue
+        mask = np.asarray(block.drop_path(jax.numpy.ones((n // 10, 5, 3))))
+        assert (mask == mask[:, :1, :1]).all(), i
+        assert set(np.unique(mask).tolist()) == {0.0, float(np.float32(1 / (1 - rate)))}, i
+        assert _within((mask[:, 0, 0] == 0).mean(), rate, n // 10), (i, (mask[:, 0, 0] == 0).mean())
 
 
 def test_load_casts_to_float32_and_refuses_bad_weights_whole(backend) -> None:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -304,6 +305,30 @@ def test_drop_path_follows_the_linear_rule_and_drops_whole_branches(backend) -> 
     spec = family("vit_paper", depth=2, drop_path=0.999)
     model = backend.build(spec, vitspec.init_weights(spec, seed=3, scheme="random"))
     tf.random.set_seed(0)
-    out = model.call_with_captures(tf.constant(_images(spec, 2)), training=True)
+    out = model.forward_captures(tf.constant(_images(spec, 2)), "all", training=True)
     assert np.array_equal(out["blocks.1"].numpy(), out["blocks.0"].numpy())
     assert not np.array_equal(out["blocks.0"].numpy(), out["embed"].numpy())
+
+
+def test_forward_runs_without_tf32_and_restores_the_setting(backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = family("vit_paper", depth=1)
+    model = backend.build(spec)
+    seen: list[bool] = []
+    compiled = tfb._compiled
+
+    def spy(model: Any, names: tuple[str, ...]) -> Any:
+        def run(images: Any) -> Any:
+            seen.append(tf.config.experimental.tensor_float_32_execution_enabled())
+            return compiled(model, names)(images)
+
+        return run
+
+    monkeypatch.setattr(tfb, "_compiled", spy)
+    saved = tf.config.experimental.tensor_float_32_execution_enabled()
+    tf.config.experimental.enable_tensor_float_32_execution(True)
+    try:
+        backend.forward(model, _images(spec, 1))
+        assert seen == [False]
+        assert tf.config.experimental.tensor_float_32_execution_enabled() is True
+    finally:
+        tf.config.experimental.enable_tensor_float_32_execution(saved)

@@ -125,6 +125,14 @@ def capture_shapes(spec: Spec, batch: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def drop_path_rates(spec: Spec) -> list[float]:
+    """Stochastic-depth rate of each block: ``drop_path * i / (depth - 1)``, so block 0 never drops
+    and a one-block model uses 0 (timm's ``linspace(0, drop_path, depth)``)."""
+    if spec.depth == 1:
+        return [0.0]
+    return [spec.drop_path * i / (spec.depth - 1) for i in range(spec.depth)]
+
+
 # Every capture point's shape and meaning, as docs/layout.md tables them (tests/test_docs.py checks
 # the page against this) and `vitspec layout` prints them. B batch, N seq_len, D hidden_dim.
 CAPTURE_MEANINGS: dict[str, tuple[str, str]] = {

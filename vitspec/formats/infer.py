@@ -240,18 +240,18 @@ def place_positions(
                  f"{_with_row(s)}, which is not a square grid; pass image_size with --spec "
                  f"({_example(rows - int(s), patch)})"]
             )
-        _assume_square(facts, rows, patch, s, square[s], "")
+        _assume_square(facts, rows, patch, s, square[s] or 0, "")
         return
     usual, other = slots
     if square[usual] is not None:
         alt = plausible_grids(rows - int(other))
         also = (f"; {rows - int(other)} patches {_with_row(other)} in a {alt[0][0]}x{alt[0][1]} grid would fit too"
                 if alt else "")
-        _assume_square(facts, rows, patch, usual, square[usual], f"{facts.family}'s usual layout{also}")
+        _assume_square(facts, rows, patch, usual, square[usual] or 0, f"{facts.family}'s usual layout{also}")
         return
     if square[other] is not None and not plausible_grids(rows - int(usual)):
         _assume_square(
-            facts, rows, patch, other, square[other],
+            facts, rows, patch, other, square[other] or 0,
             f"{rows - int(usual)} patches {_with_row(usual)}, {facts.family}'s usual layout, make no plausible grid",
         )
         return
