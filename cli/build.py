@@ -12,7 +12,7 @@ from vitspec.cli._ui import console, human, shape_str, table
 
 
 @click.command()
-@click.argument("spec")
+@click.argument("spec", required=False)
 @click.option("--backend", "backend_name", default="torch", show_default=True, help="Registered backend (see `vitspec backends`).")
 @click.option("--weights", type=click.Path(path_type=Path), help="Canonical weights to load (default: deterministic init).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Init seed when no --weights.")
@@ -23,7 +23,7 @@ from vitspec.cli._ui import console, human, shape_str, table
 @click.option("--check/--no-check", default=False, help="Compare the output with the float64 NumPy reference.")
 @click.option("--force", is_flag=True, help="Overwrite existing --out/--export paths.")
 def build(
-    spec: str,
+    spec: str | None,
     backend_name: str,
     weights: Path | None,
     seed: int,
@@ -36,22 +36,26 @@ def build(
 ) -> None:
     """Build SPEC natively, run one forward pass on a dummy batch and print a summary.
 
-    SPEC is a YAML/JSON file or a preset name such as B/16.
+    SPEC is a YAML/JSON file or a preset name such as B/16; with --weights it may be left out (the
+    spec embedded in the file is used) and, if given, must agree with the embedded one.
     """
     import numpy as np
 
     import vitspec
     from vitspec.files import atomic_output, check_destination
+    from vitspec.weights import read_spec
 
-    s = vitspec.load_spec(spec)
+    if spec is None and weights is None:
+        raise click.UsageError("give a SPEC, or --weights with a spec embedded in it")
+    s = vitspec.load_spec(spec) if spec is not None else None
+    if weights is not None:
+        s = read_spec(weights, s)  # the metadata only: disagreements are found before any work
+    assert s is not None
     for path in (out, export_path):
         if path is not None:
             check_destination(path, overwrite=force)  # before any work, not after it
     if weights is not None:
-        w, file_spec = vitspec.load_weights(weights)
-        if file_spec != s:
-            diff = ", ".join(f"{k} {getattr(file_spec, k)!r} (file) vs {getattr(s, k)!r} (spec)" for k in vitspec.Spec.model_fields if getattr(file_spec, k) != getattr(s, k))
-            raise vitspec.SpecError([f"the weights were made for another spec: {diff}"], str(weights))
+        w, s = vitspec.load_weights(weights, s)
         source = str(weights)
     else:
         w = vitspec.init_weights(s, seed=seed)

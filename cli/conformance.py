@@ -132,7 +132,7 @@ def conformance(
 
 
 @click.command()
-@click.argument("target", metavar="SPEC | CASE_DIR | CASE_NAME")
+@click.argument("target", metavar="[SPEC | CASE_DIR | CASE_NAME]", required=False)
 @click.option("--backend", "-b", "backends", multiple=True, required=True, help="Two backends, or one (compared with the float64 reference). 'reference' names the reference.")
 @click.option("--weights", type=click.Path(path_type=Path), help="Weights for the SPEC.")
 @click.option("--batch", type=click.IntRange(1), default=2, show_default=True)
@@ -140,7 +140,7 @@ def conformance(
 @click.option("--tolerances", type=click.Path(path_type=Path), help="A tolerance file instead of the shipped one.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the comparison as JSON.")
 def diff(
-    target: str,
+    target: str | None,
     backends: tuple[str, ...],
     weights: Path | None,
     batch: int,
@@ -151,7 +151,8 @@ def diff(
     """Layer-by-layer divergence between two backends (or a backend and the reference).
 
     Prints every capture point in forward order with the max absolute and relative error and
-    where it occurs, and marks the first point outside tolerance. Exits 1 if they diverge.
+    where it occurs, and marks the first point outside tolerance. Exits 1 if they diverge. With
+    --weights, SPEC may be left out: the spec embedded in the file is used.
     """
     import json
 
@@ -169,7 +170,9 @@ def diff(
         a, b = b, a
     if a == "reference":
         raise click.UsageError("name at least one backend besides 'reference'")
-    (case,) = _cases((target,), weights, batch, seed)
+    if target is None and weights is None:
+        raise click.UsageError("give a SPEC, CASE_DIR or CASE_NAME, or --weights with a spec embedded in it")
+    (case,) = _cases((target,) if target is not None else (), weights, batch, seed)
     tols = load_tolerances(tolerances)
     runs = {}
     for name in (a, b):

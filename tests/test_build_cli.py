@@ -90,7 +90,7 @@ def test_weights_of_another_spec_are_refused_by_name(capsys, tmp_path: Path) -> 
     vitspec.save_weights(path, vitspec.init_weights(other), other)
     code, _, err = vitspec_cli(capsys, "build", "--backend", "torch", MNIST, "--weights", str(path))
     assert code == 1
-    assert _error_lines(err) == [f"error: {path}: the weights were made for another spec: n_classes 5 (file) vs 10 (spec)"]
+    assert _error_lines(err) == [f"error: {path}: the given spec contradicts the embedded one (n_classes: file 5, given 10)"]
 
 
 def test_unknown_backend_and_bad_spec_are_one_line(capsys) -> None:
@@ -179,3 +179,29 @@ def test_families_that_change_the_summary_build_and_check(capsys, tmp_path: Path
     last = "output (head)" if spec.n_classes else "output (features)"
     assert rows[last][0] == _shape(2, spec.n_classes or spec.features_dim)
     assert sum(int(p.replace(",", "")) for _, p in rows.values() if p) == spec.n_params
+
+
+# ---- SPEC from --weights ---------------------------------------------------------------------
+
+
+def test_spec_comes_from_the_weights_when_not_given(capsys, tmp_path: Path) -> None:
+    """build, conformance and diff take the spec embedded in --weights; a SPEC that disagrees is named field by field."""
+    path = tmp_path / "w.safetensors"
+    vitspec.save_weights(path, vitspec.init_weights(SPEC, seed=1), SPEC)
+    code, out, err = vitspec_cli(capsys, "build", "--backend", "numpy", "--weights", str(path), "--check")
+    assert code == 0, err
+    assert f"weights from {path}" in out and f"total: {SPEC.n_params:,} parameters" in out and "(ok, limit" in out
+    code, out, err = vitspec_cli(capsys, "diff", "--backend", "numpy", "--weights", str(path))
+    assert code == 0 and out.startswith("numpy vs the reference on w: pass"), err
+    code, out, err = vitspec_cli(capsys, "conformance", "--backend", "numpy", "--weights", str(path))
+    assert code == 0 and "CONFORMS" in out, err
+    other = SPEC.replace(norm_eps=1e-5, depth=3)
+    other_path = tmp_path / "other.yaml"
+    other_path.write_text(other.to_yaml())
+    contradiction = f"error: {path}: the given spec contradicts the embedded one (depth: file 4, given 3; norm_eps: file 1e-06, given 1e-05)"
+    for command in ("build", "diff", "conformance"):
+        code, out, err = vitspec_cli(capsys, command, "--backend", "numpy", str(other_path), "--weights", str(path))
+        assert code == 1 and _error_lines(err) == [contradiction], (command, err)
+    for command in ("build", "diff"):
+        code, _, err = vitspec_cli(capsys, command, "--backend", "numpy")
+        assert code == 2 and "or --weights with a spec embedded in it" in err, (command, err)

@@ -109,17 +109,7 @@ def load_weights(
     """
     source = str(path)
     with TensorFile(path) as tf:
-        embedded = spec_from_metadata(tf.metadata, source)
-        if embedded is None and spec is None:
-            raise SpecError(
-                ["has no embedded vitspec spec; pass a spec, or use `vitspec convert` to read a foreign checkpoint"],
-                source,
-            )
-        if embedded is not None and spec is not None and embedded != spec:
-            diff = [f"{k}: file {getattr(embedded, k)!r}, given {getattr(spec, k)!r}" for k in Spec.model_fields if getattr(embedded, k) != getattr(spec, k)]
-            raise SpecError([f"the given spec contradicts the embedded one ({'; '.join(diff)})"], source)
-        use = embedded or spec
-        assert use is not None
+        use = _agreed_spec(spec_from_metadata(tf.metadata, source), spec, source)
         infos = {name: tf.info(name) for name in tf.names}
         _check_infos(use, infos, source)
         weights = {p.name: tf.get(p.name) for p in param_table(use)}
@@ -128,6 +118,30 @@ def load_weights(
         if bad:
             raise WeightsError(bad, source)
     return weights, use
+
+
+def read_spec(path: str | os.PathLike[str], spec: Spec | None = None) -> Spec:
+    """The spec of a weights file, read from its metadata alone (no tensor data is read).
+
+    As in ``load_weights``: the embedded spec, or ``spec`` for a file without one; when both exist
+    they must agree, and every field that differs is named.
+    """
+    with TensorFile(path) as tf:
+        return _agreed_spec(spec_from_metadata(tf.metadata, str(path)), spec, str(path))
+
+
+def _agreed_spec(embedded: Spec | None, spec: Spec | None, source: str) -> Spec:
+    if embedded is None and spec is None:
+        raise SpecError(
+            ["has no embedded vitspec spec; pass a spec, or use `vitspec convert` to read a foreign checkpoint"],
+            source,
+        )
+    if embedded is not None and spec is not None and embedded != spec:
+        diff = [f"{k}: file {getattr(embedded, k)!r}, given {getattr(spec, k)!r}" for k in Spec.model_fields if getattr(embedded, k) != getattr(spec, k)]
+        raise SpecError([f"the given spec contradicts the embedded one ({'; '.join(diff)})"], source)
+    use = embedded or spec
+    assert use is not None
+    return use
 
 
 class _Shaped:
