@@ -11,12 +11,18 @@ import click
 BACKEND_HELP = "A registered backend name, or 'all' (every installed one but numpy). Repeatable."
 
 
-def _cases(targets: tuple[str, ...], weights: Path | None, batch: int, seed: int) -> list[Any]:
+MEMORY_HELP = "Generate a case from a SPEC even if the estimated memory exceeds what is available."
+
+
+def _cases(
+    targets: tuple[str, ...], weights: Path | None, batch: int, seed: int, ignore_memory_check: bool = False
+) -> list[Any]:
     """Case folders, shipped case names, or specs (generated now); the shipped corpus by default."""
     from vitspec.conformance.case import CASES_DIR, is_case_dir, load_case, make_case, shipped_cases
     from vitspec.errors import SpecError
+    from vitspec.memory import check_memory, estimate_memory
     from vitspec.spec import load_spec
-    from vitspec.weights import load_weights
+    from vitspec.weights import load_weights, read_spec
 
     if not targets and weights is None:
         return shipped_cases()
@@ -42,8 +48,19 @@ def _cases(targets: tuple[str, ...], weights: Path | None, batch: int, seed: int
             raise
         w = None
         if weights is not None:
-            w, spec = load_weights(weights, spec)
+            spec = read_spec(weights, spec)  # the metadata only: check the memory before the tensors
         assert spec is not None
+        if not ignore_memory_check:
+            # Expected values from the float64 reference, then each backend in float32: every point kept.
+            need = estimate_memory(spec, batch, itemsize=8, weight_copies=1, captures="all")
+            need = need + estimate_memory(spec, batch, itemsize=4, weight_copies=2, captures="all")
+            check_memory(
+                need,
+                f"a case from {target or weights} with a batch of {batch}",
+                hint="use a smaller spec or --batch, or pass --ignore-memory-check to try anyway",
+            )
+        if weights is not None:
+            w, spec = load_weights(weights, spec)
         name = _case_name(target if target is not None else weights.stem if weights else "spec")
         cases.append(make_case(spec, w, name=name, batch=batch, seed=seed, description=f"generated from {target or weights}"))
     return cases
@@ -72,6 +89,7 @@ def _progress(message: str) -> None:
 @click.option("--no-pairwise", is_flag=True, help="Compare each backend with the reference only, not with each other.")
 @click.option("--save-case", type=click.Path(path_type=Path), help="Write each case generated from a SPEC under this folder.")
 @click.option("--verbose", "-v", is_flag=True, help="Print the capture-point table of every check, not only of failures.")
+@click.option("--ignore-memory-check", is_flag=True, help=MEMORY_HELP)
 def conformance(
     targets: tuple[str, ...],
     backends: tuple[str, ...],
@@ -86,6 +104,7 @@ def conformance(
     no_pairwise: bool,
     save_case: Path | None,
     verbose: bool,
+    ignore_memory_check: bool,
 ) -> None:
     """Run backends on golden cases and check every capture point against the float64 reference.
 
@@ -107,7 +126,7 @@ def conformance(
 
     tols = load_tolerances(tolerances)
     names = expand_backend_names(backends)
-    cases = _cases(targets, weights, batch, seed)
+    cases = _cases(targets, weights, batch, seed, ignore_memory_check)
     if save_case is not None:
         save_case.mkdir(parents=True, exist_ok=True)
         for case in cases:
@@ -139,6 +158,7 @@ def conformance(
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
 @click.option("--tolerances", type=click.Path(path_type=Path), help="A tolerance file instead of the shipped one.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the comparison as JSON.")
+@click.option("--ignore-memory-check", is_flag=True, help=MEMORY_HELP)
 def diff(
     target: str | None,
     backends: tuple[str, ...],
@@ -147,6 +167,7 @@ def diff(
     seed: int,
     tolerances: Path | None,
     json_path: Path | None,
+    ignore_memory_check: bool,
 ) -> None:
     """Layer-by-layer divergence between two backends (or a backend and the reference).
 
@@ -172,7 +193,7 @@ def diff(
         raise click.UsageError("name at least one backend besides 'reference'")
     if target is None and weights is None:
         raise click.UsageError("give a SPEC, CASE_DIR or CASE_NAME, or --weights with a spec embedded in it")
-    (case,) = _cases((target,) if target is not None else (), weights, batch, seed)
+    (case,) = _cases((target,) if target is not None else (), weights, batch, seed, ignore_memory_check)
     tols = load_tolerances(tolerances)
     runs = {}
     for name in (a, b):
