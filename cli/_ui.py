@@ -5,11 +5,19 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+# Width given to output that is not a terminal: wide enough that no line or table row is wrapped.
+UNWRAPPED_WIDTH = 100_000
+
 
 def console(stderr: bool = False) -> Any:
+    """A rich console that wraps to the terminal, and wraps nothing when piped or redirected."""
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+    out = Console(stderr=stderr, highlight=False, soft_wrap=False)
+    if not out.is_terminal:  # a file or a pipe: rich would wrap at 80 columns (or $COLUMNS), mid-phrase
+        out.soft_wrap = True
+        out.width = UNWRAPPED_WIDTH
+    return out
 
 
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]], justify: Sequence[str] | None = None) -> Any:

@@ -12,7 +12,7 @@ from vitspec.cli._ui import console, human, shape_str, table
 
 
 @click.command()
-@click.argument("spec")
+@click.argument("spec", required=False)
 @click.option("--backend", "backend_name", default="torch", show_default=True, help="Registered backend (see `vitspec backends`).")
 @click.option("--weights", type=click.Path(path_type=Path), help="Canonical weights to load (default: deterministic init).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Init seed when no --weights.")
@@ -22,8 +22,9 @@ from vitspec.cli._ui import console, human, shape_str, table
 @click.option("--export-batch", type=click.IntRange(min=1), help="Fix the artifact's batch size (default: any batch).")
 @click.option("--check/--no-check", default=False, help="Compare the output with the float64 NumPy reference.")
 @click.option("--force", is_flag=True, help="Overwrite existing --out/--export paths.")
+@click.option("--ignore-memory-check", is_flag=True, help="Build even if the estimated memory exceeds what is available.")
 def build(
-    spec: str,
+    spec: str | None,
     backend_name: str,
     weights: Path | None,
     seed: int,
@@ -33,25 +34,32 @@ def build(
     export_batch: int | None,
     check: bool,
     force: bool,
+    ignore_memory_check: bool,
 ) -> None:
     """Build SPEC natively, run one forward pass on a dummy batch and print a summary.
 
-    SPEC is a YAML/JSON file or a preset name such as B/16.
+    SPEC is a YAML/JSON file or a preset name such as B/16; with --weights it may be left out (the
+    spec embedded in the file is used) and, if given, must agree with the embedded one.
     """
     import numpy as np
 
     import vitspec
     from vitspec.files import atomic_output, check_destination
+    from vitspec.weights import read_spec
 
-    s = vitspec.load_spec(spec)
+    if spec is None and weights is None:
+        raise click.UsageError("give a SPEC, or --weights with a spec embedded in it")
+    s = vitspec.load_spec(spec) if spec is not None else None
+    if weights is not None:
+        s = read_spec(weights, s)  # the metadata only: disagreements are found before any work
+    assert s is not None
     for path in (out, export_path):
         if path is not None:
             check_destination(path, overwrite=force)  # before any work, not after it
+    if not ignore_memory_check:
+        check_build_memory(s, batch, check, what=spec or str(weights))
     if weights is not None:
-        w, file_spec = vitspec.load_weights(weights)
-        if file_spec != s:
-            diff = ", ".join(f"{k} {getattr(file_spec, k)!r} (file) vs {getattr(s, k)!r} (spec)" for k in vitspec.Spec.model_fields if getattr(file_spec, k) != getattr(s, k))
-            raise vitspec.SpecError([f"the weights were made for another spec: {diff}"], str(weights))
+        w, s = vitspec.load_weights(weights, s)
         source = str(weights)
     else:
         w = vitspec.init_weights(s, seed=seed)
@@ -103,9 +111,29 @@ def build(
         ui.print(f"wrote {backend.name} artifact: {export_path} (batch: {export_batch or 'any'})")
 
 
+def check_build_memory(spec, batch: int, check: bool, what: str) -> None:
+    """Refuse, before anything is allocated, a build the machine has no memory for."""
+    from vitspec.memory import check_memory, estimate_memory
+
+    need = estimate_memory(spec, batch, captures=_summary_points(spec))
+    if check:  # the float64 reference runs too, with its own copy of the weights
+        need = need + estimate_memory(spec, batch, itemsize=8, weight_copies=1, captures=("output",))
+    check_memory(
+        need,
+        f"{what} with a batch of {batch}",
+        hint="use a smaller spec or --batch, or pass --ignore-memory-check to try anyway",
+    )
+
+
+def _blocks_label(spec) -> str:
+    """Every block has the same shapes and parameters: one row stands for all of them."""
+    last = spec.depth - 1
+    return f"blocks.0–{last} × {spec.depth}" if last else "blocks.0"
+
+
 def _summary_points(spec) -> list[str]:
     # Block 0's attention too: the shapes every ViT tutorial checks (one head, all heads, block).
-    points = ["patch_embed", "embed", "blocks.0.attn_heads", "blocks.0.attn", *[f"blocks.{i}" for i in range(spec.depth)]]
+    points = ["patch_embed", "embed", "blocks.0.attn_heads", "blocks.0.attn", f"blocks.{spec.depth - 1}"]
     points += ["encoded", "pooled"]
     if spec.pre_logits_dim:
         points.append("pre_logits")
@@ -116,10 +144,11 @@ def _summary_rows(spec, result) -> list[tuple[str, str, str]]:
     from vitspec.layout import param_table
 
     counts: dict[str, int] = {}
+    last_block = f"blocks.{spec.depth - 1}"
     for p in param_table(spec):
         part = p.name.rsplit(".", 1)[0]
         if p.name.startswith("blocks."):
-            part = ".".join(p.name.split(".")[:2])
+            part = last_block  # the folded row counts every block's parameters
         elif p.name in ("class_token", "pos_embed"):
             part = "embed"
         elif p.name.startswith("norm."):
@@ -134,13 +163,14 @@ def _summary_rows(spec, result) -> list[tuple[str, str, str]]:
         "output": "output (head)" if spec.n_classes else "output (features)",
         "blocks.0.attn_heads": "  blocks.0 attention, one head",
         "blocks.0.attn": "  blocks.0 multi-head attention",
+        last_block: _blocks_label(spec),
     }
     shapes = {name: tuple(value.shape) for name, value in result.items()}
     b, _, n, dh = shapes["blocks.0.attn_heads"]
     shapes["blocks.0.attn_heads"] = (b, n, dh)  # head 0 of (B, heads, N, D/heads)
     rows = []
     for name in [*_summary_points(spec), "output"]:
-        # Block 0's inner rows show shapes only: their parameters are counted in its own row.
+        # Block 0's inner rows show shapes only: their parameters are counted in the blocks' row.
         params = "" if name.startswith("blocks.0.") else f"{counts.get(name, 0):,}"
         rows.append((labels.get(name, name), shape_str(shapes[name]), params))
     return rows

@@ -11,14 +11,25 @@ import click
 BACKEND_HELP = "A registered backend name, or 'all' (every installed one but numpy). Repeatable."
 
 
-def _cases(targets: tuple[str, ...], weights: Path | None, batch: int, seed: int, n_random: int = 0) -> list[Any]:
+MEMORY_HELP = "Generate a case from a SPEC even if the estimated memory exceeds what is available."
+
+
+def _cases(
+    targets: tuple[str, ...],
+    weights: Path | None,
+    batch: int,
+    seed: int,
+    n_random: int = 0,
+    ignore_memory_check: bool = False,
+) -> list[Any]:
     """Case folders, shipped case names, specs (generated now) and random cases; the shipped corpus
     when none of these is asked for."""
     from vitspec.conformance.case import CASES_DIR, is_case_dir, load_case, make_case, shipped_cases
     from vitspec.conformance.random_specs import random_cases
     from vitspec.errors import SpecError
+    from vitspec.memory import check_memory, estimate_memory
     from vitspec.spec import load_spec
-    from vitspec.weights import load_weights
+    from vitspec.weights import load_weights, read_spec
 
     drawn = random_cases(n_random, seed)
     if not targets and weights is None:
@@ -45,8 +56,19 @@ def _cases(targets: tuple[str, ...], weights: Path | None, batch: int, seed: int
             raise
         w = None
         if weights is not None:
-            w, spec = load_weights(weights, spec)
+            spec = read_spec(weights, spec)  # the metadata only: check the memory before the tensors
         assert spec is not None
+        if not ignore_memory_check:
+            # Expected values from the float64 reference, then each backend in float32: every point kept.
+            need = estimate_memory(spec, batch, itemsize=8, weight_copies=1, captures="all")
+            need = need + estimate_memory(spec, batch, itemsize=4, weight_copies=2, captures="all")
+            check_memory(
+                need,
+                f"a case from {target or weights} with a batch of {batch}",
+                hint="use a smaller spec or --batch, or pass --ignore-memory-check to try anyway",
+            )
+        if weights is not None:
+            w, spec = load_weights(weights, spec)
         name = _case_name(target if target is not None else weights.stem if weights else "spec")
         cases.append(make_case(spec, w, name=name, batch=batch, seed=seed, description=f"generated from {target or weights}"))
     return cases + drawn
@@ -78,6 +100,7 @@ def _progress(message: str) -> None:
 @click.option("--no-pairwise", is_flag=True, help="Compare each backend with the reference only, not with each other.")
 @click.option("--save-case", type=click.Path(path_type=Path), help="Write each case generated from a SPEC, and each --random case that fails, under this folder.")
 @click.option("--verbose", "-v", is_flag=True, help="Print the capture-point table of every check, not only of failures.")
+@click.option("--ignore-memory-check", is_flag=True, help=MEMORY_HELP)
 def conformance(
     targets: tuple[str, ...],
     backends: tuple[str, ...],
@@ -94,6 +117,7 @@ def conformance(
     no_pairwise: bool,
     save_case: Path | None,
     verbose: bool,
+    ignore_memory_check: bool,
 ) -> None:
     """Run backends on golden cases and check every capture point against the float64 reference.
 
@@ -116,7 +140,7 @@ def conformance(
 
     tols = load_tolerances(tolerances)
     names = expand_backend_names(backends)
-    cases = _cases(targets, weights, batch, seed, n_random)
+    cases = _cases(targets, weights, batch, seed, n_random, ignore_memory_check)
     check_corpus_version(corpus_version, cases)
     random_names = {c.name for c in cases[len(cases) - n_random :]} if n_random else set()
     if save_case is not None:
@@ -150,26 +174,29 @@ def conformance(
 
 
 @click.command()
-@click.argument("target", metavar="SPEC | CASE_DIR | CASE_NAME")
+@click.argument("target", metavar="[SPEC | CASE_DIR | CASE_NAME]", required=False)
 @click.option("--backend", "-b", "backends", multiple=True, required=True, help="Two backends, or one (compared with the float64 reference). 'reference' names the reference.")
 @click.option("--weights", type=click.Path(path_type=Path), help="Weights for the SPEC.")
 @click.option("--batch", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
 @click.option("--tolerances", type=click.Path(path_type=Path), help="A tolerance file instead of the shipped one.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the comparison as JSON.")
+@click.option("--ignore-memory-check", is_flag=True, help=MEMORY_HELP)
 def diff(
-    target: str,
+    target: str | None,
     backends: tuple[str, ...],
     weights: Path | None,
     batch: int,
     seed: int,
     tolerances: Path | None,
     json_path: Path | None,
+    ignore_memory_check: bool,
 ) -> None:
     """Layer-by-layer divergence between two backends (or a backend and the reference).
 
     Prints every capture point in forward order with the max absolute and relative error and
-    where it occurs, and marks the first point outside tolerance. Exits 1 if they diverge.
+    where it occurs, and marks the first point outside tolerance. Exits 1 if they diverge. With
+    --weights, SPEC may be left out: the spec embedded in the file is used.
     """
     import json
 
@@ -187,7 +214,9 @@ def diff(
         a, b = b, a
     if a == "reference":
         raise click.UsageError("name at least one backend besides 'reference'")
-    (case,) = _cases((target,), weights, batch, seed)
+    if target is None and weights is None:
+        raise click.UsageError("give a SPEC, CASE_DIR or CASE_NAME, or --weights with a spec embedded in it")
+    (case,) = _cases((target,) if target is not None else (), weights, batch, seed, ignore_memory_check=ignore_memory_check)
     tols = load_tolerances(tolerances)
     runs = {}
     for name in (a, b):

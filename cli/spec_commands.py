@@ -139,8 +139,6 @@ def inspect(file: Path, from_format: str | None, spec: str | None) -> None:
     given = load_partial_spec(spec)
     with open_source(file, fmt) as source:
         rows = [(n, str(d), shape_str(s), f"{math.prod(s):,}") for n, (s, d) in source.entries.items()]
-        if not out.is_terminal:  # piped: keep long tensor names on one line
-            out.width = max(out.width, max((len(n) for n in source.entries), default=0) + 50)
         total = sum(math.prod(s) for s, _ in source.entries.values())
         meta = {k: v for k, v in source.metadata.items() if k != SPEC_KEY}
         out.print(f"[bold]format:[/] {fmt}" + ("" if from_format else " (detected)") + f", {source.container} file")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +51,7 @@ def test_summary_has_the_tutorial_shapes_the_parameter_counts_and_a_passing_chec
     assert rows["patch_embed"][0] == _shape(*shapes["patch_embed"]) == _shape(b, SPEC.n_patches, d)
     assert rows["blocks.0 attention, one head"][0] == _shape(b, n, d // h)
     assert rows["blocks.0 multi-head attention"][0] == _shape(b, n, d)
-    for i in range(SPEC.depth):
-        assert rows[f"blocks.{i}"][0] == _shape(b, n, d)
+    assert rows[f"blocks.0–{SPEC.depth - 1} × {SPEC.depth}"][0] == _shape(b, n, d)
     assert rows["output (head)"][0] == _shape(b, SPEC.n_classes)
     counted = sum(int(p.replace(",", "")) for _, p in rows.values() if p)
     assert counted == SPEC.n_params
@@ -92,7 +93,7 @@ def test_weights_of_another_spec_are_refused_by_name(capsys, tmp_path: Path) -> 
     vitspec.save_weights(path, vitspec.init_weights(other), other)
     code, _, err = vitspec_cli(capsys, "build", "--backend", "torch", MNIST, "--weights", str(path))
     assert code == 1
-    assert _error_lines(err) == [f"error: {path}: the weights were made for another spec: n_classes 5 (file) vs 10 (spec)"]
+    assert _error_lines(err) == [f"error: {path}: the given spec contradicts the embedded one (n_classes: file 5, given 10)"]
 
 
 def test_unknown_backend_and_bad_spec_are_one_line(capsys) -> None:
@@ -183,3 +184,96 @@ def test_families_that_change_the_summary_build_and_check(capsys, tmp_path: Path
     last = "output (head)" if spec.n_classes else "output (features)"
     assert rows[last][0] == _shape(2, spec.n_classes or spec.features_dim)
     assert sum(int(p.replace(",", "")) for _, p in rows.values() if p) == spec.n_params
+
+
+# ---- SPEC from --weights ---------------------------------------------------------------------
+
+
+def test_spec_comes_from_the_weights_when_not_given(capsys, tmp_path: Path) -> None:
+    """build, conformance and diff take the spec embedded in --weights; a SPEC that disagrees is named field by field."""
+    path = tmp_path / "w.safetensors"
+    vitspec.save_weights(path, vitspec.init_weights(SPEC, seed=1), SPEC)
+    code, out, err = vitspec_cli(capsys, "build", "--backend", "numpy", "--weights", str(path), "--check")
+    assert code == 0, err
+    assert f"weights from {path}" in out and f"total: {SPEC.n_params:,} parameters" in out and "(ok, limit" in out
+    code, out, err = vitspec_cli(capsys, "diff", "--backend", "numpy", "--weights", str(path))
+    assert code == 0 and out.startswith("numpy vs the reference on w: pass"), err
+    code, out, err = vitspec_cli(capsys, "conformance", "--backend", "numpy", "--weights", str(path))
+    assert code == 0 and "CONFORMS" in out, err
+    other = SPEC.replace(norm_eps=1e-5, depth=3)
+    other_path = tmp_path / "other.yaml"
+    other_path.write_text(other.to_yaml())
+    contradiction = f"error: {path}: the given spec contradicts the embedded one (depth: file 4, given 3; norm_eps: file 1e-06, given 1e-05)"
+    for command in ("build", "diff", "conformance"):
+        code, out, err = vitspec_cli(capsys, command, "--backend", "numpy", str(other_path), "--weights", str(path))
+        assert code == 1 and _error_lines(err) == [contradiction], (command, err)
+    for command in ("build", "diff"):
+        code, _, err = vitspec_cli(capsys, command, "--backend", "numpy")
+        assert code == 2 and "or --weights with a spec embedded in it" in err, (command, err)
+
+
+# ---- specs too big for the machine; the folded summary ------------------------------------------
+
+
+@pytest.mark.parametrize(("field", "value"), [("image_size", 20000), ("depth", 10000)])
+def test_a_spec_too_big_for_memory_is_refused_before_anything_is_allocated(capsys, tmp_path: Path, field: str, value: int) -> None:
+    from vitspec.memory import available_memory, estimate_memory
+
+    spec = vitspec.preset("B/16").replace(**{field: value})
+    path = tmp_path / "big.yaml"
+    path.write_text(spec.to_yaml())
+    need = estimate_memory(spec, 2, captures=("output",))
+    assert need.total > available_memory()
+    for command in ("build", "diff", "conformance"):
+        t0 = time.perf_counter()
+        code, _, err = vitspec_cli(capsys, command, "--backend", "numpy", str(path))
+        (line,) = _error_lines(err)
+        assert code == 1 and time.perf_counter() - t0 < 30, (command, err)
+        assert re.fullmatch(
+            rf"error: (a case from )?{re.escape(str(path))} with a batch of 2 needs about [\d.]+ [GTPE]iB \([\d.]+ [KMGTPE]iB of weights, "
+            r"[\d.]+ [KMGTPE]iB of activations\), more than the [\d.]+ [KMGTPE]iB of memory available; use a smaller spec or "
+            r"--batch, or pass --ignore-memory-check to try anyway",
+            line,
+        ), line
+
+
+def test_ignore_memory_check_goes_on_anyway(capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vitspec import memory
+
+    monkeypatch.setattr(memory, "available_memory", lambda: 1000)
+    code, _, err = vitspec_cli(capsys, "build", "--backend", "numpy", MNIST)
+    assert code == 1 and "more than the 1000 B of memory available" in _error_lines(err)[0]
+    code, out, err = vitspec_cli(capsys, "build", "--backend", "numpy", MNIST, "--ignore-memory-check")
+    assert code == 0 and f"total: {SPEC.n_params:,} parameters" in out, err
+    code, out, err = vitspec_cli(capsys, "diff", "--backend", "numpy", MNIST, "--ignore-memory-check")
+    assert code == 0, err
+
+
+def test_estimate_counts_weights_images_attention_and_captures() -> None:
+    from vitspec.memory import estimate_memory, format_bytes
+
+    one = estimate_memory(SPEC)
+    n, d, m, h = SPEC.seq_len, SPEC.hidden_dim, SPEC.mlp_dim, SPEC.n_heads
+    assert one.parameters == SPEC.n_params * 4 * 2
+    per_image = 28 * 28 * 1 + n * 49 + 4 * n * d + max(3 * n * d + 2 * h * n * n, 2 * n * m)
+    assert one.activations == 4 * per_image
+    assert estimate_memory(SPEC, 8).activations == 8 * one.activations
+    every = estimate_memory(SPEC, 1, itemsize=8, weight_copies=1, captures="all")
+    shapes = vitspec.capture_shapes(SPEC, 1)
+    assert every.activations == 8 * (per_image + sum(math.prod(s) for s in shapes.values()))
+    assert every.parameters == SPEC.n_params * 8
+    assert vitspec.estimate_memory is estimate_memory
+    assert [format_bytes(x) for x in (512, 1536, 3 * 2**30, 1.2 * 2**50)] == ["512 B", "1.5 KiB", "3.0 GiB", "1.2 PiB"]
+
+
+def test_the_summary_folds_the_blocks_into_one_row(capsys, tmp_path: Path) -> None:
+    spec = SPEC.replace(depth=40)
+    path = tmp_path / "deep.yaml"
+    path.write_text(spec.to_yaml())
+    code, out, err = vitspec_cli(capsys, "build", "--backend", "numpy", str(path))
+    assert code == 0, err
+    rows = _rows(out)
+    assert [k for k in rows if k.startswith("blocks.") and "attention" not in k] == ["blocks.0–39 × 40"]
+    assert rows["blocks.0–39 × 40"] == (_shape(2, spec.seq_len, spec.hidden_dim), f"{40 * 33_472:,}")
+    assert sum(int(p.replace(",", "")) for _, p in rows.values() if p) == spec.n_params
+    assert len(out.splitlines()) < 20

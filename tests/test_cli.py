@@ -222,3 +222,20 @@ def test_every_error_kind_shares_the_base_body() -> None:
         one, many = kind("one problem"), kind(["a", "b"], "f.yaml")
         assert (one.problems, one.source, str(one)) == (["one problem"], None, "one problem")
         assert (many.problems, str(many)) == (["a", "b"], "f.yaml: a\nf.yaml: b")
+
+
+def test_piped_output_is_not_wrapped(tmp_path: Path) -> None:
+    """Redirected to a file or a pipe, a line stays one line however long (rich wraps at 80 columns)."""
+    env = {k: v for k, v in os.environ.items() if k not in {"COLUMNS", "LINES"}}
+    spec = tmp_path / "a_spec_file_with_a_rather_long_name_to_push_the_line_past_eighty_columns.yaml"
+    spec.write_text(family("mnist").to_yaml())
+    out = subprocess.run(
+        [sys.executable, "-m", "vitspec.cli.main", "validate", str(spec)], capture_output=True, text=True, env=env, check=True
+    ).stdout
+    assert out == f"ok {spec}: 27.98k parameters, 960.38kFLOPs/image, 17 tokens of width 32\n"
+    table = subprocess.run(
+        [sys.executable, "-m", "vitspec.cli.main", "layout", "B/16"], capture_output=True, text=True, env=env, check=True
+    ).stdout.splitlines()
+    row = next(line for line in table if "blocks.{i}.attn.query.kernel" in line)
+    assert "(768, 768)" in row and row.rstrip().endswith("(i = 0..11)")
+    assert max(map(len, table)) > 80

@@ -252,3 +252,53 @@ def test_public_api_is_lazy_and_complete() -> None:
         assert getattr(vitspec, name) is not None
     with pytest.raises(AttributeError):
         vitspec.nope  # noqa: B018
+
+
+# ---- float notations (YAML 1.2) and derived defaults -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("1e-5", 1e-5), ("1E-5", 1e-5), ("5e-1", 0.5), (".5", 0.5), ("+.5", 0.5), ("1.0e-5", 1e-5), ("2.5E+0", 2.5)],
+)
+def test_every_float_notation_is_a_number_in_yaml_and_in_spec_pairs(tmp_path: Path, text: str, value: float) -> None:
+    from vitspec.formats.infer import load_partial_spec
+
+    field = "norm_eps" if value < 1 else "mlp_ratio"
+    path = _write(tmp_path, "s.yaml", "".join(f"{k}: {v}\n" for k, v in BASE.items()) + f"{field}: {text}\n")
+    assert getattr(load_spec(path), field) == value
+    assert load_partial_spec(f"{field}={text}") == {field: value}
+
+
+@pytest.mark.parametrize("text", ["abc", "'1e-5'", '"0.5"', "1e-5x", "e-5", "1e"])
+def test_real_strings_are_still_refused_where_a_number_belongs(tmp_path: Path, text: str) -> None:
+    path = _write(tmp_path, "s.yaml", "".join(f"{k}: {v}\n" for k, v in BASE.items()) + f"norm_eps: {text}\n")
+    with pytest.raises(SpecError, match=r"norm_eps must be a number, found a string"):
+        load_spec(path)
+
+
+def test_integers_stay_integers_and_strings_stay_strings_in_yaml(tmp_path: Path) -> None:
+    from vitspec.spec import load_yaml
+
+    assert load_yaml("a: 12\nb: 012\nc: 09\nd: 1_000\ne: 1e3\nf: -2E-2\ng: .inf\nh: B/16\n") == {
+        "a": 12, "b": 10, "c": "09", "d": 1000, "e": 1000.0, "f": -0.02, "g": float("inf"), "h": "B/16"
+    }
+
+
+def test_replace_re_derives_defaults_that_were_not_set() -> None:
+    b16 = preset("B/16")
+    assert b16.pos_embed_class_slot is True and b16.n_positions == 197
+    gap = b16.replace(class_token=False, pooling="avg")
+    assert gap.pos_embed_class_slot is False and gap.n_positions == 196
+    assert gap.replace(class_token=True).pos_embed_class_slot is True
+    assert b16.replace(pos_embed="sincos2d").pos_embed_class_slot is False
+    # A field set explicitly stays, even through replace; a contradiction is reported, not guessed away.
+    no_slot = Spec.from_dict({**BASE, "pos_embed_class_slot": False})
+    assert no_slot.replace(depth=3).pos_embed_class_slot is False
+    slot = Spec.from_dict({**BASE, "pos_embed_class_slot": True})
+    with pytest.raises(SpecError, match="pos_embed_class_slot true needs class_token true"):
+        slot.replace(class_token=False, pooling="avg")
+    # None asks for the derived value again.
+    assert no_slot.replace(pos_embed_class_slot=None).pos_embed_class_slot is True
+    assert gap == Spec.from_dict({**BASE, "image_size": 224, "patch_size": 16, "hidden_dim": 768, "n_heads": 12, "depth": 12,
+                                  "mlp_ratio": 4.0, "class_token": False, "pooling": "avg"})

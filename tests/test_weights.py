@@ -263,3 +263,27 @@ def test_spec_is_equal_after_json() -> None:
                            "mlp_ratio": 35 / 24, "norm_eps": 1e-12})
     assert spec.mlp_dim == 35
     assert Spec.from_dict(json.loads(spec.to_json())) == spec
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_files_and_folders_get_the_usual_modes(tmp_path: Path, umask: int) -> None:
+    """As open() and mkdir() would: 0666 / 0777 less the umask; a replaced file keeps its mode."""
+    spec = family("mnist")
+    w = vitspec.init_weights(spec)
+    old = os.umask(umask)
+    try:
+        vitspec.save_weights(tmp_path / "w.safetensors", w, spec)
+        with atomic_file(tmp_path / "plain.txt") as tmp:
+            tmp.write_text("x")
+        with atomic_dir(tmp_path / "folder") as tmp:
+            (tmp / "inside.txt").write_text("y")
+        (tmp_path / "kept.safetensors").write_bytes(b"old")
+        os.chmod(tmp_path / "kept.safetensors", 0o640)
+        vitspec.save_weights(tmp_path / "kept.safetensors", w, spec, overwrite=True)
+    finally:
+        os.umask(old)
+    mode = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}
+    assert mode == {
+        "w.safetensors": 0o666 & ~umask, "plain.txt": 0o666 & ~umask, "folder": 0o777 & ~umask,
+        "inside.txt": 0o666 & ~umask, "kept.safetensors": 0o640,
+    }

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     )
     from vitspec.init import init_weights
     from vitspec.layout import Param, capture_points, capture_shapes, param_shapes, param_table
+    from vitspec.memory import estimate_memory
     from vitspec.presets import preset, preset_names
     from vitspec.spec import Spec, load_spec
     from vitspec.weights import check_weights, load_weights, save_weights
@@ -47,6 +48,7 @@ _LAZY = {
     "capture_shapes": ("vitspec.layout", "capture_shapes"),
     "param_shapes": ("vitspec.layout", "param_shapes"),
     "param_table": ("vitspec.layout", "param_table"),
+    "estimate_memory": ("vitspec.memory", "estimate_memory"),
     "preset": ("vitspec.presets", "preset"),
     "preset_names": ("vitspec.presets", "preset_names"),
     "Spec": ("vitspec.spec", "Spec"),
@@ -88,6 +90,7 @@ __all__ = [
     "capture_points",
     "capture_shapes",
     "check_weights",
+    "estimate_memory",
     "init_weights",
     "load_spec",
     "load_weights",

@@ -48,11 +48,33 @@ def atomic_file(path: str | os.PathLike[str], overwrite: bool = False) -> Iterat
         yield tmp_path
         if path.is_dir():
             raise OutputExistsError(path)
+        # mkstemp makes 0600 files; give the file the mode open() would have given it.
+        os.chmod(tmp_path, _mode_of(path))
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def _mode_of(path: Path) -> int:
+    """What open(path, "w") leaves: an existing file's mode, else 0666 less the umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    try:  # Linux states it; reading it changes nothing, unlike os.umask
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -19,6 +20,7 @@ from pydantic import (
     Field,
     Strict,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -118,14 +120,14 @@ class Spec(BaseModel):
     def _square_from_int(cls, value: Any) -> Any:
         return _pair(value)
 
-    @model_validator(mode="before")
+    @field_validator("pos_embed_class_slot", mode="after")
     @classmethod
-    def _default_class_slot(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("pos_embed_class_slot") is None:
-            class_token = data.get("class_token", True)
-            learned = data.get("pos_embed", "learned") == "learned"
-            data = {**data, "pos_embed_class_slot": bool(class_token is True and learned)}
-        return data
+    def _default_class_slot(cls, value: bool | None, info: ValidationInfo) -> bool:
+        # Derived here, not filled into the input, so the field stays out of model_fields_set and
+        # replace() derives it again from the new class_token / pos_embed.
+        if value is None:
+            return info.data.get("class_token") is True and info.data.get("pos_embed") == "learned"
+        return value
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> Spec:
@@ -275,8 +277,12 @@ class Spec(BaseModel):
             raise SpecError(problems, source) from None
 
     def replace(self, **changes: Any) -> Spec:
-        """A copy with some fields changed, validated again."""
-        return Spec.from_dict({**self.model_dump(), **changes})
+        """A copy with some fields changed, validated again.
+
+        Fields that were set explicitly keep their values; derived defaults (pos_embed_class_slot)
+        follow the changed fields, as if the spec had been written with the changes in it.
+        """
+        return Spec.from_dict({**self.model_dump(exclude_unset=True), **changes})
 
 
 def _fmt_pair(pair: tuple[int, int]) -> str:
@@ -410,19 +416,59 @@ def read_mapping(path: Path) -> Any:
     return data
 
 
+# YAML 1.2 float notations that PyYAML (YAML 1.1) reads as strings: 1e-5, 1E-5, 5e-1, +.5, 1.0e5.
+_FLOAT = re.compile(
+    r"""^(?:[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+
+    |[-+]?[0-9][0-9_]*\.[0-9_]*
+    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.VERBOSE,
+)
+_yaml_loader: Any = None
+
+
+def _loader() -> Any:
+    """PyYAML's safe loader with YAML 1.2's float resolver (built once, on first use: yaml is lazy)."""
+    global _yaml_loader
+    if _yaml_loader is None:
+        import yaml
+
+        class Loader(yaml.SafeLoader):
+            pass
+
+        float_tag = "tag:yaml.org,2002:float"
+        Loader.yaml_implicit_resolvers = {
+            first: [(tag, regexp) for tag, regexp in resolvers if tag != float_tag]
+            for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+        }
+        # Added after the int resolver of each first character, so 12 and 012 stay integers.
+        Loader.add_implicit_resolver(float_tag, _FLOAT, list("-+0123456789."))
+        _yaml_loader = Loader
+    return _yaml_loader
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML safely, reading every float notation (``1e-5``, ``.5``) as a number."""
+    import yaml
+
+    return yaml.load(text, Loader=_loader())  # a SafeLoader subclass: builds no Python objects
+
+
 def _safe_yaml(text: str, name: str) -> Any:
     import yaml
 
     try:
         # Aliases are refused before anything is built: an alias bomb costs nothing to reject.
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        for event in yaml.parse(text, Loader=_loader()):
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
                 mark = event.start_mark
                 raise SpecError(
                     [f"line {mark.line + 1} column {mark.column + 1}: YAML anchors and aliases are not allowed in a spec"],
                     name,
                 )
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""

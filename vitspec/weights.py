@@ -99,17 +99,7 @@ def load_weights(
     """
     source = str(path)
     with open_safetensors(path) as tensors:
-        embedded = spec_from_metadata(tensors.metadata, source)
-        if embedded is None and spec is None:
-            raise SpecError(
-                ["has no embedded vitspec spec; pass a spec, or use `vitspec convert` to read a foreign checkpoint"],
-                source,
-            )
-        if embedded is not None and spec is not None and embedded != spec:
-            diff = [f"{k}: file {getattr(embedded, k)!r}, given {getattr(spec, k)!r}" for k in Spec.model_fields if getattr(embedded, k) != getattr(spec, k)]
-            raise SpecError([f"the given spec contradicts the embedded one ({'; '.join(diff)})"], source)
-        use = embedded or spec
-        assert use is not None
+        use = _agreed_spec(spec_from_metadata(tensors.metadata, source), spec, source)
         check_weights(use, {name: _Shaped(shape, str(dtype)) for name, (shape, dtype) in tensors.entries.items()}, source=source)
         # copies of their own (a mapped array is read-only and would keep the file open); each
         # checked for NaN/Inf as it is read
@@ -117,6 +107,30 @@ def load_weights(
     if check_values and tensors.nonfinite:
         raise WeightsError([f"{n}: {msg}" for n, msg in tensors.nonfinite.items()], source)
     return weights, use
+
+
+def read_spec(path: str | os.PathLike[str], spec: Spec | None = None) -> Spec:
+    """The spec of a weights file, read from its metadata alone (no tensor data is read).
+
+    As in ``load_weights``: the embedded spec, or ``spec`` for a file without one; when both exist
+    they must agree, and every field that differs is named.
+    """
+    with open_safetensors(path) as tensors:
+        return _agreed_spec(spec_from_metadata(tensors.metadata, str(path)), spec, str(path))
+
+
+def _agreed_spec(embedded: Spec | None, spec: Spec | None, source: str) -> Spec:
+    if embedded is None and spec is None:
+        raise SpecError(
+            ["has no embedded vitspec spec; pass a spec, or use `vitspec convert` to read a foreign checkpoint"],
+            source,
+        )
+    if embedded is not None and spec is not None and embedded != spec:
+        diff = [f"{k}: file {getattr(embedded, k)!r}, given {getattr(spec, k)!r}" for k in Spec.model_fields if getattr(embedded, k) != getattr(spec, k)]
+        raise SpecError([f"the given spec contradicts the embedded one ({'; '.join(diff)})"], source)
+    use = embedded or spec
+    assert use is not None
+    return use
 
 
 class _Shaped:

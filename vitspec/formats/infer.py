@@ -21,7 +21,7 @@ from typing import Any
 
 from vitspec.errors import SpecError, WeightsError
 from vitspec.presets import VARIANTS
-from vitspec.spec import Spec, read_mapping
+from vitspec.spec import Spec, load_yaml, read_mapping
 
 _FIELDS = list(Spec.model_fields)
 # Why a field nobody set has vitspec's default (fields with no better reason get a generic one).
@@ -347,7 +347,7 @@ def _parse_inline(text: str) -> dict[str, Any]:
             raise SpecError([f"--spec: expected field=value, found {part.strip()!r}"])
         key, raw = part.split("=", 1)
         try:
-            out[key.strip()] = yaml.safe_load(raw.strip())
+            out[key.strip()] = load_yaml(raw.strip())
         except yaml.YAMLError:
             raise SpecError([f"--spec: cannot read the value of {key.strip()}: {raw.strip()!r}"]) from None
     return out
