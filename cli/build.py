@@ -69,7 +69,8 @@ def build(
     t0 = time.perf_counter()
     backend = vitspec.backend(backend_name)
     t_import = time.perf_counter() - t0
-    if export_path is not None and not hasattr(backend, "save_artifact"):
+    save_artifact = getattr(backend, "save_artifact", None)  # optional in the protocol
+    if export_path is not None and save_artifact is None:
         raise vitspec.BackendError(f"backend {backend_name!r} cannot write a deployable artifact (it has no save_artifact)")
 
     t0 = time.perf_counter()
@@ -105,9 +106,9 @@ def build(
     if out is not None:
         vitspec.save_weights(out, backend.export(model), s, overwrite=force)
         ui.print(f"wrote canonical weights: {out}")
-    if export_path is not None:
+    if export_path is not None and save_artifact is not None:
         with atomic_output(export_path, overwrite=force) as tmp:
-            backend.save_artifact(model, tmp, export_batch)
+            save_artifact(model, tmp, export_batch)
         ui.print(f"wrote {backend.name} artifact: {export_path} (batch: {export_batch or 'any'})")
 
 

@@ -28,7 +28,7 @@ def _cases(
     from vitspec.conformance.random_specs import random_cases
     from vitspec.errors import SpecError
     from vitspec.memory import check_memory, estimate_memory
-    from vitspec.spec import load_spec
+    from vitspec.presets import load_spec
     from vitspec.weights import load_weights, read_spec
 
     drawn = random_cases(n_random, seed)

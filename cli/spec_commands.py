@@ -19,7 +19,7 @@ def validate(specs: tuple[str, ...]) -> None:
     Exits 1 if any spec is invalid.
     """
     from vitspec.errors import SpecError
-    from vitspec.spec import load_spec
+    from vitspec.presets import load_spec
 
     out, failed = console(), 0
     for source in specs:
@@ -75,7 +75,7 @@ def presets() -> None:
 def layout(spec: str, fmt: str) -> None:
     """Print the canonical parameter table of SPEC: name, shape, meaning."""
     from vitspec.layout import CAPTURE_MEANINGS, param_table
-    from vitspec.spec import load_spec
+    from vitspec.presets import load_spec
 
     s = load_spec(spec)
     params = param_table(s)

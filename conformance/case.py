@@ -180,7 +180,7 @@ def load_case(path: str | Path) -> Case:
     """Read a case folder and check it: checksums, spec, weights, shapes of inputs and expected values."""
     from vitspec.containers import open_safetensors
     from vitspec.layout import capture_points, capture_shapes
-    from vitspec.spec import load_spec
+    from vitspec.presets import load_spec
     from vitspec.weights import load_weights
 
     path = Path(path)

@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from vitspec.init import init_weights
     from vitspec.layout import Param, capture_points, capture_shapes, param_shapes, param_table
     from vitspec.memory import estimate_memory
-    from vitspec.presets import preset, preset_names
-    from vitspec.spec import Spec, load_spec
+    from vitspec.presets import load_spec, preset, preset_names
+    from vitspec.spec import Spec
     from vitspec.weights import check_weights, load_weights, save_weights
 
 # Public names are imported on first use, so `import vitspec` (and `vitspec --help`) stays cheap.
@@ -52,7 +52,7 @@ _LAZY = {
     "preset": ("vitspec.presets", "preset"),
     "preset_names": ("vitspec.presets", "preset_names"),
     "Spec": ("vitspec.spec", "Spec"),
-    "load_spec": ("vitspec.spec", "load_spec"),
+    "load_spec": ("vitspec.presets", "load_spec"),
     "check_weights": ("vitspec.weights", "check_weights"),
     "load_weights": ("vitspec.weights", "load_weights"),
     "save_weights": ("vitspec.weights", "save_weights"),

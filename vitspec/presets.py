@@ -5,14 +5,18 @@ Worth 16x16 Words": Base, Large, Huge), DeiT (Touvron et al. 2021: Tiny, Small) 
 ``decode_variant`` (mu, M, So400m, g, G, e). Every preset is the ViT paper's model: 224x224
 RGB input, class token, learned position embedding with a class-token slot, token pooling,
 norm eps 1e-6, exact GELU and a 1000-class head. ``"B/16@384"`` sets the image size.
+
+``load_spec`` is here, beside the preset names, as it takes either a preset name or a file.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import Any
 
 from vitspec.errors import SpecError
-from vitspec.spec import Spec
+from vitspec.spec import Spec, read_mapping
 
 # variant: (hidden_dim, depth, mlp_dim, n_heads)
 VARIANTS: dict[str, tuple[int, int, int, int]] = {
@@ -69,3 +73,22 @@ def preset_names() -> list[str]:
         for patch in LISTED_PATCHES:
             names.append(f"{variant}/{patch}")
     return names
+
+
+def load_spec(source: str | Path | dict[str, Any] | Spec) -> Spec:
+    """A Spec from a YAML/JSON path, a preset name such as "B/16", a mapping, or a Spec."""
+    if isinstance(source, Spec):
+        return source
+    if isinstance(source, dict):
+        return Spec.from_dict(source)
+    path = Path(source)
+    if path.is_file():
+        return Spec.from_dict(read_mapping(path), source=str(path))
+    text = str(source)
+    if is_preset_name(text):
+        return preset(text)
+    if path.suffix.lower() in {".yaml", ".yml", ".json"}:
+        raise SpecError([f"no such spec file: {text}"])
+    raise SpecError(
+        [f"{text!r} is neither a spec file nor a preset name (presets look like 'B/16'; `vitspec presets` lists them)"]
+    )

@@ -365,27 +365,6 @@ _EXAMPLES = {
 # ---- loading ---------------------------------------------------------------------------------
 
 
-def load_spec(source: str | Path | dict[str, Any] | Spec) -> Spec:
-    """A Spec from a YAML/JSON path, a preset name such as "B/16", a mapping, or a Spec."""
-    if isinstance(source, Spec):
-        return source
-    if isinstance(source, dict):
-        return Spec.from_dict(source)
-    path = Path(source)
-    if path.is_file():
-        return Spec.from_dict(read_mapping(path), source=str(path))
-    from vitspec.presets import is_preset_name, preset
-
-    text = str(source)
-    if is_preset_name(text):
-        return preset(text)
-    if path.suffix.lower() in {".yaml", ".yml", ".json"}:
-        raise SpecError([f"no such spec file: {text}"])
-    raise SpecError(
-        [f"{text!r} is neither a spec file nor a preset name (presets look like 'B/16'; `vitspec presets` lists them)"]
-    )
-
-
 def read_mapping(path: Path) -> Any:
     """Parse a YAML or JSON file safely: size-capped, no binary, no YAML aliases."""
     name = str(path)
