@@ -27,7 +27,12 @@ GROUP = "vitspec.backends"
 # What to install for each of our backends when its framework is missing.
 EXTRAS = {"torch": "torch", "tensorflow": "tensorflow", "jax": "jax"}
 # The distributions each of our backends imports; the first one's version is the backend's version.
-FRAMEWORKS = {"torch": ("torch",), "tensorflow": ("tensorflow", "keras"), "jax": ("jax", "flax"), "numpy": ("numpy",)}
+FRAMEWORKS = {
+    "torch": ("torch",),
+    "tensorflow": ("tensorflow", "keras"),
+    "jax": ("jax", "flax"),
+    "numpy": ("numpy",),
+}
 
 
 @dataclass(frozen=True)
@@ -70,12 +75,18 @@ def get_backend(name: str) -> Backend:
         missing = getattr(exc, "name", None) or str(exc)
         extra = EXTRAS.get(name)
         hint = f"; install it with: pip install 'vitspec[{extra}]'" if extra else ""
-        raise BackendError(f"backend {name!r} needs {missing}, which is not installed{hint}") from exc
+        raise BackendError(
+            f"backend {name!r} needs {missing}, which is not installed{hint}"
+        ) from exc
     except Exception as exc:
-        raise BackendError(f"backend {name!r} ({ep.value}) failed to load: {type(exc).__name__}: {exc}") from exc
+        raise BackendError(
+            f"backend {name!r} ({ep.value}) failed to load: {type(exc).__name__}: {exc}"
+        ) from exc
     for attr in ("name", "version", "build", "load", "export", "forward"):
         if not hasattr(backend, attr):
-            raise BackendError(f"backend {name!r} ({ep.value}) has no {attr!r}; see docs/backend-authors.md")
+            raise BackendError(
+                f"backend {name!r} ({ep.value}) has no {attr!r}; see docs/backend-authors.md"
+            )
     _CACHE[name] = backend
     return backend
 
@@ -110,7 +121,14 @@ def listing(name: str) -> BackendInfo:
     if missing:
         extra = EXTRAS.get(name)
         hint = f"; install it with: pip install 'vitspec[{extra}]'" if extra else ""
-        return BackendInfo(name, ep.value, dist, "missing", "", f"backend {name!r} needs {', '.join(missing)}, which is not installed{hint}")
+        return BackendInfo(
+            name,
+            ep.value,
+            dist,
+            "missing",
+            "",
+            f"backend {name!r} needs {', '.join(missing)}, which is not installed{hint}",
+        )
     version = _dist_version(needs[0]) if needs else (ep.dist.version if ep.dist else "")
     module = ep.value.split(":")[0].strip()
     try:
@@ -118,7 +136,14 @@ def listing(name: str) -> BackendInfo:
     except (ImportError, ValueError):  # a parent package is missing or broken
         found = False
     if not found:
-        return BackendInfo(name, ep.value, dist, "missing", version, f"backend {name!r}: module {module!r} of entry point {ep.value!r} is not installed")
+        return BackendInfo(
+            name,
+            ep.value,
+            dist,
+            "missing",
+            version,
+            f"backend {name!r}: module {module!r} of entry point {ep.value!r} is not installed",
+        )
     return BackendInfo(name, ep.value, dist, "installed", version, "")
 
 

@@ -88,7 +88,9 @@ class Backend:
 
     # ---- the protocol ----------------------------------------------------------------------------
 
-    def build(self, spec: Spec, weights: Mapping[str, np.ndarray] | None = None, seed: int = 0) -> Any:
+    def build(
+        self, spec: Spec, weights: Mapping[str, np.ndarray] | None = None, seed: int = 0
+    ) -> Any:
         """The native model of ``spec`` in eval mode; weights None: ``vitspec.init_weights(spec, seed)``."""
         raise NotImplementedError
 
@@ -102,11 +104,15 @@ class Backend:
         """The canonical weights of ``model`` (fresh NumPy arrays), bit for bit."""
         return dict(self.layout.from_native(model.spec, self.read_native(model)))
 
-    def forward(self, model: Any, images: np.ndarray, capture: Iterable[str] | str = ()) -> dict[str, np.ndarray]:
+    def forward(
+        self, model: Any, images: np.ndarray, capture: Iterable[str] | str = ()
+    ) -> dict[str, np.ndarray]:
         """NHWC float images in; ``{capture point: ..., "output": ...}`` in forward order, as NumPy."""
         names = ordered_captures(model.spec, capture)
         got = self.run(model, check_images(model.spec, images), names)
-        return {name: np.ascontiguousarray(got[name], dtype=self.dtype) for name in (*names, "output")}
+        return {
+            name: np.ascontiguousarray(got[name], dtype=self.dtype) for name in (*names, "output")
+        }
 
     def supports(self, spec: Spec) -> str | None:
         """None: this backend builds ``spec`` (ours build every valid spec); a string says why not."""
@@ -114,9 +120,19 @@ class Backend:
 
     def environment(self) -> dict[str, str]:
         """What the numbers depend on, the same keys for every backend (the conformance report prints them)."""
-        versions = ", ".join(f"{m} {importlib.import_module(m).__version__}" for m in self.frameworks)
-        values = (self.name, versions, np.__version__, platform.python_version(), platform.platform(),
-                  self.device(), str(self.threads()), ", ".join(filter(None, (self.dtype.name, self.precision))))
+        versions = ", ".join(
+            f"{m} {importlib.import_module(m).__version__}" for m in self.frameworks
+        )
+        values = (
+            self.name,
+            versions,
+            np.__version__,
+            platform.python_version(),
+            platform.platform(),
+            self.device(),
+            str(self.threads()),
+            ", ".join(filter(None, (self.dtype.name, self.precision))),
+        )
         return dict(zip(ENVIRONMENT_KEYS, values, strict=True))
 
     # ---- the framework code a subclass writes ----------------------------------------------------
@@ -139,19 +155,34 @@ class Backend:
 
     def threads(self) -> int:
         """The CPU threads the framework computes with."""
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1
+        )
 
     # ---- helpers for subclasses ------------------------------------------------------------------
 
     @staticmethod
     def check_batch(batch: object) -> int | None:
         """``save_artifact``'s batch: a positive int, or None for any batch (``True`` is not a batch size)."""
-        if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
+        if batch is not None and (
+            not isinstance(batch, int) or isinstance(batch, bool) or batch < 1
+        ):
             raise InputError(f"batch: expected a positive integer or None, found {batch!r}")
         return batch
 
 
-ENVIRONMENT_KEYS = ("backend", "framework", "numpy", "python", "platform", "device", "threads", "forward")
+ENVIRONMENT_KEYS = (
+    "backend",
+    "framework",
+    "numpy",
+    "python",
+    "platform",
+    "device",
+    "threads",
+    "forward",
+)
 
 
 def ordered_captures(spec: Spec, capture: Iterable[str] | str) -> tuple[str, ...]:
@@ -207,4 +238,11 @@ class NativeArrays(Mapping[str, np.ndarray], Generic[T]):
         return len(self._tensors)
 
 
-__all__ = ["ENVIRONMENT_KEYS", "NO_CAPTURES", "Backend", "Captures", "NativeArrays", "ordered_captures"]
+__all__ = [
+    "ENVIRONMENT_KEYS",
+    "NO_CAPTURES",
+    "Backend",
+    "Captures",
+    "NativeArrays",
+    "ordered_captures",
+]

@@ -58,7 +58,9 @@ def _model_classes() -> dict[str, type]:
 
     def layer_norm(spec: Spec) -> nnx.LayerNorm:
         # Two-pass variance: E[x²] - E[x]² loses digits when the mean is large.
-        return nnx.LayerNorm(spec.hidden_dim, epsilon=spec.norm_eps, use_fast_variance=False, rngs=nnx.Rngs(params=0))
+        return nnx.LayerNorm(
+            spec.hidden_dim, epsilon=spec.norm_eps, use_fast_variance=False, rngs=nnx.Rngs(params=0)
+        )
 
     class Dropout(nnx.Dropout):
         """nnx.Dropout, its mask drawn as one flat vector then reshaped.
@@ -107,7 +109,9 @@ def _model_classes() -> dict[str, type]:
             self.attn_drop = dropout(spec.attn_dropout, rngs)
             self.out_drop = dropout(spec.dropout, rngs)
 
-        def __call__(self, x: jax.Array, captures: Captures = NO_CAPTURES, prefix: str = "") -> jax.Array:
+        def __call__(
+            self, x: jax.Array, captures: Captures = NO_CAPTURES, prefix: str = ""
+        ) -> jax.Array:
             b, n, d = x.shape
             h = self.n_heads
             # Heads-first einsums with the query pre-scaled: faster on XLA:CPU than
@@ -144,7 +148,9 @@ def _model_classes() -> dict[str, type]:
             # One mask value per sample, broadcast over tokens and channels.
             self.drop_path = dropout(drop_path, rngs, broadcast_dims=(1, 2))
 
-        def __call__(self, x: jax.Array, captures: Captures = NO_CAPTURES, prefix: str = "") -> jax.Array:
+        def __call__(
+            self, x: jax.Array, captures: Captures = NO_CAPTURES, prefix: str = ""
+        ) -> jax.Array:
             attn = captures.keep(f"{prefix}.attn", self.attn(self.norm1(x), captures, prefix))
             x = x + apply(self.drop_path, attn)
             mlp = captures.keep(f"{prefix}.mlp", self.mlp(self.norm2(x)))
@@ -191,7 +197,9 @@ def _model_classes() -> dict[str, type]:
             """(B, H, W, C) float images -> (B, n_classes) logits, or (B, features) with no head."""
             return self._forward(images, NO_CAPTURES)
 
-        def forward_captures(self, images: jax.Array, capture: Iterable[str] | str = "all") -> dict[str, jax.Array]:
+        def forward_captures(
+            self, images: jax.Array, capture: Iterable[str] | str = "all"
+        ) -> dict[str, jax.Array]:
             """The named capture points (``vitspec.capture_points(spec)``, or "all") in forward order, then "output"."""
             captures = Captures(ordered_captures(self.spec, capture))
             return captures.result(self._forward(images, captures))
@@ -221,7 +229,10 @@ def _model_classes() -> dict[str, type]:
             elif spec.pos_embed == "sincos2d":
                 x = x + jnp.asarray(sincos2d(spec.grid, spec.hidden_dim), jnp.float32)
             if spec.class_token:
-                x = jnp.concatenate([jnp.broadcast_to(self.class_token[...], (x.shape[0], 1, spec.hidden_dim)), x], axis=1)
+                x = jnp.concatenate(
+                    [jnp.broadcast_to(self.class_token[...], (x.shape[0], 1, spec.hidden_dim)), x],
+                    axis=1,
+                )
             if spec.pos_embed_class_slot:
                 x = x + self.pos_embed[...]
             return x
@@ -236,7 +247,9 @@ def _parameters(model: Any) -> dict[str, Any]:
     """Native name (flattened ``nnx.state`` path) -> the model's ``nnx.Param``."""
     from flax import nnx
 
-    return {".".join(map(str, path)): v for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return {
+        ".".join(map(str, path)): v for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
 
 
 @functools.cache
@@ -273,7 +286,9 @@ class JaxBackend(Backend):
         self.version: str = jax.__version__
         self.flax_version: str = flax.__version__
 
-    def build(self, spec: Spec, weights: Mapping[str, np.ndarray] | None = None, seed: int = 0) -> Any:
+    def build(
+        self, spec: Spec, weights: Mapping[str, np.ndarray] | None = None, seed: int = 0
+    ) -> Any:
         return _model_classes()["VisionTransformer"](spec, weights, seed)
 
     def write_native(self, model: Any, native: Iterable[tuple[str, np.ndarray]]) -> None:
@@ -302,7 +317,9 @@ class JaxBackend(Backend):
 
         self.check_batch(batch)
         spec = model.spec
-        served = nnx.view(model, deterministic=True, raise_if_not_found=False)  # eval, model untouched
+        served = nnx.view(
+            model, deterministic=True, raise_if_not_found=False
+        )  # eval, model untouched
 
         def serve(images: jax.Array) -> jax.Array:
             return served(images)  # closed over, not an argument: the weights become constants
@@ -319,4 +336,8 @@ class JaxBackend(Backend):
         import jax
 
         first = jax.devices()[0]
-        return "cpu" if first.platform == "cpu" else f"{first.platform}:{first.id} ({first.device_kind})"
+        return (
+            "cpu"
+            if first.platform == "cpu"
+            else f"{first.platform}:{first.id} ({first.device_kind})"
+        )

@@ -37,7 +37,9 @@ class NumpyBackend(Backend):
     def __init__(self, dtype: type | np.dtype = np.float32) -> None:
         self.dtype = np.dtype(dtype)
 
-    def build(self, spec: Spec, weights: Mapping[str, np.ndarray] | None = None, seed: int = 0) -> NumpyModel:
+    def build(
+        self, spec: Spec, weights: Mapping[str, np.ndarray] | None = None, seed: int = 0
+    ) -> NumpyModel:
         model = NumpyModel(spec, dtype=self.dtype)
         return self.load(model, weights if weights is not None else init_weights(spec, seed))
 
@@ -47,5 +49,9 @@ class NumpyBackend(Backend):
     def read_native(self, model: NumpyModel) -> Mapping[str, np.ndarray]:
         return NativeArrays(model.weights, np.array)  # copies: exported weights are the caller's
 
-    def run(self, model: NumpyModel, images: np.ndarray, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-        return reference.forward(model.spec, model.weights, images, dtype=model.dtype, capture=names)
+    def run(
+        self, model: NumpyModel, images: np.ndarray, names: tuple[str, ...]
+    ) -> dict[str, np.ndarray]:
+        return reference.forward(
+            model.spec, model.weights, images, dtype=model.dtype, capture=names
+        )

@@ -83,7 +83,9 @@ def _model_classes() -> dict[str, type]:
 
     def dense(units: int, name: str, policy: Any, **kwargs: Any) -> Any:
         # Zeros now, real weights at once from `load`.
-        return keras.layers.Dense(units, kernel_initializer="zeros", name=name, dtype=policy, **kwargs)
+        return keras.layers.Dense(
+            units, kernel_initializer="zeros", name=name, dtype=policy, **kwargs
+        )
 
     def dropout(x: Any, rate: float, training: bool) -> Any:
         # tf.nn.dropout keeps no seed state, so the model's variables are exactly its parameters.
@@ -114,7 +116,9 @@ def _model_classes() -> dict[str, type]:
             gh, gw, flat = h // ph, w // pw, ph * pw * c
             # (B, gh, ph, gw, pw, C) -> (B, gh, gw, ph, pw, C): a patch flattens as (row, col, channel).
             x = tf.transpose(tf.reshape(images, [-1, gh, ph, gw, pw, c]), [0, 1, 3, 2, 4, 5])
-            y = tf.matmul(tf.reshape(x, [-1, flat]), tf.reshape(self.kernel, [flat, self.hidden_dim]))
+            y = tf.matmul(
+                tf.reshape(x, [-1, flat]), tf.reshape(self.kernel, [flat, self.hidden_dim])
+            )
             return tf.reshape(y + self.bias, [-1, gh * gw, self.hidden_dim])
 
     class LayerNorm(keras.layers.Layer):  # type: ignore[name-defined]
@@ -156,14 +160,18 @@ def _model_classes() -> dict[str, type]:
         def call(self, x: Any, training: bool | None = None) -> Any:
             return self.forward(x, bool(training))
 
-        def forward(self, x: Any, training: bool, captures: Captures = NO_CAPTURES, prefix: str = "") -> Any:
+        def forward(
+            self, x: Any, training: bool, captures: Captures = NO_CAPTURES, prefix: str = ""
+        ) -> Any:
             s = self.spec
             n, heads, hd = x.shape[1], s.n_heads, s.head_dim
             qkv = tf.transpose(tf.reshape(self.qkv(x), [-1, n, 3, heads, hd]), [2, 0, 3, 1, 4])
             q, k, v = qkv[0], qkv[1], qkv[2]
             scores = tf.matmul(q, k, transpose_b=True) * (1.0 / math.sqrt(hd))
             probs = captures.keep(f"{prefix}.attn_probs", tf.nn.softmax(scores, axis=-1))
-            per_head = captures.keep(f"{prefix}.attn_heads", tf.matmul(dropout(probs, s.attn_dropout, training), v))
+            per_head = captures.keep(
+                f"{prefix}.attn_heads", tf.matmul(dropout(probs, s.attn_dropout, training), v)
+            )
             merged = tf.reshape(tf.transpose(per_head, [0, 2, 1, 3]), [-1, n, s.hidden_dim])
             return dropout(self.out(merged), s.dropout, training)
 
@@ -208,8 +216,12 @@ def _model_classes() -> dict[str, type]:
         def call(self, x: Any, training: bool | None = None) -> Any:
             return self.forward(x, bool(training))
 
-        def forward(self, x: Any, training: bool, captures: Captures = NO_CAPTURES, prefix: str = "") -> Any:
-            attn = captures.keep(f"{prefix}.attn", self.attn.forward(self.norm1(x), training, captures, prefix))
+        def forward(
+            self, x: Any, training: bool, captures: Captures = NO_CAPTURES, prefix: str = ""
+        ) -> Any:
+            attn = captures.keep(
+                f"{prefix}.attn", self.attn.forward(self.norm1(x), training, captures, prefix)
+            )
             x = x + drop_path(attn, self.drop_path, training)
             mlp = captures.keep(f"{prefix}.mlp", self.mlp(self.norm2(x), training=training))
             return captures.keep(prefix, x + drop_path(mlp, self.drop_path, training))
@@ -235,12 +247,16 @@ def _model_classes() -> dict[str, type]:
             spec = spec if isinstance(spec, Spec) else Spec.from_dict(dict(spec))
             self.spec, self.seed = spec, seed
             policy = self.dtype_policy
-            self.patch_embed = PatchEmbed(spec.patch_size, spec.hidden_dim, name="patch_embed", dtype=policy)
+            self.patch_embed = PatchEmbed(
+                spec.patch_size, spec.hidden_dim, name="patch_embed", dtype=policy
+            )
             for i, rate in enumerate(drop_path_rates(spec)):
                 setattr(self, f"blocks_{i}", Block(spec, rate, name=f"blocks_{i}", dtype=policy))
             self.norm = LayerNorm(spec.norm_eps, name="norm", dtype=policy)
             if spec.pre_logits_dim:
-                self.pre_logits = dense(spec.pre_logits_dim, "pre_logits", policy, activation="tanh")
+                self.pre_logits = dense(
+                    spec.pre_logits_dim, "pre_logits", policy, activation="tanh"
+                )
             if spec.n_classes:
                 self.head = dense(spec.n_classes, "head", policy)
             self.build((None, *spec.image_size, spec.in_channels))
@@ -253,9 +269,13 @@ def _model_classes() -> dict[str, type]:
             s = self.spec
             d = s.hidden_dim
             if s.class_token:
-                self.class_token = self.add_weight(name="class_token", shape=(d,), initializer="zeros")
+                self.class_token = self.add_weight(
+                    name="class_token", shape=(d,), initializer="zeros"
+                )
             if s.pos_embed == "learned":
-                self.pos_embed = self.add_weight(name="pos_embed", shape=(s.n_positions, d), initializer="zeros")
+                self.pos_embed = self.add_weight(
+                    name="pos_embed", shape=(s.n_positions, d), initializer="zeros"
+                )
             self.patch_embed.build(input_shape)
             for block in self.blocks():
                 block.build((None, s.seq_len, d))
@@ -273,7 +293,9 @@ def _model_classes() -> dict[str, type]:
             """(B, H, W, C) float images -> (B, n_classes) logits, or (B, features) with no head."""
             return self._forward(images, bool(training), NO_CAPTURES)
 
-        def forward_captures(self, images: Any, capture: Iterable[str] | str = "all", training: bool = False) -> dict[str, Any]:
+        def forward_captures(
+            self, images: Any, capture: Iterable[str] | str = "all", training: bool = False
+        ) -> dict[str, Any]:
             """The named capture points (``vitspec.capture_points(spec)``, or "all") in forward order, then "output"."""
             captures = Captures(ordered_captures(self.spec, capture))
             return captures.result(self._forward(images, training, captures))
@@ -287,7 +309,11 @@ def _model_classes() -> dict[str, type]:
             if s.final_norm == "before_pool":
                 x = self.norm(x)
             x = captures.keep("encoded", x)
-            x = x[:, 0] if s.pooling == "token" else tf.reduce_mean(x[:, s.n_prefix_tokens :], axis=1)
+            x = (
+                x[:, 0]
+                if s.pooling == "token"
+                else tf.reduce_mean(x[:, s.n_prefix_tokens :], axis=1)
+            )
             if s.final_norm == "after_pool":
                 x = self.norm(x)
             x = captures.keep("pooled", x)
@@ -303,7 +329,15 @@ def _model_classes() -> dict[str, type]:
             elif s.pos_embed == "sincos2d":
                 x = x + tf.constant(sincos2d(s.grid, s.hidden_dim), dtype=x.dtype)
             if s.class_token:
-                x = tf.concat([tf.broadcast_to(tf.cast(self.class_token, x.dtype), [tf.shape(x)[0], 1, s.hidden_dim]), x], axis=1)
+                x = tf.concat(
+                    [
+                        tf.broadcast_to(
+                            tf.cast(self.class_token, x.dtype), [tf.shape(x)[0], 1, s.hidden_dim]
+                        ),
+                        x,
+                    ],
+                    axis=1,
+                )
             if s.pos_embed_class_slot:
                 x = x + self.pos_embed
             return x
@@ -360,7 +394,9 @@ class TensorFlowBackend(Backend):
         self.version: str = tf.__version__
         self.keras_version: str = keras.__version__
 
-    def build(self, spec: Spec, weights: Mapping[str, np.ndarray] | None = None, seed: int = 0) -> Any:
+    def build(
+        self, spec: Spec, weights: Mapping[str, np.ndarray] | None = None, seed: int = 0
+    ) -> Any:
         return _model_classes()["VisionTransformer"](spec, weights, seed, dtype="float32")
 
     def write_native(self, model: Any, native: Iterable[tuple[str, np.ndarray]]) -> None:
@@ -395,8 +431,14 @@ class TensorFlowBackend(Backend):
         spec = model.spec
         archive = keras.export.ExportArchive()
         archive.track(model)
-        signature = tf.TensorSpec((batch, *spec.image_size, spec.in_channels), tf.float32, name="images")
-        archive.add_endpoint("serve", lambda images: {"output": model(images, training=False)}, input_signature=[signature])
+        signature = tf.TensorSpec(
+            (batch, *spec.image_size, spec.in_channels), tf.float32, name="images"
+        )
+        archive.add_endpoint(
+            "serve",
+            lambda images: {"output": model(images, training=False)},
+            input_signature=[signature],
+        )
         archive.write_out(os.fspath(path), verbose=False)
         return Path(path)
 

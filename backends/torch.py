@@ -62,7 +62,9 @@ def _model_classes() -> dict[str, type]:
 
         def __init__(self, spec: Spec) -> None:
             super().__init__()
-            self.proj = nn.Conv2d(spec.in_channels, spec.hidden_dim, spec.patch_size, stride=spec.patch_size)
+            self.proj = nn.Conv2d(
+                spec.in_channels, spec.hidden_dim, spec.patch_size, stride=spec.patch_size
+            )
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.proj(x).flatten(2).transpose(1, 2)
@@ -80,9 +82,13 @@ def _model_classes() -> dict[str, type]:
             self.proj = nn.Linear(d, d)
 
         def extra_repr(self) -> str:
-            return f"n_heads={self.n_heads}, attn_dropout={self.attn_dropout}, dropout={self.dropout}"
+            return (
+                f"n_heads={self.n_heads}, attn_dropout={self.attn_dropout}, dropout={self.dropout}"
+            )
 
-        def forward(self, x: torch.Tensor, captures: Captures = NO_CAPTURES, prefix: str = "") -> torch.Tensor:
+        def forward(
+            self, x: torch.Tensor, captures: Captures = NO_CAPTURES, prefix: str = ""
+        ) -> torch.Tensor:
             b, n, d = x.shape
             # One statement each, so every temporary is freed before the next matmul (as in timm).
             x = self._heads(x, captures, prefix).transpose(1, 2).reshape(b, n, d)
@@ -91,12 +97,21 @@ def _model_classes() -> dict[str, type]:
         def _heads(self, x: torch.Tensor, captures: Captures, prefix: str) -> torch.Tensor:
             """Each head's output, (B, heads, N, head_dim)."""
             b, n, _ = x.shape
-            q, k, v = self.qkv(x).reshape(b, n, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = (
+                self.qkv(x)
+                .reshape(b, n, 3, self.n_heads, self.head_dim)
+                .permute(2, 0, 3, 1, 4)
+                .unbind(0)
+            )
             p_attn = self.attn_dropout if self.training else 0.0
-            if not (captures.wants(f"{prefix}.attn_probs") or captures.wants(f"{prefix}.attn_heads")):
+            if not (
+                captures.wants(f"{prefix}.attn_probs") or captures.wants(f"{prefix}.attn_heads")
+            ):
                 return F.scaled_dot_product_attention(q, k, v, dropout_p=p_attn)
             # The fused kernel never materialises the probabilities; this path does, to keep them.
-            probs = captures.keep(f"{prefix}.attn_probs", ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1))
+            probs = captures.keep(
+                f"{prefix}.attn_probs", ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            )
             return captures.keep(f"{prefix}.attn_heads", dropout(probs, p_attn, self.training) @ v)
 
     class Mlp(nn.Module):
@@ -130,7 +145,9 @@ def _model_classes() -> dict[str, type]:
         def extra_repr(self) -> str:
             return f"drop_path={self.drop_path}"
 
-        def forward(self, x: torch.Tensor, captures: Captures = NO_CAPTURES, prefix: str = "") -> torch.Tensor:
+        def forward(
+            self, x: torch.Tensor, captures: Captures = NO_CAPTURES, prefix: str = ""
+        ) -> torch.Tensor:
             attn = captures.keep(f"{prefix}.attn", self.attn(self.norm1(x), captures, prefix))
             x = x + drop_path(attn, self.drop_path, self.training)
             mlp = captures.keep(f"{prefix}.mlp", self.mlp(self.norm2(x)))
@@ -172,12 +189,18 @@ def _model_classes() -> dict[str, type]:
                     self.pre_logits.add_module("act", nn.Tanh())
                 else:
                     self.pre_logits = nn.Identity()
-                self.head = nn.Linear(spec.features_dim, spec.n_classes) if spec.n_classes else nn.Identity()
+                self.head = (
+                    nn.Linear(spec.features_dim, spec.n_classes)
+                    if spec.n_classes
+                    else nn.Identity()
+                )
             self.to_empty(device=device or "cpu")
             if spec.pos_embed == "sincos2d":
                 # Fixed, so a non-persistent buffer: it follows .to() but stays out of the state_dict.
                 table = torch.from_numpy(sincos2d(spec.grid, d).astype(np.float32))[None]
-                self.register_buffer("pos_embed", table.to(self.patch_embed.proj.weight.device), persistent=False)
+                self.register_buffer(
+                    "pos_embed", table.to(self.patch_embed.proj.weight.device), persistent=False
+                )
             if weights is None and seed is not None:
                 weights = init_weights(spec, seed)
             if weights is not None:
@@ -187,7 +210,9 @@ def _model_classes() -> dict[str, type]:
             """(B, C, H, W) float images -> (B, n_classes) logits, or (B, features) with no head."""
             return self._forward(x, NO_CAPTURES)
 
-        def forward_captures(self, x: torch.Tensor, capture: Iterable[str] | str = "all") -> dict[str, torch.Tensor]:
+        def forward_captures(
+            self, x: torch.Tensor, capture: Iterable[str] | str = "all"
+        ) -> dict[str, torch.Tensor]:
             """The named capture points (``vitspec.capture_points(spec)``, or "all") in forward order, then "output"."""
             captures = Captures(ordered_captures(self.spec, capture))
             return captures.result(self._forward(x, captures))
@@ -196,7 +221,9 @@ def _model_classes() -> dict[str, type]:
             spec = self.spec
             want = (spec.in_channels, *spec.image_size)
             if x.ndim != 4 or tuple(x.shape[1:]) != want:
-                raise InputError(f"images: expected shape (batch, {want[0]}, {want[1]}, {want[2]}) NCHW, found {tuple(x.shape)}")
+                raise InputError(
+                    f"images: expected shape (batch, {want[0]}, {want[1]}, {want[2]}) NCHW, found {tuple(x.shape)}"
+                )
             x = captures.keep("patch_embed", self.patch_embed(x))
             x = captures.keep("embed", dropout(self._embed(x), spec.dropout, self.training))
             for i, block in enumerate(self.blocks):
@@ -244,7 +271,9 @@ class TorchBackend(Backend):
 
         self.version: str = torch.__version__
 
-    def build(self, spec: Spec, weights: Mapping[str, np.ndarray] | None = None, seed: int = 0) -> Any:
+    def build(
+        self, spec: Spec, weights: Mapping[str, np.ndarray] | None = None, seed: int = 0
+    ) -> Any:
         return _model_classes()["VisionTransformer"](spec, weights, seed).eval()
 
     def write_native(self, model: Any, native: Iterable[tuple[str, np.ndarray]]) -> None:
@@ -254,9 +283,13 @@ class TorchBackend(Backend):
         with torch.no_grad():
             for name, array in native:
                 if array.dtype.name not in ("float16", "float32", "float64"):
-                    array = array.astype(np.float32)  # e.g. ml_dtypes bfloat16, which torch cannot wrap
+                    array = array.astype(
+                        np.float32
+                    )  # e.g. ml_dtypes bfloat16, which torch cannot wrap
                 if not array.flags.writeable:
-                    array = array.copy()  # torch.from_numpy warns on read-only memory (mmapped files)
+                    array = (
+                        array.copy()
+                    )  # torch.from_numpy warns on read-only memory (mmapped files)
                 params[name].copy_(torch.from_numpy(array))
 
     def read_native(self, model: Any) -> Mapping[str, np.ndarray]:
@@ -305,7 +338,9 @@ class TorchBackend(Backend):
         spec = model.spec
         weight = model.patch_embed.proj.weight
         # A symbolic batch is traced with 2 images: torch.export specialises a dimension of size 1.
-        example = torch.zeros(batch or 2, spec.in_channels, *spec.image_size, dtype=weight.dtype, device=weight.device)
+        example = torch.zeros(
+            batch or 2, spec.in_channels, *spec.image_size, dtype=weight.dtype, device=weight.device
+        )
         dynamic = None if batch else ({0: torch.export.Dim("batch", min=1)},)
         was_training = model.training
         model.eval()  # dropout is traced away only in eval mode

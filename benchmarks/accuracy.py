@@ -35,14 +35,18 @@ def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--spec", default="B/16")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--backends", nargs="+", default=["torch", "tensorflow", "jax"])
     args = parser.parse_args()
 
     spec = vitspec.load_spec(args.spec)
-    images = np.random.default_rng(0).standard_normal((args.batch, *spec.image_size, spec.in_channels))
+    images = np.random.default_rng(0).standard_normal(
+        (args.batch, *spec.image_size, spec.in_channels)
+    )
     print(f"{args.spec}, batch {args.batch}: max |backend - float64 reference| / max |reference|\n")
     print("| backend | weights | `output` | `encoded` | worst capture point | argmax agrees |")
     print("|---|---|---:|---:|---|---|")

@@ -46,7 +46,9 @@ def report(seconds, **extra):
 
 def run_child(code: str) -> dict:
     """Run ``code`` in a fresh interpreter; it prints one JSON line with seconds and peak bytes."""
-    res = subprocess.run([PYTHON, "-c", _REPORT + textwrap.dedent(code)], capture_output=True, text=True, check=False)
+    res = subprocess.run(
+        [PYTHON, "-c", _REPORT + textwrap.dedent(code)], capture_output=True, text=True, check=False
+    )
     if res.returncode != 0:
         raise RuntimeError(f"benchmark child failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -136,7 +138,9 @@ def bench_naive(src: Path, dst: Path) -> dict:
 
 def best(fn, repeat: int) -> dict:
     runs = [fn() for _ in range(repeat)]
-    return min(runs, key=lambda r: r["seconds"]) | {"all_seconds": [round(r["seconds"], 3) for r in runs]}
+    return min(runs, key=lambda r: r["seconds"]) | {
+        "all_seconds": [round(r["seconds"], 3) for r in runs]
+    }
 
 
 def main() -> None:
@@ -151,29 +155,62 @@ def main() -> None:
     load_before = os.getloadavg()
     started = time.time()
 
-    copy = best(lambda: bench_copy(src, args.workdir / "copy.safetensors", fsync=False), args.repeat)
-    copy_fsync = best(lambda: bench_copy(src, args.workdir / "copy.safetensors", fsync=True), args.repeat)
+    copy = best(
+        lambda: bench_copy(src, args.workdir / "copy.safetensors", fsync=False), args.repeat
+    )
+    copy_fsync = best(
+        lambda: bench_copy(src, args.workdir / "copy.safetensors", fsync=True), args.repeat
+    )
     rows = []
     for label, name, to in TARGETS:
-        rows.append((label, best(lambda name=name, to=to: bench_convert(src, args.workdir / name, to), args.repeat)))
+        rows.append(
+            (
+                label,
+                best(
+                    lambda name=name, to=to: bench_convert(src, args.workdir / name, to),
+                    args.repeat,
+                ),
+            )
+        )
     naive = best(lambda: bench_naive(src, args.workdir / "naive.safetensors"), args.repeat)
 
     mb = 1 << 20
     print(f"ViT-L/16 timm checkpoint: {size / mb:,.0f} MiB float32 ({src.name})")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
-          f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after ({time.time() - started:.0f} s); best of {args.repeat}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+        f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after ({time.time() - started:.0f} s); best of {args.repeat}"
+    )
     print()
-    print("| run | wall s | / copy | / copy+fsync | peak RSS MiB | / file size | RSS above start-up MiB |")
+    print(
+        "| run | wall s | / copy | / copy+fsync | peak RSS MiB | / file size | RSS above start-up MiB |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
-    print(f"| shutil.copyfile | {copy['seconds']:.2f} | 1.00 | | {copy['peak'] / mb:,.0f} | {copy['peak'] / size:.2f} | |")
-    print(f"| copyfile + fsync | {copy_fsync['seconds']:.2f} | {copy_fsync['seconds'] / copy['seconds']:.2f} | 1.00 | {copy_fsync['peak'] / mb:,.0f} | {copy_fsync['peak'] / size:.2f} | |")
+    print(
+        f"| shutil.copyfile | {copy['seconds']:.2f} | 1.00 | | {copy['peak'] / mb:,.0f} | {copy['peak'] / size:.2f} | |"
+    )
+    print(
+        f"| copyfile + fsync | {copy_fsync['seconds']:.2f} | {copy_fsync['seconds'] / copy['seconds']:.2f} | 1.00 | {copy_fsync['peak'] / mb:,.0f} | {copy_fsync['peak'] / size:.2f} | |"
+    )
     for label, r in [*rows, ("naive: load_file + transpose + save_file", naive)]:
         print(
             f"| {label} | {r['seconds']:.2f} | {r['seconds'] / copy['seconds']:.2f} | {r['seconds'] / copy_fsync['seconds']:.2f} "
             f"| {r['peak'] / mb:,.0f} | {r['peak'] / size:.2f} | {(r['peak'] - r['base']) / mb:,.0f} |"
         )
     print()
-    print("all wall times (s):", json.dumps({label: r["all_seconds"] for label, r in [("copy", copy), ("copy+fsync", copy_fsync), *rows, ("naive", naive)]}))
+    print(
+        "all wall times (s):",
+        json.dumps(
+            {
+                label: r["all_seconds"]
+                for label, r in [
+                    ("copy", copy),
+                    ("copy+fsync", copy_fsync),
+                    *rows,
+                    ("naive", naive),
+                ]
+            }
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -60,7 +60,11 @@ def _time(fn: Callable[[], object], warmup: int, iters: int) -> list[float]:
 def _images(spec, batch: int):
     import numpy as np
 
-    return np.random.default_rng(0).standard_normal((batch, *spec.image_size, spec.in_channels)).astype(np.float32)
+    return (
+        np.random.default_rng(0)
+        .standard_normal((batch, *spec.image_size, spec.in_channels))
+        .astype(np.float32)
+    )
 
 
 def _vitspec_runner(backend_name: str, head: bool):
@@ -84,8 +88,13 @@ def _timm_runner():
     def make(spec_name: str, batch: int):
         s = _spec(spec_name, head=True)
         model = tvit.VisionTransformer(
-            img_size=s.image_size, patch_size=s.patch_size, embed_dim=s.hidden_dim, depth=s.depth,
-            num_heads=s.n_heads, mlp_ratio=s.mlp_ratio, num_classes=s.n_classes,
+            img_size=s.image_size,
+            patch_size=s.patch_size,
+            embed_dim=s.hidden_dim,
+            depth=s.depth,
+            num_heads=s.n_heads,
+            mlp_ratio=s.mlp_ratio,
+            num_classes=s.n_classes,
         ).eval()
         x = torch.from_numpy(_images(s, batch)).permute(0, 3, 1, 2).contiguous()
 
@@ -105,10 +114,19 @@ def _keras_hub_runner():
     def make(spec_name: str, batch: int):
         s = _spec(spec_name, head=False)
         model = keras_hub.models.ViTBackbone(
-            image_shape=(*s.image_size, s.in_channels), patch_size=s.patch_size, num_layers=s.depth,
-            num_heads=s.n_heads, hidden_dim=s.hidden_dim, mlp_dim=s.mlp_dim, dropout_rate=0.0,
-            attention_dropout=0.0, layer_norm_epsilon=s.norm_eps, use_mha_bias=True, use_mlp_bias=True,
-            use_class_token=True, use_patch_bias=True,
+            image_shape=(*s.image_size, s.in_channels),
+            patch_size=s.patch_size,
+            num_layers=s.depth,
+            num_heads=s.n_heads,
+            hidden_dim=s.hidden_dim,
+            mlp_dim=s.mlp_dim,
+            dropout_rate=0.0,
+            attention_dropout=0.0,
+            layer_norm_epsilon=s.norm_eps,
+            use_mha_bias=True,
+            use_mlp_bias=True,
+            use_class_token=True,
+            use_patch_bias=True,
         )
         x = _images(s, batch)
         predict = lambda: model.predict_on_batch(x)  # noqa: E731
@@ -169,12 +187,16 @@ def worker(contenders: list[str], specs: list[str], batches: list[int], iters: i
     results: dict[str, dict[str, dict]] = {c: {} for c in contenders}
     for spec_name in specs:
         for batch in batches:
-            fns = {(c, path): fn for c in contenders for path, fn in _paths(makers[c](spec_name, batch)).items()}
+            fns = {
+                (c, path): fn
+                for c in contenders
+                for path, fn in _paths(makers[c](spec_name, batch)).items()
+            }
             for fn in fns.values():
                 _time(fn, warmup=2, iters=0)
             timed: dict[tuple[str, str], list[float]] = {k: [] for k in fns}
             for i in range(iters):
-                for k in (list(fns) if i % 2 == 0 else list(fns)[::-1]):
+                for k in list(fns) if i % 2 == 0 else list(fns)[::-1]:
                     timed[k].extend(_time(fns[k], warmup=0, iters=1))
             for c in contenders:
                 path, times = _best({p: t for (cc, p), t in timed.items() if cc == c})
@@ -183,18 +205,26 @@ def worker(contenders: list[str], specs: list[str], batches: list[int], iters: i
 
 
 def _spread(ratios: list[float], quartiles: bool) -> str:
-    low, high = (statistics.quantiles(ratios, n=4)[::2]) if quartiles and len(ratios) > 1 else (min(ratios), max(ratios))
+    low, high = (
+        (statistics.quantiles(ratios, n=4)[::2])
+        if quartiles and len(ratios) > 1
+        else (min(ratios), max(ratios))
+    )
     return f"{low:.2f}-{high:.2f}"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--specs", nargs="+", default=["S/16", "B/16"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--backends", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
-    parser.add_argument("--paired", action="store_true", help="vitspec and its peer in one process, call by call")
+    parser.add_argument(
+        "--paired", action="store_true", help="vitspec and its peer in one process, call by call"
+    )
     parser.add_argument("--json", help="also write the raw timings here")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -205,33 +235,61 @@ def main() -> None:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu"}
     contenders = [c for b in args.backends for c in CONTENDERS[b]]
     # One process a contender, or (--paired) one a framework holding vitspec and its peer.
-    groups = [list(CONTENDERS[b]) for b in args.backends] if args.paired else [[c] for c in contenders]
+    groups = (
+        [list(CONTENDERS[b]) for b in args.backends] if args.paired else [[c] for c in contenders]
+    )
     times: dict[str, dict[str, list[float]]] = {c: {} for c in contenders}
     per_round: dict[str, dict[str, list[float]]] = {c: {} for c in contenders}  # one median a round
     paths: dict[str, dict[str, str]] = {c: {} for c in contenders}
     for r in range(args.rounds):
         for group in groups if r % 2 == 0 else groups[::-1]:
-            cmd = [sys.executable, __file__, "--worker", *group, "--iters", str(args.iters),
-                   "--specs", *args.specs, "--batches", *map(str, args.batches)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                *group,
+                "--iters",
+                str(args.iters),
+                "--specs",
+                *args.specs,
+                "--batches",
+                *map(str, args.batches),
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if proc.returncode != 0 or line is None:
-                sys.exit(f"{' + '.join(group)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+                sys.exit(
+                    f"{' + '.join(group)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+                )
             for contender, results in json.loads(line[7:]).items():
                 for key, res in results.items():
                     times[contender].setdefault(key, []).extend(res["times"])
                     per_round[contender].setdefault(key, []).append(statistics.median(res["times"]))
                     paths[contender][key] = res["path"]
-            print(f"round {r + 1}/{args.rounds}: {' + '.join(group)} done", file=sys.stderr, flush=True)
+            print(
+                f"round {r + 1}/{args.rounds}: {' + '.join(group)} done",
+                file=sys.stderr,
+                flush=True,
+            )
 
     cores = os.cpu_count()
-    print(f"\nimages/s, median over {args.rounds} rounds x {args.iters} iterations; float32; {cores} CPU cores; batch as shown")
+    print(
+        f"\nimages/s, median over {args.rounds} rounds x {args.iters} iterations; float32; {cores} CPU cores; batch as shown"
+    )
     if args.paired:
-        print("ratio: vitspec / peer images/s, the median of call-by-call ratios (the two alternate call by call")
-        print("in one process, so load that drifts cancels); range: the quartiles of those ratios\n")
+        print(
+            "ratio: vitspec / peer images/s, the median of call-by-call ratios (the two alternate call by call"
+        )
+        print(
+            "in one process, so load that drifts cancels); range: the quartiles of those ratios\n"
+        )
     else:
-        print("ratio: vitspec / peer images/s, the median over rounds of the ratio within a round (the two run")
-        print("back to back in every round, so load that drifts between rounds cancels); range: lowest-highest round\n")
+        print(
+            "ratio: vitspec / peer images/s, the median over rounds of the ratio within a round (the two run"
+        )
+        print(
+            "back to back in every round, so load that drifts between rounds cancels); range: lowest-highest round\n"
+        )
     print("| backend | spec | batch | vitspec img/s | peer | peer img/s | ratio | range |")
     print("|---|---|---:|---:|---|---:|---:|---|")
     for backend in args.backends:

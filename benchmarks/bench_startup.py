@@ -18,7 +18,9 @@ from pathlib import Path
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=21)
     args = parser.parse_args()
     vitspec = shutil.which("vitspec") or str(Path(sys.executable).with_name("vitspec"))
@@ -41,7 +43,9 @@ def main() -> None:
         q1, med, q3 = statistics.quantiles(ts, n=4)
         print(f"{name:32} {med:9.3f} {q1:7.3f} {q3:7.3f} {med / base:9.1f}x")
     goal = statistics.median(times["vitspec --help"])
-    print(f"\nvitspec --help median {goal:.3f}s: {'meets' if goal < 0.3 else 'MISSES'} the 0.3 s goal ({args.runs} runs)")
+    print(
+        f"\nvitspec --help median {goal:.3f}s: {'meets' if goal < 0.3 else 'MISSES'} the 0.3 s goal ({args.runs} runs)"
+    )
 
 
 if __name__ == "__main__":

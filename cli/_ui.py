@@ -14,13 +14,20 @@ def console(stderr: bool = False) -> Any:
     from rich.console import Console
 
     out = Console(stderr=stderr, highlight=False, soft_wrap=False)
-    if not out.is_terminal:  # a file or a pipe: rich would wrap at 80 columns (or $COLUMNS), mid-phrase
+    if (
+        not out.is_terminal
+    ):  # a file or a pipe: rich would wrap at 80 columns (or $COLUMNS), mid-phrase
         out.soft_wrap = True
         out.width = UNWRAPPED_WIDTH
     return out
 
 
-def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]], justify: Sequence[str] | None = None) -> Any:
+def table(
+    title: str | None,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    justify: Sequence[str] | None = None,
+) -> Any:
     """A rich table; ``justify`` gives each column's alignment ("left"/"right")."""
     from rich.table import Table
 

@@ -41,19 +41,39 @@ def try_backend(name: str) -> tuple[str, str, str]:
         images = np.random.default_rng(0).standard_normal((1, 4, 4, 3)).astype(np.float32)
         out = np.asarray(backend.forward(backend.build(spec, weights), images)["output"])
     except Exception as exc:
-        return "broken", info.version, f"backend {name!r} loads but a one-image forward pass raised {type(exc).__name__}: {exc}"
+        return (
+            "broken",
+            info.version,
+            f"backend {name!r} loads but a one-image forward pass raised {type(exc).__name__}: {exc}",
+        )
     want = reference.forward(spec, weights, images, dtype=np.float64)["output"]
     if out.shape != want.shape:
-        return "wrong", info.version, f"backend {name!r}: output shape expected {want.shape}, found {out.shape}"
+        return (
+            "wrong",
+            info.version,
+            f"backend {name!r}: output shape expected {want.shape}, found {out.shape}",
+        )
     err = float(np.max(np.abs(out.astype(np.float64) - want)))
     if not err <= 1e-3:  # a smoke test, not conformance: `vitspec conformance` holds the tolerance
-        return "wrong", info.version, f"backend {name!r}: output differs from the float64 reference by {err:.3g} (expected under 1e-3); run vitspec conformance --backend {name}"
-    return "ok", info.version, f"forward pass in {time.perf_counter() - start:.2f}s (import included), max error {err:.1e}"
+        return (
+            "wrong",
+            info.version,
+            f"backend {name!r}: output differs from the float64 reference by {err:.3g} (expected under 1e-3); run vitspec conformance --backend {name}",
+        )
+    return (
+        "ok",
+        info.version,
+        f"forward pass in {time.perf_counter() - start:.2f}s (import included), max error {err:.1e}",
+    )
 
 
 @click.command()
 @click.argument("names", nargs=-1, metavar="[NAME]...")
-@click.option("--check", is_flag=True, help="Import each backend and run one tiny forward pass (slow: imports its framework).")
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Import each backend and run one tiny forward pass (slow: imports its framework).",
+)
 def backends(names: tuple[str, ...], check: bool) -> None:
     """List registered backends (entry-point group vitspec.backends), their versions and status.
 
@@ -69,7 +89,9 @@ def backends(names: tuple[str, ...], check: bool) -> None:
     known = registered()
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise BackendError(f"no backend named {unknown[0]!r}; registered backends: {', '.join(known) or 'none'}")
+        raise BackendError(
+            f"no backend named {unknown[0]!r}; registered backends: {', '.join(known) or 'none'}"
+        )
     rows, notes, bad = [], [], []
     for name in names or known:
         info = listing(name)
@@ -79,11 +101,15 @@ def backends(names: tuple[str, ...], check: bool) -> None:
             version = reported or version
         if check and (status in ("broken", "wrong") or (names and status != "ok")):
             bad.append(name)
-        rows.append((name, STATUS.get(status, status), version or "-", info.target, info.distribution))
+        rows.append(
+            (name, STATUS.get(status, status), version or "-", info.target, info.distribution)
+        )
         if detail:
             notes.append(f"{name}: {detail}")
     ui = console()
-    title = "Backends (entry-point group vitspec.backends)" + ("" if check else "; from package metadata, nothing imported")
+    title = "Backends (entry-point group vitspec.backends)" + (
+        "" if check else "; from package metadata, nothing imported"
+    )
     ui.print(table(title, ["name", "status", "version", "entry point", "from"], rows))
     for note in notes:
         ui.print(escape(note))

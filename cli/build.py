@@ -13,16 +13,57 @@ from vitspec.cli._ui import console, human, shape_str, table
 
 @click.command()
 @click.argument("spec", required=False)
-@click.option("--backend", "backend_name", default="torch", show_default=True, help="Registered backend (see `vitspec backends`).")
-@click.option("--weights", type=click.Path(path_type=Path), help="Canonical weights to load (default: deterministic init).")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Init seed when no --weights.")
-@click.option("--batch", type=click.IntRange(min=1), default=2, show_default=True, help="Images in the dummy batch.")
-@click.option("--out", type=click.Path(path_type=Path), help="Write the model's canonical weights (safetensors).")
-@click.option("--export", "export_path", type=click.Path(path_type=Path), help="Write the framework's deployable artifact.")
-@click.option("--export-batch", type=click.IntRange(min=1), help="Fix the artifact's batch size (default: any batch).")
-@click.option("--check/--no-check", default=False, help="Compare the output with the float64 NumPy reference.")
+@click.option(
+    "--backend",
+    "backend_name",
+    default="torch",
+    show_default=True,
+    help="Registered backend (see `vitspec backends`).",
+)
+@click.option(
+    "--weights",
+    type=click.Path(path_type=Path),
+    help="Canonical weights to load (default: deterministic init).",
+)
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Init seed when no --weights.",
+)
+@click.option(
+    "--batch",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Images in the dummy batch.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Write the model's canonical weights (safetensors).",
+)
+@click.option(
+    "--export",
+    "export_path",
+    type=click.Path(path_type=Path),
+    help="Write the framework's deployable artifact.",
+)
+@click.option(
+    "--export-batch",
+    type=click.IntRange(min=1),
+    help="Fix the artifact's batch size (default: any batch).",
+)
+@click.option(
+    "--check/--no-check", default=False, help="Compare the output with the float64 NumPy reference."
+)
 @click.option("--force", is_flag=True, help="Overwrite existing --out/--export paths.")
-@click.option("--ignore-memory-check", is_flag=True, help="Build even if the estimated memory exceeds what is available.")
+@click.option(
+    "--ignore-memory-check",
+    is_flag=True,
+    help="Build even if the estimated memory exceeds what is available.",
+)
 def build(
     spec: str | None,
     backend_name: str,
@@ -71,13 +112,19 @@ def build(
     t_import = time.perf_counter() - t0
     save_artifact = getattr(backend, "save_artifact", None)  # optional in the protocol
     if export_path is not None and save_artifact is None:
-        raise vitspec.BackendError(f"backend {backend_name!r} cannot write a deployable artifact (it has no save_artifact)")
+        raise vitspec.BackendError(
+            f"backend {backend_name!r} cannot write a deployable artifact (it has no save_artifact)"
+        )
 
     t0 = time.perf_counter()
     model = backend.build(s, w)
     t_build = time.perf_counter() - t0
 
-    images = np.random.default_rng(seed).standard_normal((batch, *s.image_size, s.in_channels)).astype(np.float32)
+    images = (
+        np.random.default_rng(seed)
+        .standard_normal((batch, *s.image_size, s.in_channels))
+        .astype(np.float32)
+    )
     points = _summary_points(s)
     t0 = time.perf_counter()
     result = backend.forward(model, images, capture=points)
@@ -86,8 +133,17 @@ def build(
     backend.forward(model, images, capture=points)  # same call: compiled once
     t_second = time.perf_counter() - t0
 
-    ui.print(f"[bold]{backend.name} {backend.version}[/]: {type(model).__module__}.{type(model).__qualname__}, weights from {source}")
-    ui.print(table(None, ["part", "output shape", "parameters"], _summary_rows(s, result), ["left", "left", "right"]))
+    ui.print(
+        f"[bold]{backend.name} {backend.version}[/]: {type(model).__module__}.{type(model).__qualname__}, weights from {source}"
+    )
+    ui.print(
+        table(
+            None,
+            ["part", "output shape", "parameters"],
+            _summary_rows(s, result),
+            ["left", "left", "right"],
+        )
+    )
     ui.print(
         f"total: [bold]{s.n_params:,}[/] parameters, {human(s.flops)}FLOPs per image ({human(s.macs)} MACs), "
         f"{s.seq_len} tokens x {s.hidden_dim}"
@@ -100,7 +156,9 @@ def build(
         ref = vitspec.reference.forward(s, w, images)["output"]
         err = float(np.abs(result["output"] - ref).max() / (np.abs(ref).max() or 1.0))
         ok = err <= 1e-5
-        ui.print(f"check: max|output - float64 reference| / max|reference| = {err:.2e} ({'ok' if ok else 'FAILED'}, limit 1e-05)")
+        ui.print(
+            f"check: max|output - float64 reference| / max|reference| = {err:.2e} ({'ok' if ok else 'FAILED'}, limit 1e-05)"
+        )
         if not ok:
             raise SystemExit(1)
     if out is not None:
@@ -118,7 +176,9 @@ def check_build_memory(spec, batch: int, check: bool, what: str) -> None:
 
     need = estimate_memory(spec, batch, captures=_summary_points(spec))
     if check:  # the float64 reference runs too, with its own copy of the weights
-        need = need + estimate_memory(spec, batch, itemsize=8, weight_copies=1, captures=("output",))
+        need = need + estimate_memory(
+            spec, batch, itemsize=8, weight_copies=1, captures=("output",)
+        )
     check_memory(
         need,
         f"{what} with a batch of {batch}",
@@ -134,7 +194,13 @@ def _blocks_label(spec) -> str:
 
 def _summary_points(spec) -> list[str]:
     # Block 0's attention too: the shapes every ViT tutorial checks (one head, all heads, block).
-    points = ["patch_embed", "embed", "blocks.0.attn_heads", "blocks.0.attn", f"blocks.{spec.depth - 1}"]
+    points = [
+        "patch_embed",
+        "embed",
+        "blocks.0.attn_heads",
+        "blocks.0.attn",
+        f"blocks.{spec.depth - 1}",
+    ]
     points += ["encoded", "pooled"]
     if spec.pre_logits_dim:
         points.append("pre_logits")
@@ -175,4 +241,3 @@ def _summary_rows(spec, result) -> list[tuple[str, str, str]]:
         params = "" if name.startswith("blocks.0.") else f"{counts.get(name, 0):,}"
         rows.append((labels.get(name, name), shape_str(shapes[name]), params))
     return rows
-

@@ -36,9 +36,13 @@ def _cases(
         return drawn or shipped_cases()
     specs = [t for t in targets if not is_case_dir(t) and not is_case_dir(CASES_DIR / t)]
     if weights is not None and len(specs) > 1:
-        raise click.UsageError(f"--weights goes with one SPEC, found {len(specs)}: {', '.join(specs)}")
+        raise click.UsageError(
+            f"--weights goes with one SPEC, found {len(specs)}: {', '.join(specs)}"
+        )
     if weights is not None and len(targets) > len(specs):
-        raise click.UsageError("--weights goes with a SPEC, not with a case folder (a case has its own weights)")
+        raise click.UsageError(
+            "--weights goes with a SPEC, not with a case folder (a case has its own weights)"
+        )
     cases = []
     for target in targets or (None,):
         if target is not None and is_case_dir(target):
@@ -51,12 +55,16 @@ def _cases(
             spec = load_spec(target) if target is not None else None
         except SpecError as exc:
             if target is not None and not Path(target).exists() and "/" not in target:
-                exc.problems.append(f"{target!r} is not a case folder or a shipped case name either")
+                exc.problems.append(
+                    f"{target!r} is not a case folder or a shipped case name either"
+                )
                 raise SpecError(exc.problems) from None
             raise
         w = None
         if weights is not None:
-            spec = read_spec(weights, spec)  # the metadata only: check the memory before the tensors
+            spec = read_spec(
+                weights, spec
+            )  # the metadata only: check the memory before the tensors
         assert spec is not None
         if not ignore_memory_check:
             # Expected values from the float64 reference, then each backend in float32: every point kept.
@@ -70,7 +78,16 @@ def _cases(
         if weights is not None:
             w, spec = load_weights(weights, spec)
         name = _case_name(target if target is not None else weights.stem if weights else "spec")
-        cases.append(make_case(spec, w, name=name, batch=batch, seed=seed, description=f"generated from {target or weights}"))
+        cases.append(
+            make_case(
+                spec,
+                w,
+                name=name,
+                batch=batch,
+                seed=seed,
+                description=f"generated from {target or weights}",
+            )
+        )
     return cases + drawn
 
 
@@ -85,21 +102,88 @@ def _progress(message: str) -> None:
 
 @click.command()
 @click.argument("targets", nargs=-1, metavar="[CASE_DIR | CASE_NAME | SPEC]...")
-@click.option("--backend", "-b", "backends", multiple=True, default=("all",), show_default=True, help=BACKEND_HELP)
-@click.option("--weights", type=click.Path(path_type=Path), help="Weights for the SPEC (its embedded spec is used when no SPEC is given).")
-@click.option("--batch", type=click.IntRange(1), default=2, show_default=True, help="Images in a case generated from a SPEC.")
-@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of generated weights and images, and of --random cases.")
-@click.option("--random", "n_random", type=click.IntRange(0), default=0, show_default=True, metavar="N",
-              help="Also check N random specs drawn now (weights, images and expected values by the float64 reference).")
-@click.option("--corpus-version", type=click.IntRange(1), metavar="V", help="Fail at once unless the corpus is version V (pin it in CI).")
-@click.option("--report", "json_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
-@click.option("--junit", "junit_path", type=click.Path(path_type=Path), help="Write a JUnit XML report here.")
-@click.option("--markdown", "md_path", type=click.Path(path_type=Path), help="Write the Markdown conformance matrix here.")
-@click.option("--expectations", multiple=True, type=click.Path(path_type=Path), help="Known-failures file(s) (default: the shipped ones of each backend).")
-@click.option("--tolerances", type=click.Path(path_type=Path), help="A tolerance file instead of the shipped one.")
-@click.option("--no-pairwise", is_flag=True, help="Compare each backend with the reference only, not with each other.")
-@click.option("--save-case", type=click.Path(path_type=Path), help="Write each case generated from a SPEC, and each --random case that fails, under this folder.")
-@click.option("--verbose", "-v", is_flag=True, help="Print the capture-point table of every check, not only of failures.")
+@click.option(
+    "--backend",
+    "-b",
+    "backends",
+    multiple=True,
+    default=("all",),
+    show_default=True,
+    help=BACKEND_HELP,
+)
+@click.option(
+    "--weights",
+    type=click.Path(path_type=Path),
+    help="Weights for the SPEC (its embedded spec is used when no SPEC is given).",
+)
+@click.option(
+    "--batch",
+    type=click.IntRange(1),
+    default=2,
+    show_default=True,
+    help="Images in a case generated from a SPEC.",
+)
+@click.option(
+    "--seed",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Seed of generated weights and images, and of --random cases.",
+)
+@click.option(
+    "--random",
+    "n_random",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    metavar="N",
+    help="Also check N random specs drawn now (weights, images and expected values by the float64 reference).",
+)
+@click.option(
+    "--corpus-version",
+    type=click.IntRange(1),
+    metavar="V",
+    help="Fail at once unless the corpus is version V (pin it in CI).",
+)
+@click.option(
+    "--report", "json_path", type=click.Path(path_type=Path), help="Write the JSON report here."
+)
+@click.option(
+    "--junit", "junit_path", type=click.Path(path_type=Path), help="Write a JUnit XML report here."
+)
+@click.option(
+    "--markdown",
+    "md_path",
+    type=click.Path(path_type=Path),
+    help="Write the Markdown conformance matrix here.",
+)
+@click.option(
+    "--expectations",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Known-failures file(s) (default: the shipped ones of each backend).",
+)
+@click.option(
+    "--tolerances",
+    type=click.Path(path_type=Path),
+    help="A tolerance file instead of the shipped one.",
+)
+@click.option(
+    "--no-pairwise",
+    is_flag=True,
+    help="Compare each backend with the reference only, not with each other.",
+)
+@click.option(
+    "--save-case",
+    type=click.Path(path_type=Path),
+    help="Write each case generated from a SPEC, and each --random case that fails, under this folder.",
+)
+@click.option(
+    "--verbose",
+    "-v",
+    is_flag=True,
+    help="Print the capture-point table of every check, not only of failures.",
+)
 @click.option("--ignore-memory-check", is_flag=True, help=MEMORY_HELP)
 def conformance(
     targets: tuple[str, ...],
@@ -150,7 +234,14 @@ def conformance(
                 write_case(case, save_case / case.name, overwrite=True)
                 click.echo(f"wrote case {save_case / case.name}", err=True)
     exp = [e for p in expectations for e in load_expectations(p)] if expectations else None
-    report = run_suite(names, cases, tolerances=tols, expectations=exp, pairwise=not no_pairwise, progress=_progress)
+    report = run_suite(
+        names,
+        cases,
+        tolerances=tols,
+        expectations=exp,
+        pairwise=not no_pairwise,
+        progress=_progress,
+    )
     if n_random:
         report.random = {"n": n_random, "seed": seed}
     if save_case is not None and random_names:
@@ -165,7 +256,11 @@ def conformance(
     *body, verdict = text.splitlines()
     click.echo("\n".join(body))
     click.secho(verdict, fg="green" if report.ok else "red", bold=True)
-    for path, write in ((json_path, write_json), (junit_path, write_junit), (md_path, write_markdown)):
+    for path, write in (
+        (json_path, write_json),
+        (junit_path, write_junit),
+        (md_path, write_markdown),
+    ):
         if path is not None:
             write(report, path)
             click.echo(f"wrote {path}", err=True)
@@ -175,12 +270,28 @@ def conformance(
 
 @click.command()
 @click.argument("target", metavar="[SPEC | CASE_DIR | CASE_NAME]", required=False)
-@click.option("--backend", "-b", "backends", multiple=True, required=True, help="Two backends, or one (compared with the float64 reference). 'reference' names the reference.")
+@click.option(
+    "--backend",
+    "-b",
+    "backends",
+    multiple=True,
+    required=True,
+    help="Two backends, or one (compared with the float64 reference). 'reference' names the reference.",
+)
 @click.option("--weights", type=click.Path(path_type=Path), help="Weights for the SPEC.")
 @click.option("--batch", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
-@click.option("--tolerances", type=click.Path(path_type=Path), help="A tolerance file instead of the shipped one.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the comparison as JSON.")
+@click.option(
+    "--tolerances",
+    type=click.Path(path_type=Path),
+    help="A tolerance file instead of the shipped one.",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(path_type=Path),
+    help="Also write the comparison as JSON.",
+)
 @click.option("--ignore-memory-check", is_flag=True, help=MEMORY_HELP)
 def diff(
     target: str | None,
@@ -208,15 +319,25 @@ def diff(
     from vitspec.files import atomic_file
 
     if len(backends) > 2:
-        raise click.UsageError(f"diff compares two backends, found {len(backends)}: {', '.join(backends)}")
+        raise click.UsageError(
+            f"diff compares two backends, found {len(backends)}: {', '.join(backends)}"
+        )
     a, b = backends[0], backends[1] if len(backends) == 2 else "reference"
     if a == "reference":
         a, b = b, a
     if a == "reference":
         raise click.UsageError("name at least one backend besides 'reference'")
     if target is None and weights is None:
-        raise click.UsageError("give a SPEC, CASE_DIR or CASE_NAME, or --weights with a spec embedded in it")
-    (case,) = _cases((target,) if target is not None else (), weights, batch, seed, ignore_memory_check=ignore_memory_check)
+        raise click.UsageError(
+            "give a SPEC, CASE_DIR or CASE_NAME, or --weights with a spec embedded in it"
+        )
+    (case,) = _cases(
+        (target,) if target is not None else (),
+        weights,
+        batch,
+        seed,
+        ignore_memory_check=ignore_memory_check,
+    )
     tols = load_tolerances(tolerances)
     runs = {}
     for name in (a, b):
@@ -236,6 +357,8 @@ def diff(
     click.echo(point_table(result))
     if json_path is not None:
         with atomic_file(json_path, overwrite=True) as tmp:
-            Path(tmp).write_text(json.dumps(result.to_dict(), indent=1, allow_nan=False) + "\n", encoding="utf-8")
+            Path(tmp).write_text(
+                json.dumps(result.to_dict(), indent=1, allow_nan=False) + "\n", encoding="utf-8"
+            )
     if not result.passed:
         raise SystemExit(1)

@@ -24,7 +24,9 @@ def parse_image_size(value: str | None) -> int | tuple[int, int] | None:
         else:
             size = int(text)
     except ValueError:
-        raise click.BadParameter(f"expected N or HxW (for example 384 or 384x512), found {value!r}") from None
+        raise click.BadParameter(
+            f"expected N or HxW (for example 384 or 384x512), found {value!r}"
+        ) from None
     if min(size if isinstance(size, tuple) else (size,)) <= 0:
         raise click.BadParameter(f"image size must be positive, found {value!r}")
     return size
@@ -34,7 +36,10 @@ def print_assumed(inference: Any, err: Any) -> None:
     """Every field the file does not tell, with the value assumed and why."""
     notes = inference.notes()
     if notes:
-        err.print(f"[yellow]assumed, not read from the file ({inference.family}; set them with --spec FIELD=VALUE):[/]", soft_wrap=True)
+        err.print(
+            f"[yellow]assumed, not read from the file ({inference.family}; set them with --spec FIELD=VALUE):[/]",
+            soft_wrap=True,
+        )
         for note in notes:
             err.print(f"  {note}", soft_wrap=True)
 
@@ -42,19 +47,49 @@ def print_assumed(inference: Any, err: Any) -> None:
 @click.command()
 @click.argument("src", metavar="IN", type=click.Path(path_type=Path))
 @click.argument("dst", metavar="OUT", type=click.Path(path_type=Path))
-@click.option("--from", "from_format", type=click.Choice(FORMAT_NAMES), help="Input format (default: detected from the file).")
-@click.option("--to", "to_format", type=click.Choice(FORMAT_NAMES), help="Output format (default: from OUT's name: .safetensors canonical, .weights.h5 keras, a folder hf).")
-@click.option("--spec", "spec", metavar="SPEC", help="What the file cannot tell: a (partial) YAML/JSON spec, a preset, or field=value,... pairs.")
-@click.option("--image-size", metavar="N|HxW", help="Resample the position embedding for this input size.")
 @click.option(
-    "--resample", type=click.Choice(["bicubic-antialias", "bicubic"]), default=None,
+    "--from",
+    "from_format",
+    type=click.Choice(FORMAT_NAMES),
+    help="Input format (default: detected from the file).",
+)
+@click.option(
+    "--to",
+    "to_format",
+    type=click.Choice(FORMAT_NAMES),
+    help="Output format (default: from OUT's name: .safetensors canonical, .weights.h5 keras, a folder hf).",
+)
+@click.option(
+    "--spec",
+    "spec",
+    metavar="SPEC",
+    help="What the file cannot tell: a (partial) YAML/JSON spec, a preset, or field=value,... pairs.",
+)
+@click.option(
+    "--image-size", metavar="N|HxW", help="Resample the position embedding for this input size."
+)
+@click.option(
+    "--resample",
+    type=click.Choice(["bicubic-antialias", "bicubic"]),
+    default=None,
     help="How --image-size resamples: bicubic-antialias (default; timm's resample_abs_pos_embed) or bicubic (no antialiasing; HF).",
 )
-@click.option("--force", is_flag=True, help="Replace OUT if it exists; into an existing folder, write only the files the format writes.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace OUT if it exists; into an existing folder, write only the files the format writes.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
 def convert(
-    src: Path, dst: Path, from_format: str | None, to_format: str | None, spec: str | None,
-    image_size: str | None, resample: str | None, force: bool, quiet: bool,
+    src: Path,
+    dst: Path,
+    from_format: str | None,
+    to_format: str | None,
+    spec: str | None,
+    image_size: str | None,
+    resample: str | None,
+    force: bool,
+    quiet: bool,
 ) -> None:
     """Convert the checkpoint IN to OUT, losslessly and one tensor at a time.
 
@@ -68,7 +103,9 @@ def convert(
     err = console(stderr=True)
     size = parse_image_size(image_size)
     if resample is not None and size is None:
-        raise click.UsageError("--resample chooses how --image-size resamples; it needs --image-size")
+        raise click.UsageError(
+            "--resample chooses how --image-size resamples; it needs --image-size"
+        )
     bar: dict[str, Any] = {}
 
     def on_open(ckpt: Any) -> None:
@@ -89,8 +126,13 @@ def convert(
             )
 
             bar["progress"] = Progress(
-                "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                TimeRemainingColumn(), console=err, transient=True,
+                "[progress.description]{task.description}",
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=err,
+                transient=True,
             )
             bar["progress"].start()
             bar["task"] = bar["progress"].add_task(f"writing {dst.name}", total=total)
@@ -98,8 +140,16 @@ def convert(
 
     try:
         result = run_convert(
-            src, dst, from_format=from_format, to_format=to_format, spec=spec, image_size=size,
-            resample=resample or "bicubic-antialias", overwrite=force, progress=progress, on_open=on_open,
+            src,
+            dst,
+            from_format=from_format,
+            to_format=to_format,
+            spec=spec,
+            image_size=size,
+            resample=resample or "bicubic-antialias",
+            overwrite=force,
+            progress=progress,
+            on_open=on_open,
         )
     finally:
         if "progress" in bar:

@@ -17,16 +17,52 @@ import click
 
 # name: (module, function, one-line help). The help is here so that listing costs no import.
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "build": ("vitspec.cli.build", "build", "Build a spec natively in a framework, run it once and summarise it."),
-    "convert": ("vitspec.cli.convert", "convert", "Convert weights between frameworks and checkpoint layouts."),
-    "inspect": ("vitspec.cli.spec_commands", "inspect", "Show the spec and tensor table of a weights file."),
-    "conformance": ("vitspec.cli.conformance", "conformance", "Run the conformance suite against backends."),
+    "build": (
+        "vitspec.cli.build",
+        "build",
+        "Build a spec natively in a framework, run it once and summarise it.",
+    ),
+    "convert": (
+        "vitspec.cli.convert",
+        "convert",
+        "Convert weights between frameworks and checkpoint layouts.",
+    ),
+    "inspect": (
+        "vitspec.cli.spec_commands",
+        "inspect",
+        "Show the spec and tensor table of a weights file.",
+    ),
+    "conformance": (
+        "vitspec.cli.conformance",
+        "conformance",
+        "Run the conformance suite against backends.",
+    ),
     "diff": ("vitspec.cli.conformance", "diff", "Layer-by-layer divergence between two backends."),
-    "validate": ("vitspec.cli.spec_commands", "validate", "Check spec files; print each problem found."),
-    "layout": ("vitspec.cli.spec_commands", "layout", "Print the canonical parameter table of a spec."),
-    "presets": ("vitspec.cli.spec_commands", "presets", "List the named presets (B/16, L/14, ...)."),
-    "schema": ("vitspec.cli.spec_commands", "schema", "Print the spec's JSON Schema (for editors)."),
-    "backends": ("vitspec.cli.backends", "backends", "List registered backends, their versions and status."),
+    "validate": (
+        "vitspec.cli.spec_commands",
+        "validate",
+        "Check spec files; print each problem found.",
+    ),
+    "layout": (
+        "vitspec.cli.spec_commands",
+        "layout",
+        "Print the canonical parameter table of a spec.",
+    ),
+    "presets": (
+        "vitspec.cli.spec_commands",
+        "presets",
+        "List the named presets (B/16, L/14, ...).",
+    ),
+    "schema": (
+        "vitspec.cli.spec_commands",
+        "schema",
+        "Print the spec's JSON Schema (for editors).",
+    ),
+    "backends": (
+        "vitspec.cli.backends",
+        "backends",
+        "List registered backends, their versions and status.",
+    ),
 }
 
 

@@ -28,7 +28,11 @@ def validate(specs: tuple[str, ...]) -> None:
         except SpecError as exc:
             failed += 1
             for line in str(exc).splitlines():
-                click.secho(f"error: {line}" if line.startswith(source) else f"error: {source}: {line}", err=True, fg="red")
+                click.secho(
+                    f"error: {line}" if line.startswith(source) else f"error: {source}: {line}",
+                    err=True,
+                    fg="red",
+                )
             continue
         out.print(
             f"[green]ok[/] {source}: {human(spec.n_params)} parameters, {human(spec.flops)}FLOPs/image, "
@@ -57,7 +61,9 @@ def presets() -> None:
     rows = []
     for variant in VARIANTS:
         spec = preset(f"{variant}/16")
-        counts = "  ".join(f"/{p}: {human(preset(f'{variant}/{p}').n_params)}" for p in LISTED_PATCHES)
+        counts = "  ".join(
+            f"/{p}: {human(preset(f'{variant}/{p}').n_params)}" for p in LISTED_PATCHES
+        )
         rows.append((variant, spec.hidden_dim, spec.depth, spec.mlp_dim, spec.n_heads, counts))
     console().print(
         table(
@@ -71,7 +77,13 @@ def presets() -> None:
 
 @click.command()
 @click.argument("spec")
-@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json"]), default="table", show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "markdown", "json"]),
+    default="table",
+    show_default=True,
+)
 def layout(spec: str, fmt: str) -> None:
     """Print the canonical parameter table of SPEC: name, shape, meaning."""
     from vitspec.layout import CAPTURE_MEANINGS, param_table
@@ -80,7 +92,15 @@ def layout(spec: str, fmt: str) -> None:
     s = load_spec(spec)
     params = param_table(s)
     if fmt == "json":
-        click.echo(json.dumps([{"name": p.name, "shape": list(p.shape), "meaning": p.meaning, "init": p.init} for p in params], indent=1))
+        click.echo(
+            json.dumps(
+                [
+                    {"name": p.name, "shape": list(p.shape), "meaning": p.meaning, "init": p.init}
+                    for p in params
+                ],
+                indent=1,
+            )
+        )
         return
     rows = _collapse_blocks(params, s.depth)
     if fmt == "markdown":
@@ -90,10 +110,28 @@ def layout(spec: str, fmt: str) -> None:
         click.echo(f"\nTotal: {s.n_params:,} parameters.")
         return
     out = console()
-    out.print(table(f"Canonical layout of {spec}", ["name", "shape", "parameters", "meaning"], rows, ["left", "left", "right", "left"]))
+    out.print(
+        table(
+            f"Canonical layout of {spec}",
+            ["name", "shape", "parameters", "meaning"],
+            rows,
+            ["left", "left", "right", "left"],
+        )
+    )
     out.print(f"total: [bold]{s.n_params:,}[/] parameters in {len(params)} tensors")
-    captures = [(n, shape, meaning) for n, (shape, meaning) in CAPTURE_MEANINGS.items() if n != "pre_logits" or s.pre_logits_dim]
-    out.print(table("Capture points (B batch, N seq_len, D hidden_dim)", ["name", "shape", "meaning"], captures, ["left", "left", "left"]))
+    captures = [
+        (n, shape, meaning)
+        for n, (shape, meaning) in CAPTURE_MEANINGS.items()
+        if n != "pre_logits" or s.pre_logits_dim
+    ]
+    out.print(
+        table(
+            "Capture points (B batch, N seq_len, D hidden_dim)",
+            ["name", "shape", "meaning"],
+            captures,
+            ["left", "left", "left"],
+        )
+    )
 
 
 def _collapse_blocks(params: list, depth: int) -> list[tuple[str, str, str, str]]:
@@ -116,11 +154,19 @@ def _collapse_blocks(params: list, depth: int) -> list[tuple[str, str, str, str]
 @click.command()
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option(
-    "--from", "from_format",
-    type=click.Choice(["canonical", "torch", "keras", "flax", "timm", "hf", "google", "big_vision"]),
+    "--from",
+    "from_format",
+    type=click.Choice(
+        ["canonical", "torch", "keras", "flax", "timm", "hf", "google", "big_vision"]
+    ),
     help="The file's format (default: detected).",
 )
-@click.option("--spec", "spec", metavar="SPEC", help="What the file cannot tell: a (partial) spec, a preset, or field=value,... pairs.")
+@click.option(
+    "--spec",
+    "spec",
+    metavar="SPEC",
+    help="What the file cannot tell: a (partial) spec, a preset, or field=value,... pairs.",
+)
 def inspect(file: Path, from_format: str | None, spec: str | None) -> None:
     """Show the spec and tensor table of a checkpoint FILE of any supported format.
 
@@ -138,16 +184,26 @@ def inspect(file: Path, from_format: str | None, spec: str | None) -> None:
     record = get_format(fmt)
     given = load_partial_spec(spec)
     with open_source(file, fmt) as source:
-        rows = [(n, str(d), shape_str(s), f"{math.prod(s):,}") for n, (s, d) in source.entries.items()]
+        rows = [
+            (n, str(d), shape_str(s), f"{math.prod(s):,}") for n, (s, d) in source.entries.items()
+        ]
         total = sum(math.prod(s) for s, _ in source.entries.values())
         meta = {k: v for k, v in source.metadata.items() if k != SPEC_KEY}
-        out.print(f"[bold]format:[/] {fmt}" + ("" if from_format else " (detected)") + f", {source.container} file")
+        out.print(
+            f"[bold]format:[/] {fmt}"
+            + ("" if from_format else " (detected)")
+            + f", {source.container} file"
+        )
         if meta:
             out.print("[bold]metadata:[/] " + ", ".join(f"{k}={v}" for k, v in meta.items()))
         problem: Exception | None = None
         try:
             inference = infer_spec(record, source, given)
-            where = "embedded in the file" if SPEC_KEY in source.metadata else "inferred from the tensors"
+            where = (
+                "embedded in the file"
+                if SPEC_KEY in source.metadata
+                else "inferred from the tensors"
+            )
             out.print(f"[bold]spec[/] ({where}):")
             for line in inference.spec.to_yaml().rstrip().splitlines():
                 key = line.split(":", 1)[0]
@@ -159,6 +215,13 @@ def inspect(file: Path, from_format: str | None, spec: str | None) -> None:
             check_layout(record, inference.spec, source)
         except (SpecError, WeightsError) as exc:
             problem = exc
-        out.print(table(f"{len(rows)} tensors, {total:,} values", ["name", "dtype", "shape", "values"], rows, ["left", "left", "left", "right"]))
+        out.print(
+            table(
+                f"{len(rows)} tensors, {total:,} values",
+                ["name", "dtype", "shape", "values"],
+                rows,
+                ["left", "left", "left", "right"],
+            )
+        )
     if problem is not None:
         raise problem

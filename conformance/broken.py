@@ -58,7 +58,9 @@ class BrokenBackend:
         w = {k: np.asarray(v) for k, v in weights.items()}
         return self._weights(spec, w) if self._weights else w
 
-    def build(self, spec: Spec, weights: Mapping[str, np.ndarray] | None = None, seed: int = 0) -> Any:
+    def build(
+        self, spec: Spec, weights: Mapping[str, np.ndarray] | None = None, seed: int = 0
+    ) -> Any:
         weights = weights if weights is not None else init_weights(spec, seed)
         built = self._spec(spec) if self._spec else spec
         return self.inner.build(built, self._fix(spec, weights))
@@ -69,7 +71,9 @@ class BrokenBackend:
     def export(self, model: Any) -> dict[str, np.ndarray]:
         return self.inner.export(model)
 
-    def forward(self, model: Any, images: np.ndarray, capture: Iterable[str] | str = ()) -> dict[str, np.ndarray]:
+    def forward(
+        self, model: Any, images: np.ndarray, capture: Iterable[str] | str = ()
+    ) -> dict[str, np.ndarray]:
         return self.inner.forward(model, images, capture=capture)
 
 
@@ -85,7 +89,12 @@ def swap_query_key(inner: Any) -> BrokenBackend:
         return w
 
     # With one token, attention is 1 whatever query and key are.
-    return BrokenBackend(inner, "swap_query_key", weights=fix, first_touched=lambda s: "blocks.0.attn_probs" if s.seq_len > 1 else None)
+    return BrokenBackend(
+        inner,
+        "swap_query_key",
+        weights=fix,
+        first_touched=lambda s: "blocks.0.attn_probs" if s.seq_len > 1 else None,
+    )
 
 
 def transpose_patch_kernel(inner: Any) -> BrokenBackend:
@@ -97,13 +106,20 @@ def transpose_patch_kernel(inner: Any) -> BrokenBackend:
         return w
 
     # A 1x1 patch has nothing to transpose.
-    return BrokenBackend(inner, "transpose_patch_kernel", weights=fix, first_touched=lambda s: "patch_embed" if s.patch_size[0] * s.patch_size[1] > 1 else None)
+    return BrokenBackend(
+        inner,
+        "transpose_patch_kernel",
+        weights=fix,
+        first_touched=lambda s: "patch_embed" if s.patch_size[0] * s.patch_size[1] > 1 else None,
+    )
 
 
 def norm_eps(inner: Any, eps: float = 1e-3) -> BrokenBackend:
     """Every LayerNorm built with ``eps`` instead of the spec's (1e-3: Keras' default; 1e-5: PyTorch's)."""
     return BrokenBackend(
-        inner, f"norm_eps_{eps:g}", spec=lambda s: s.replace(norm_eps=eps),
+        inner,
+        f"norm_eps_{eps:g}",
+        spec=lambda s: s.replace(norm_eps=eps),
         first_touched=lambda s: "blocks.0.attn_probs" if s.norm_eps != eps else None,
     )
 
@@ -111,7 +127,9 @@ def norm_eps(inner: Any, eps: float = 1e-3) -> BrokenBackend:
 def tanh_gelu(inner: Any) -> BrokenBackend:
     """GELU's tanh approximation where the spec asks for the exact (erf) form."""
     return BrokenBackend(
-        inner, "tanh_gelu", spec=lambda s: s.replace(gelu="tanh"),
+        inner,
+        "tanh_gelu",
+        spec=lambda s: s.replace(gelu="tanh"),
         first_touched=lambda s: "blocks.0.mlp" if s.gelu == "exact" else None,
     )
 
@@ -124,9 +142,17 @@ def scale_block(inner: Any, block: int = -1, factor: float = 1.01) -> BrokenBack
 
     def fix(spec: Spec, w: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prefix = f"blocks.{index(spec)}."
-        return {k: (v * v.dtype.type(factor)).astype(v.dtype) if k.startswith(prefix) else v for k, v in w.items()}
+        return {
+            k: (v * v.dtype.type(factor)).astype(v.dtype) if k.startswith(prefix) else v
+            for k, v in w.items()
+        }
 
-    return BrokenBackend(inner, f"scale_block_{block}_{factor:g}", weights=fix, first_touched=lambda s: f"blocks.{index(s)}.attn_probs")
+    return BrokenBackend(
+        inner,
+        f"scale_block_{block}_{factor:g}",
+        weights=fix,
+        first_touched=lambda s: f"blocks.{index(s)}.attn_probs",
+    )
 
 
 DEFECTS: dict[str, Callable[[Any], BrokenBackend]] = {

@@ -139,7 +139,10 @@ def make_case(
         },
         # The tolerance in force: the shipped file's entries, with the case's own entries over them.
         "tolerance": {
-            **{k: {"atol": t.atol, "rtol": t.rtol, "reason": t.reason} for k, t in load_tolerances().classes.items()},
+            **{
+                k: {"atol": t.atol, "rtol": t.rtol, "reason": t.reason}
+                for k, t in load_tolerances().classes.items()
+            },
             **(tolerance or {}),
         },
     }
@@ -157,13 +160,24 @@ def write_case(case: Case, path: str | Path, *, overwrite: bool = False) -> Path
     with atomic_dir(path, overwrite=overwrite) as tmp:
         (tmp / "spec.yaml").write_text(case.spec.to_yaml(), encoding="utf-8")
         # No version in the metadata: the bytes depend only on the content (provenance is in the manifest).
-        ordered = [(p.name, np.asarray(case.weights[p.name], np.float32)) for p in param_table(case.spec)]
-        write_safetensors(tmp / "weights.safetensors", ordered, {"format": WEIGHTS_FORMAT, SPEC_KEY: case.spec.to_json()})
-        data = [("images", np.asarray(case.images)), *((k, np.asarray(v, np.float64)) for k, v in case.expected.items())]
+        ordered = [
+            (p.name, np.asarray(case.weights[p.name], np.float32)) for p in param_table(case.spec)
+        ]
+        write_safetensors(
+            tmp / "weights.safetensors",
+            ordered,
+            {"format": WEIGHTS_FORMAT, SPEC_KEY: case.spec.to_json()},
+        )
+        data = [
+            ("images", np.asarray(case.images)),
+            *((k, np.asarray(v, np.float64)) for k, v in case.expected.items()),
+        ]
         write_safetensors(tmp / "data.safetensors", data, {"format": FORMAT})
         manifest = dict(case.manifest)
         manifest["files"] = {f: _file_entry(tmp / f) for f in FILES}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+        (tmp / MANIFEST).write_text(
+            json.dumps(manifest, indent=1, allow_nan=False) + "\n", encoding="utf-8"
+        )
     case.path, case.manifest = path, manifest
     return path
 
@@ -193,7 +207,9 @@ def load_case(path: str | Path) -> Case:
     for fname in FILES:
         fpath = path / fname
         if not fpath.is_file():
-            raise CaseError(f"{where}: {fname} is missing (a case holds {', '.join(FILES)} and {MANIFEST})")
+            raise CaseError(
+                f"{where}: {fname} is missing (a case holds {', '.join(FILES)} and {MANIFEST})"
+            )
         want = listed.get(fname, {}).get("sha256") if isinstance(listed.get(fname), dict) else None
         if not isinstance(want, str):
             raise CaseError(f"{where}: {MANIFEST} has no sha256 for {fname}")
@@ -215,7 +231,9 @@ def load_case(path: str | Path) -> Case:
     stored = list(expected)
     unknown = [n for n in stored if n not in points]
     if unknown:
-        raise CaseError(f"{where}: data.safetensors holds {', '.join(unknown)}, which are not capture points of this spec")
+        raise CaseError(
+            f"{where}: data.safetensors holds {', '.join(unknown)}, which are not capture points of this spec"
+        )
     if "output" not in expected:
         raise CaseError(f"{where}: data.safetensors has no expected 'output'")
     ordered = [p for p in points if p in expected]
@@ -228,7 +246,9 @@ def load_case(path: str | Path) -> Case:
     for p in ordered:
         value = expected[p]
         if value.shape != shapes[p]:
-            raise CaseError(f"{where}: expected {p!r} has shape {list(value.shape)}, the spec says {list(shapes[p])}")
+            raise CaseError(
+                f"{where}: expected {p!r} has shape {list(value.shape)}, the spec says {list(shapes[p])}"
+            )
         if not np.issubdtype(value.dtype, np.floating):
             raise CaseError(f"{where}: expected {p!r} is {value.dtype}, expected a float dtype")
     return Case(name, spec, weights, images, {p: expected[p] for p in ordered}, manifest, path)
@@ -246,11 +266,19 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise CaseError(f"{mpath}: expected a JSON object, found {type(manifest).__name__}")
     if manifest.get("format") != FORMAT:
         raise CaseError(f"{mpath}: expected format {FORMAT!r}, found {manifest.get('format')!r}")
-    for key, kind in (("name", str), ("batch", int), ("capture_points", list), ("files", dict), ("generator", dict)):
+    for key, kind in (
+        ("name", str),
+        ("batch", int),
+        ("capture_points", list),
+        ("files", dict),
+        ("generator", dict),
+    ):
         if not isinstance(manifest.get(key), kind):
             raise CaseError(f"{mpath}: {key!r} is missing or not a {kind.__name__}")
     version = manifest.get("corpus_version")
-    if version is not None and (not isinstance(version, int) or isinstance(version, bool) or version < 1):
+    if version is not None and (
+        not isinstance(version, int) or isinstance(version, bool) or version < 1
+    ):
         raise CaseError(f"{mpath}: 'corpus_version' must be a positive integer, found {version!r}")
     if "tolerance" in manifest and not isinstance(manifest["tolerance"], dict):
         raise CaseError(f"{mpath}: 'tolerance' must map dtype classes to {{atol, rtol, reason}}")
@@ -260,7 +288,9 @@ def _read_manifest(path: Path) -> dict[str, Any]:
 def _check_images(where: str, spec: Spec, images: np.ndarray, manifest: Mapping[str, Any]) -> None:
     want = (manifest["batch"], *spec.image_size, spec.in_channels)
     if images.shape != want:
-        raise CaseError(f"{where}: images have shape {list(images.shape)}, expected {list(want)} (batch, H, W, C)")
+        raise CaseError(
+            f"{where}: images have shape {list(images.shape)}, expected {list(want)} (batch, H, W, C)"
+        )
     if not np.issubdtype(images.dtype, np.floating):
         raise CaseError(f"{where}: images are {images.dtype}, expected a float dtype")
 
@@ -286,8 +316,12 @@ def cases_corpus_version(cases: Sequence[Case]) -> int | None:
     """The corpus version that ``cases`` carry (None when none does); cases of two versions are an error."""
     versions = sorted({c.corpus_version for c in cases if c.corpus_version is not None})
     if len(versions) > 1:
-        named = ", ".join(f"{v} ({next(c.name for c in cases if c.corpus_version == v)})" for v in versions)
-        raise CaseError(f"cases from corpus versions {named} in one run; run each corpus version separately")
+        named = ", ".join(
+            f"{v} ({next(c.name for c in cases if c.corpus_version == v)})" for v in versions
+        )
+        raise CaseError(
+            f"cases from corpus versions {named} in one run; run each corpus version separately"
+        )
     return versions[0] if versions else None
 
 
@@ -321,8 +355,15 @@ def corpus_fingerprint(cases: Sequence[Case]) -> str:
 
     digest = hashlib.sha256()
     for case in sorted(cases, key=lambda c: c.name):
-        tol = {k: {n: v for n, v in t.items() if n != "reason"} for k, t in case.tolerance_entries.items()}
-        digest.update(json.dumps({"name": case.name, "spec": case.spec.to_dict(), "tolerance": tol}, sort_keys=True).encode())
+        tol = {
+            k: {n: v for n, v in t.items() if n != "reason"}
+            for k, t in case.tolerance_entries.items()
+        }
+        digest.update(
+            json.dumps(
+                {"name": case.name, "spec": case.spec.to_dict(), "tolerance": tol}, sort_keys=True
+            ).encode()
+        )
         for name, value in [*case.weights.items(), ("images", case.images), *case.expected.items()]:
             digest.update(name.encode())
             digest.update(np.ascontiguousarray(value, np.float32).tobytes())

@@ -36,9 +36,13 @@ class Argmax:
     """Argmax agreement of the output, per image."""
 
     agree: int = 0
-    disagree: list[tuple[int, int, int]] = field(default_factory=list)  # (image, expected class, found class)
+    disagree: list[tuple[int, int, int]] = field(
+        default_factory=list
+    )  # (image, expected class, found class)
     ties: list[tuple[int, int, int]] = field(default_factory=list)  # within tolerance: not counted
-    skipped_nonfinite: list[int] = field(default_factory=list)  # images with NaN/Inf in the expected output
+    skipped_nonfinite: list[int] = field(
+        default_factory=list
+    )  # images with NaN/Inf in the expected output
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -88,7 +92,9 @@ class PointCheck:
             "expected_shape": list(self.expected_shape),
             "shape": list(self.shape) if self.shape is not None else None,
             "dtype": self.dtype,
-            "tolerance": self.tolerance.to_dict() | {"class": self.tolerance.dtype_class} if self.tolerance else None,
+            "tolerance": self.tolerance.to_dict() | {"class": self.tolerance.dtype_class}
+            if self.tolerance
+            else None,
             "max_abs_err": _num(self.max_abs),
             "max_abs_index": _idx(self.max_abs_index),
             "max_rel_err": _num(self.max_rel),
@@ -131,7 +137,10 @@ class CaseCheck:
     @property
     def passed(self) -> bool:
         return (
-            self.unsupported is None and self.error is None and not self.problems and all(p.passed for p in self.points)
+            self.unsupported is None
+            and self.error is None
+            and not self.problems
+            and all(p.passed for p in self.points)
         )
 
     @property
@@ -235,14 +244,20 @@ def compare(
     arr = np.asarray(got)
     check.shape, check.dtype = tuple(arr.shape), str(arr.dtype)
     if arr.shape != expected.shape:
-        check.problems.append(f"shape: expected {_fmt_shape(expected.shape)}, found {_fmt_shape(arr.shape)}")
+        check.problems.append(
+            f"shape: expected {_fmt_shape(expected.shape)}, found {_fmt_shape(arr.shape)}"
+        )
         return check
     if not np.issubdtype(arr.dtype, np.floating):
         check.problems.append(f"dtype: expected a float array, found {arr.dtype}")
         return check
     g, e = arr.astype(np.float64), expected.astype(np.float64)
 
-    mismatch = (np.isnan(g) != np.isnan(e)) | (np.isposinf(g) != np.isposinf(e)) | (np.isneginf(g) != np.isneginf(e))
+    mismatch = (
+        (np.isnan(g) != np.isnan(e))
+        | (np.isposinf(g) != np.isposinf(e))
+        | (np.isneginf(g) != np.isneginf(e))
+    )
     check.nonfinite_mismatches = int(mismatch.sum())
     if check.nonfinite_mismatches:
         first = _unravel(int(np.flatnonzero(mismatch)[0]), e.shape)
@@ -367,7 +382,12 @@ def check_backend(
     try:
         reason = unsupported(backend, case.spec)
     except Exception as exc:
-        result = CaseCheck(case.name, subject, error=f"supports() failed: {_describe(exc)}", error_type=type(exc).__name__)
+        result = CaseCheck(
+            case.name,
+            subject,
+            error=f"supports() failed: {_describe(exc)}",
+            error_type=type(exc).__name__,
+        )
         result.loosened = _loosened(tols, case.name)
         return result, None
     if reason is not None:
@@ -417,7 +437,9 @@ def check_outputs(
     known = set(capture_points(case.spec))
     extra = sorted(k for k in outputs if k not in known)
     if extra:
-        result.problems.append(f"returned unknown capture point(s) {', '.join(extra)}; the spec has {', '.join(capture_points(case.spec))}")
+        result.problems.append(
+            f"returned unknown capture point(s) {', '.join(extra)}; the spec has {', '.join(capture_points(case.spec))}"
+        )
     for point, expected in case.expected.items():
         got = outputs.get(point)
         tol, problem = tolerance_for(tols, got)
@@ -447,13 +469,26 @@ def check_pair(
     for point in case.expected:
         x, y = a_out.get(point), b_out.get(point)
         if y is None:
-            result.points.append(PointCheck(point, case.expected[point].shape, problems=[f"missing: {b} did not return this capture point"]))
+            result.points.append(
+                PointCheck(
+                    point,
+                    case.expected[point].shape,
+                    problems=[f"missing: {b} did not return this capture point"],
+                )
+            )
             continue
-        if x is not None and np.asarray(x).shape == np.asarray(y).shape and _is_float(x) and _is_float(y):
+        if (
+            x is not None
+            and np.asarray(x).shape == np.asarray(y).shape
+            and _is_float(x)
+            and _is_float(y)
+        ):
             tol = tols.pairwise(np.asarray(x).dtype, np.asarray(y).dtype)
         else:
             tol, _ = tolerance_for(tols, y)
-        result.points.append(compare(point, x, np.asarray(y), tol, symmetric=True, argmax=point == "output"))
+        result.points.append(
+            compare(point, x, np.asarray(y), tol, symmetric=True, argmax=point == "output")
+        )
     return result
 
 

@@ -40,10 +40,14 @@ class CaseDef:
     tolerance: dict[str, Any] | None = field(default=None)
 
 
-def _scale_embedding(weights: dict[str, np.ndarray], images: np.ndarray) -> tuple[dict, np.ndarray, dict]:
+def _scale_embedding(
+    weights: dict[str, np.ndarray], images: np.ndarray
+) -> tuple[dict, np.ndarray, dict]:
     """Tokens entering block 0 get a variance near 1e-6, where a LayerNorm's eps changes the numbers."""
     w = dict(weights)
-    names = [n for n in ("patch_embed.kernel", "patch_embed.bias", "class_token", "pos_embed") if n in w]
+    names = [
+        n for n in ("patch_embed.kernel", "patch_embed.bias", "class_token", "pos_embed") if n in w
+    ]
     for n in names:
         w[n] = (w[n] * np.float32(1e-3)).astype(np.float32)
     return w, images, {"scaled": {n: 1e-3 for n in names}}
@@ -57,7 +61,9 @@ def _nan_pixel(weights: dict[str, np.ndarray], images: np.ndarray) -> tuple[dict
     return weights, x, {"nan_pixel": list(where)}
 
 
-def _sharp_attention(weights: dict[str, np.ndarray], images: np.ndarray) -> tuple[dict, np.ndarray, dict]:
+def _sharp_attention(
+    weights: dict[str, np.ndarray], images: np.ndarray
+) -> tuple[dict, np.ndarray, dict]:
     """Query and key kernels x6: attention logits reach 190, past float32's exp overflow (88.7)."""
     w = dict(weights)
     names = [n for n in w if n.endswith((".attn.query.kernel", ".attn.key.kernel"))]
@@ -76,7 +82,9 @@ _SMALL = {"hidden_dim": 16, "n_heads": 4, "depth": 2}
 
 
 def _fam(name: str, description: str, batch: int = 2, seed: int = 0, **sizes: Any) -> CaseDef:
-    return CaseDef(f"family_{name}", description, family(name, **{**_SMALL, **sizes}), batch, seed, family=name)
+    return CaseDef(
+        f"family_{name}", description, family(name, **{**_SMALL, **sizes}), batch, seed, family=name
+    )
 
 
 def _spec(**fields: Any) -> Spec:
@@ -85,13 +93,43 @@ def _spec(**fields: Any) -> Spec:
 
 CORPUS: list[CaseDef] = [
     # ---- one case per family of vitspec.families ----
-    _fam("vit_paper", "ViT paper: class token, learned position embedding with a class slot, token pooling", n_heads=2, seed=1),
-    _fam("vit_paper_pre_logits", "ViT paper with the representation layer (dense + tanh) before the head", batch=3, depth=1, seed=2),
-    _fam("big_vision_gap", "big_vision: no class token, global average pooling, norm before pooling", seed=3),
-    _fam("big_vision_sincos", "big_vision sincos2d on a non-square 4x2 grid (catches swapped x and y)", n_heads=2, seed=4, image_size=[32, 16]),
+    _fam(
+        "vit_paper",
+        "ViT paper: class token, learned position embedding with a class slot, token pooling",
+        n_heads=2,
+        seed=1,
+    ),
+    _fam(
+        "vit_paper_pre_logits",
+        "ViT paper with the representation layer (dense + tanh) before the head",
+        batch=3,
+        depth=1,
+        seed=2,
+    ),
+    _fam(
+        "big_vision_gap",
+        "big_vision: no class token, global average pooling, norm before pooling",
+        seed=3,
+    ),
+    _fam(
+        "big_vision_sincos",
+        "big_vision sincos2d on a non-square 4x2 grid (catches swapped x and y)",
+        n_heads=2,
+        seed=4,
+        image_size=[32, 16],
+    ),
     _fam("timm_token", "timm defaults (token pooling), batch 4", batch=4, depth=1, seed=5),
-    _fam("timm_avg_fc_norm", "timm global_pool=avg: the final norm after pooling (fc_norm), class token not pooled", seed=6),
-    _fam("timm_no_embed_class", "timm no_embed_class: the position embedding covers the patches only", n_heads=2, seed=7),
+    _fam(
+        "timm_avg_fc_norm",
+        "timm global_pool=avg: the final norm after pooling (fc_norm), class token not pooled",
+        seed=6,
+    ),
+    _fam(
+        "timm_no_embed_class",
+        "timm no_embed_class: the position embedding covers the patches only",
+        n_heads=2,
+        seed=7,
+    ),
     _fam("timm_no_qkv_bias", "query, key and value without bias", seed=8),
     _fam("hf_vit", "HF transformers ViT: LayerNorm eps 1e-12", seed=9),
     _fam("gelu_tanh", "GELU tanh approximation, batch 1", batch=1, seed=10),
@@ -100,37 +138,160 @@ CORPUS: list[CaseDef] = [
     _fam("mnist", "MNIST-sized: 28x28, one input channel, 7x7 patches", seed=13),
     _fam("non_square", "non-square image 24x40 and non-square patch 6x8", depth=1, seed=14),
     # ---- depth and heads ----
-    CaseDef("depth1_heads1_batch1", "one block, one head, one image", _spec(depth=1, n_heads=1), batch=1, seed=20),
-    CaseDef("depth3_heads3_batch3", "three blocks, three heads, mlp_ratio 2", _spec(image_size=12, hidden_dim=24, n_heads=3, depth=3, mlp_ratio=2.0), batch=3, seed=21),
-    CaseDef("depth4_heads8", "four blocks, eight heads of width 2", _spec(image_size=12, depth=4, n_heads=8), seed=22),
-    CaseDef("heads5_avg_with_class_token", "five heads, mlp_ratio 1.5; average pooling that must skip the class token", _spec(image_size=12, patch_size=3, hidden_dim=20, n_heads=5, mlp_ratio=1.5, pooling="avg"), seed=23),
-    CaseDef("heads6_mlp_ratio_2_5", "six heads, mlp_ratio 2.5 (MLP width 60), 2x2 patches", _spec(image_size=8, patch_size=2, hidden_dim=24, n_heads=6, mlp_ratio=2.5), seed=24),
-    CaseDef("heads7_mlp_ratio_1", "seven heads, mlp_ratio 1, a 2x3 grid of 3x3 patches", _spec(image_size=[6, 9], patch_size=3, hidden_dim=28, n_heads=7, depth=1, mlp_ratio=1.0), seed=25),
-    # ---- norm eps ----
-    CaseDef("norm_eps_1e-5", "LayerNorm eps 1e-5 (PyTorch's default)", _spec(norm_eps=1e-5, n_heads=2), seed=30),
-    CaseDef("norm_eps_1e-3_four_channels", "LayerNorm eps 1e-3 (Keras' default), four input channels", _spec(norm_eps=1e-3, n_heads=2, in_channels=4), seed=31),
-    CaseDef("norm_eps_sensitive", "eps 1e-6 where it matters: embedding weights x1e-3 so block 0's first norm sees variance near eps", _spec(depth=1), seed=32, adjust="scale_embedding"),
-    # ---- head, pooling and norm placement ----
-    CaseDef("one_channel_no_head", "one input channel, no head, non-square 3x4 patches, average pooling with the norm after it", _spec(image_size=[12, 16], patch_size=[3, 4], in_channels=1, n_classes=0, class_token=False, pooling="avg", final_norm="after_pool", depth=1, n_heads=2), seed=40),
-    CaseDef("pre_logits_no_head", "pre-logits layer and no head: the output is tanh(dense(pooled))", _spec(pre_logits_dim=12, n_classes=0, depth=1), seed=41),
-    CaseDef("token_pool_norm_after", "token pooling with the final norm after pooling", _spec(final_norm="after_pool", depth=1), seed=42),
-    CaseDef("sincos_with_class_token", "sincos2d on the patches plus a class token without a position", _spec(pos_embed="sincos2d", image_size=[8, 16]), seed=43),
-    CaseDef("learned_no_class_slot_avg", "learned position embedding without a class slot, class token, average pooling", _spec(pos_embed_class_slot=False, pooling="avg", n_heads=2), seed=44),
-    # ---- shapes at the edges ----
-    CaseDef("single_patch", "one patch per image (two tokens with the class token)", _spec(image_size=8, patch_size=8, n_heads=2), batch=3, seed=50),
-    CaseDef("pixel_patches", "1x1 patches: every pixel is a token", _spec(image_size=4, patch_size=1, depth=1), seed=51),
-    CaseDef("tall_image_wide_patch", "a 32x8 image cut into 8x4 patches: a 4x2 grid with learned positions", _spec(image_size=[32, 8], patch_size=[8, 4], n_heads=2, depth=1), seed=52),
-    CaseDef("batch8", "eight images, one block: batch items must not mix", _spec(image_size=8, depth=1, n_heads=2), batch=8, seed=53),
-    # ---- numerics ----
-    CaseDef("dropout_inference", "non-zero dropout, attention dropout and drop path: inference must ignore them", _spec(dropout=0.1, attn_dropout=0.1, drop_path=0.2), seed=60),
-    CaseDef("nan_pixel", "a NaN pixel in the last image poisons that image only", _spec(depth=1, n_heads=2), seed=61, adjust="nan_pixel"),
     CaseDef(
-        "sharp_attention", "attention logits up to 190: softmax must subtract the max before exp",
-        _spec(depth=1, n_heads=2), seed=62, adjust="sharp_attention",
-        tolerance={"float32": {
-            "atol": 1e-4, "rtol": 1e-4, "loosens": True,
-            "reason": "logits of 190 carry float32 rounding of about 1e-5 into the probabilities (the float32 "
-                      "reference itself is 1.7e-05 off at blocks.0.attn_heads); 1e-4 still fails tanh GELU and weight swaps",
-        }},
+        "depth1_heads1_batch1",
+        "one block, one head, one image",
+        _spec(depth=1, n_heads=1),
+        batch=1,
+        seed=20,
+    ),
+    CaseDef(
+        "depth3_heads3_batch3",
+        "three blocks, three heads, mlp_ratio 2",
+        _spec(image_size=12, hidden_dim=24, n_heads=3, depth=3, mlp_ratio=2.0),
+        batch=3,
+        seed=21,
+    ),
+    CaseDef(
+        "depth4_heads8",
+        "four blocks, eight heads of width 2",
+        _spec(image_size=12, depth=4, n_heads=8),
+        seed=22,
+    ),
+    CaseDef(
+        "heads5_avg_with_class_token",
+        "five heads, mlp_ratio 1.5; average pooling that must skip the class token",
+        _spec(image_size=12, patch_size=3, hidden_dim=20, n_heads=5, mlp_ratio=1.5, pooling="avg"),
+        seed=23,
+    ),
+    CaseDef(
+        "heads6_mlp_ratio_2_5",
+        "six heads, mlp_ratio 2.5 (MLP width 60), 2x2 patches",
+        _spec(image_size=8, patch_size=2, hidden_dim=24, n_heads=6, mlp_ratio=2.5),
+        seed=24,
+    ),
+    CaseDef(
+        "heads7_mlp_ratio_1",
+        "seven heads, mlp_ratio 1, a 2x3 grid of 3x3 patches",
+        _spec(image_size=[6, 9], patch_size=3, hidden_dim=28, n_heads=7, depth=1, mlp_ratio=1.0),
+        seed=25,
+    ),
+    # ---- norm eps ----
+    CaseDef(
+        "norm_eps_1e-5",
+        "LayerNorm eps 1e-5 (PyTorch's default)",
+        _spec(norm_eps=1e-5, n_heads=2),
+        seed=30,
+    ),
+    CaseDef(
+        "norm_eps_1e-3_four_channels",
+        "LayerNorm eps 1e-3 (Keras' default), four input channels",
+        _spec(norm_eps=1e-3, n_heads=2, in_channels=4),
+        seed=31,
+    ),
+    CaseDef(
+        "norm_eps_sensitive",
+        "eps 1e-6 where it matters: embedding weights x1e-3 so block 0's first norm sees variance near eps",
+        _spec(depth=1),
+        seed=32,
+        adjust="scale_embedding",
+    ),
+    # ---- head, pooling and norm placement ----
+    CaseDef(
+        "one_channel_no_head",
+        "one input channel, no head, non-square 3x4 patches, average pooling with the norm after it",
+        _spec(
+            image_size=[12, 16],
+            patch_size=[3, 4],
+            in_channels=1,
+            n_classes=0,
+            class_token=False,
+            pooling="avg",
+            final_norm="after_pool",
+            depth=1,
+            n_heads=2,
+        ),
+        seed=40,
+    ),
+    CaseDef(
+        "pre_logits_no_head",
+        "pre-logits layer and no head: the output is tanh(dense(pooled))",
+        _spec(pre_logits_dim=12, n_classes=0, depth=1),
+        seed=41,
+    ),
+    CaseDef(
+        "token_pool_norm_after",
+        "token pooling with the final norm after pooling",
+        _spec(final_norm="after_pool", depth=1),
+        seed=42,
+    ),
+    CaseDef(
+        "sincos_with_class_token",
+        "sincos2d on the patches plus a class token without a position",
+        _spec(pos_embed="sincos2d", image_size=[8, 16]),
+        seed=43,
+    ),
+    CaseDef(
+        "learned_no_class_slot_avg",
+        "learned position embedding without a class slot, class token, average pooling",
+        _spec(pos_embed_class_slot=False, pooling="avg", n_heads=2),
+        seed=44,
+    ),
+    # ---- shapes at the edges ----
+    CaseDef(
+        "single_patch",
+        "one patch per image (two tokens with the class token)",
+        _spec(image_size=8, patch_size=8, n_heads=2),
+        batch=3,
+        seed=50,
+    ),
+    CaseDef(
+        "pixel_patches",
+        "1x1 patches: every pixel is a token",
+        _spec(image_size=4, patch_size=1, depth=1),
+        seed=51,
+    ),
+    CaseDef(
+        "tall_image_wide_patch",
+        "a 32x8 image cut into 8x4 patches: a 4x2 grid with learned positions",
+        _spec(image_size=[32, 8], patch_size=[8, 4], n_heads=2, depth=1),
+        seed=52,
+    ),
+    CaseDef(
+        "batch8",
+        "eight images, one block: batch items must not mix",
+        _spec(image_size=8, depth=1, n_heads=2),
+        batch=8,
+        seed=53,
+    ),
+    # ---- numerics ----
+    CaseDef(
+        "dropout_inference",
+        "non-zero dropout, attention dropout and drop path: inference must ignore them",
+        _spec(dropout=0.1, attn_dropout=0.1, drop_path=0.2),
+        seed=60,
+    ),
+    CaseDef(
+        "nan_pixel",
+        "a NaN pixel in the last image poisons that image only",
+        _spec(depth=1, n_heads=2),
+        seed=61,
+        adjust="nan_pixel",
+    ),
+    CaseDef(
+        "sharp_attention",
+        "attention logits up to 190: softmax must subtract the max before exp",
+        _spec(depth=1, n_heads=2),
+        seed=62,
+        adjust="sharp_attention",
+        tolerance={
+            "float32": {
+                "atol": 1e-4,
+                "rtol": 1e-4,
+                "loosens": True,
+                "reason": "logits of 190 carry float32 rounding of about 1e-5 into the probabilities (the float32 "
+                "reference itself is 1.7e-05 off at blocks.0.attn_heads); 1e-4 still fails tanh GELU and weight swaps",
+            }
+        },
     ),
 ]

@@ -43,19 +43,33 @@ def build(case: CaseDef) -> Case:
     from vitspec.init import init_weights
 
     weights = init_weights(case.spec, case.seed, scheme="random")
-    images = np.random.default_rng(case.seed + 1).standard_normal((case.batch, *case.spec.image_size, case.spec.in_channels)).astype(np.float32)
+    images = (
+        np.random.default_rng(case.seed + 1)
+        .standard_normal((case.batch, *case.spec.image_size, case.spec.in_channels))
+        .astype(np.float32)
+    )
     provenance: dict[str, object] = {
         "weights": {"init": "vitspec.init_weights", "scheme": "random", "seed": case.seed},
         "images": {"distribution": "standard normal", "dtype": "float32", "seed": case.seed + 1},
     }
     if case.adjust:
         weights, images, note = ADJUSTMENTS[case.adjust](weights, images)
-        provenance["adjust"] = {"name": case.adjust, "why": ADJUSTMENTS[case.adjust].__doc__, **note}
+        provenance["adjust"] = {
+            "name": case.adjust,
+            "why": ADJUSTMENTS[case.adjust].__doc__,
+            **note,
+        }
     if case.family:
         provenance["family"] = case.family
     made = make_case(
-        case.spec, weights, images, name=case.name, description=case.description,
-        provenance=provenance, tolerance=case.tolerance, corpus_version=VERSION,
+        case.spec,
+        weights,
+        images,
+        name=case.name,
+        description=case.description,
+        provenance=provenance,
+        tolerance=case.tolerance,
+        corpus_version=VERSION,
     )
     _check_no_near_ties(made)
     return made
@@ -71,8 +85,10 @@ def _check_no_near_ties(case: Case) -> None:
         top2 = np.sort(values)[-2:]
         need = NEAR_TIE_MARGIN * 2 * (tol["atol"] + tol["rtol"] * abs(top2[1]))
         if top2[1] - top2[0] <= need:
-            raise CaseError(f"case {case.name!r}: image {row}'s top two outputs differ by {top2[1] - top2[0]:.3g}, "
-                            f"less than {need:.3g}; pick another seed")
+            raise CaseError(
+                f"case {case.name!r}: image {row}'s top two outputs differ by {top2[1] - top2[0]:.3g}, "
+                f"less than {need:.3g}; pick another seed"
+            )
 
 
 def case_bytes(path: Path) -> int:
@@ -91,7 +107,9 @@ def generate(out: Path = CASES_DIR, log=print) -> list[Path]:
         path = write_case(build(entry), out / entry.name, overwrite=True)
         size = case_bytes(path)
         if size > MAX_CASE_BYTES:
-            raise CaseError(f"{path}: {size} bytes, more than the {MAX_CASE_BYTES} a corpus case may take; make it smaller")
+            raise CaseError(
+                f"{path}: {size} bytes, more than the {MAX_CASE_BYTES} a corpus case may take; make it smaller"
+            )
         log(f"wrote {entry.name:32s} {size / 1024:6.1f} KB")
         paths.append(path)
     return paths
@@ -100,7 +118,9 @@ def generate(out: Path = CASES_DIR, log=print) -> list[Path]:
 def drift(frozen_dir: Path = CASES_DIR) -> list[str]:
     """Every difference between the frozen corpus and a fresh generation; empty when none."""
     problems: list[str] = []
-    frozen = {p.name: p for p in frozen_dir.iterdir() if is_case_dir(p)} if frozen_dir.is_dir() else {}
+    frozen = (
+        {p.name: p for p in frozen_dir.iterdir() if is_case_dir(p)} if frozen_dir.is_dir() else {}
+    )
     listed = {c.name: c for c in CORPUS}
     for name in sorted(set(listed) - set(frozen)):
         problems.append(f"{name}: in corpus.py but not in {frozen_dir}")
@@ -138,28 +158,46 @@ def compare_cases(old: Case, new: Case) -> list[str]:
         a, b = old.expected[k], new.expected[k]
         if a.shape != b.shape:
             problems.append(f"expected {k}: shape {a.shape} vs {b.shape}")
-        elif not np.array_equal(np.isfinite(a), np.isfinite(b)) or not np.allclose(a, b, rtol=DRIFT_RTOL, atol=DRIFT_ATOL, equal_nan=True):
+        elif not np.array_equal(np.isfinite(a), np.isfinite(b)) or not np.allclose(
+            a, b, rtol=DRIFT_RTOL, atol=DRIFT_ATOL, equal_nan=True
+        ):
             err = float(np.nanmax(np.abs(a - b))) if np.isfinite(a).any() else float("nan")
-            problems.append(f"expected {k}: differs by up to {err:.3g} (allowed {DRIFT_ATOL:g} + {DRIFT_RTOL:g}|x|)")
+            problems.append(
+                f"expected {k}: differs by up to {err:.3g} (allowed {DRIFT_ATOL:g} + {DRIFT_RTOL:g}|x|)"
+            )
     ignore = {"generator", "files"}
     a_man = {k: v for k, v in old.manifest.items() if k not in ignore}
     b_man = {k: v for k, v in new.manifest.items() if k not in ignore}
     for key in sorted(a_man.keys() | b_man.keys()):
         if a_man.get(key) != b_man.get(key):
-            problems.append(f"manifest {key!r}: frozen {a_man.get(key)!r}, fresh {b_man.get(key)!r}")
+            problems.append(
+                f"manifest {key!r}: frozen {a_man.get(key)!r}, fresh {b_man.get(key)!r}"
+            )
     return problems
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vitspec.conformance.generate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true", help="compare a fresh generation with the frozen corpus")
-    parser.add_argument("--out", type=Path, default=CASES_DIR, help=f"where to write the cases (default {CASES_DIR})")
+    parser = argparse.ArgumentParser(
+        prog="python -m vitspec.conformance.generate", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="compare a fresh generation with the frozen corpus"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=CASES_DIR,
+        help=f"where to write the cases (default {CASES_DIR})",
+    )
     args = parser.parse_args(argv)
     if args.check:
         problems = drift(args.out)
         for p in problems:
             print(f"drift: {p}", file=sys.stderr)
-        print(f"{len(CORPUS)} cases checked against {args.out}: " + (f"{len(problems)} difference(s)" if problems else "no drift"))
+        print(
+            f"{len(CORPUS)} cases checked against {args.out}: "
+            + (f"{len(problems)} difference(s)" if problems else "no drift")
+        )
         return 1 if problems else 0
     paths = generate(args.out)
     print(f"{len(paths)} cases, {sum(case_bytes(p) for p in paths) / 1024:.0f} KB, in {args.out}")

@@ -31,25 +31,70 @@ class ConformanceWarning(UserWarning):
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("vitspec", "vitspec conformance suite (pytest --pyargs vitspec.conformance)")
-    group.addoption("--vitspec-backend", action="append", default=[], metavar="NAME",
-                    help="backend to test: a registered name, or 'all' (repeatable); turns the suite on")
-    group.addoption("--vitspec-case", action="append", default=[], metavar="PATH",
-                    help="a case folder, or a folder of case folders, instead of the shipped corpus (repeatable)")
-    group.addoption("--vitspec-expectations", action="append", default=[], metavar="FILE",
-                    help="known-failures file (repeatable; default: the shipped file of each backend)")
-    group.addoption("--vitspec-tolerances", metavar="FILE", help="a tolerance file instead of the shipped one")
-    group.addoption("--vitspec-no-pairwise", action="store_true", help="do not compare backends with each other")
+    group = parser.getgroup(
+        "vitspec", "vitspec conformance suite (pytest --pyargs vitspec.conformance)"
+    )
+    group.addoption(
+        "--vitspec-backend",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="backend to test: a registered name, or 'all' (repeatable); turns the suite on",
+    )
+    group.addoption(
+        "--vitspec-case",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a case folder, or a folder of case folders, instead of the shipped corpus (repeatable)",
+    )
+    group.addoption(
+        "--vitspec-expectations",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="known-failures file (repeatable; default: the shipped file of each backend)",
+    )
+    group.addoption(
+        "--vitspec-tolerances", metavar="FILE", help="a tolerance file instead of the shipped one"
+    )
+    group.addoption(
+        "--vitspec-no-pairwise", action="store_true", help="do not compare backends with each other"
+    )
     group.addoption("--vitspec-report", metavar="FILE", help="write the JSON report here")
-    group.addoption("--vitspec-markdown", metavar="FILE", help="write the Markdown conformance matrix here")
-    group.addoption("--vitspec-random", type=int, default=0, metavar="N",
-                    help="also check N random specs drawn now (instead of the shipped corpus unless --vitspec-case is given)")
-    group.addoption("--vitspec-seed", type=int, default=0, metavar="S", help="seed of the --vitspec-random cases (default 0)")
-    group.addoption("--vitspec-save-case", metavar="DIR", help="write each --vitspec-random case that fails as a case folder under DIR")
-    group.addoption("--vitspec-corpus-version", type=int, metavar="V", help="fail at once unless the corpus is version V")
+    group.addoption(
+        "--vitspec-markdown", metavar="FILE", help="write the Markdown conformance matrix here"
+    )
+    group.addoption(
+        "--vitspec-random",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also check N random specs drawn now (instead of the shipped corpus unless --vitspec-case is given)",
+    )
+    group.addoption(
+        "--vitspec-seed",
+        type=int,
+        default=0,
+        metavar="S",
+        help="seed of the --vitspec-random cases (default 0)",
+    )
+    group.addoption(
+        "--vitspec-save-case",
+        metavar="DIR",
+        help="write each --vitspec-random case that fails as a case folder under DIR",
+    )
+    group.addoption(
+        "--vitspec-corpus-version",
+        type=int,
+        metavar="V",
+        help="fail at once unless the corpus is version V",
+    )
 
 
-UNSUPPORTED = "vitspec unsupported: "  # the skip reason of an unsupported check (counted apart, never a pass)
+UNSUPPORTED = (
+    "vitspec unsupported: "  # the skip reason of an unsupported check (counted apart, never a pass)
+)
 
 
 @dataclass(frozen=True)
@@ -79,7 +124,9 @@ class Session:
         self._tolerances: Any = None
         self.results: list[Any] = []
         self.used: list[Any] = []
-        self.outcome: dict[str, str] = {}  # nodeid -> passed, failed, skipped, xfailed or unsupported
+        self.outcome: dict[
+            str, str
+        ] = {}  # nodeid -> passed, failed, skipped, xfailed or unsupported
         self.warnings: list[str] = []
         self.random: set[str] = set()  # names of the --vitspec-random cases
         self._left_out: dict[tuple[str, str], str] | None = None
@@ -114,9 +161,14 @@ class Session:
             from vitspec.conformance.random_specs import random_cases
             from vitspec.errors import VitspecError
 
-            n_random, seed = self.config.getoption("vitspec_random"), self.config.getoption("vitspec_seed")
+            n_random, seed = (
+                self.config.getoption("vitspec_random"),
+                self.config.getoption("vitspec_seed"),
+            )
             if n_random < 0 or seed < 0:
-                raise pytest.UsageError(f"--vitspec-random and --vitspec-seed take integers >= 0, found {n_random} and {seed}")
+                raise pytest.UsageError(
+                    f"--vitspec-random and --vitspec-seed take integers >= 0, found {n_random} and {seed}"
+                )
             try:
                 paths = self.config.getoption("vitspec_case")
                 drawn = random_cases(n_random, seed)
@@ -172,7 +224,10 @@ class Session:
 
     @property
     def pairwise(self) -> bool:
-        return not self.config.getoption("vitspec_no_pairwise") and sum(b.load_error is None for b in self.backends.values()) > 1
+        return (
+            not self.config.getoption("vitspec_no_pairwise")
+            and sum(b.load_error is None for b in self.backends.values()) > 1
+        )
 
     @property
     def left_out(self) -> dict[tuple[str, str], str]:
@@ -194,7 +249,10 @@ class Session:
         if not self.config.getoption("vitspec_no_pairwise"):
             out = self.left_out
             checks += [
-                Check(a, c, b) for i, a in enumerate(names) for b in names[i + 1 :] for c in self.cases
+                Check(a, c, b)
+                for i, a in enumerate(names)
+                for b in names[i + 1 :]
+                for c in self.cases
                 if (a, c) not in out and (b, c) not in out
             ]
         return checks
@@ -203,7 +261,9 @@ class Session:
         from vitspec.conformance.report import header_lines
 
         lines = header_lines(self.report())
-        lines[0] += "; " + "; ".join(f"{k} atol {t.atol:g} rtol {t.rtol:g}" for k, t in self.tolerances.classes.items())
+        lines[0] += "; " + "; ".join(
+            f"{k} atol {t.atol:g} rtol {t.rtol:g}" for k, t in self.tolerances.classes.items()
+        )
         return lines
 
     # ---- running ------------------------------------------------------------------------------
@@ -214,7 +274,9 @@ class Session:
         if key not in self._outputs:
             from vitspec.conformance.check import check_backend
 
-            result, out = check_backend(backend, self.backends[backend].backend, self.cases[case], self.tolerances)
+            result, out = check_backend(
+                backend, self.backends[backend].backend, self.cases[case], self.tolerances
+            )
             self._outputs[key] = (out, result)
         return self._outputs[key]
 
@@ -258,7 +320,12 @@ class Session:
             pytest.fail(point_table(result), pytrace=False)
         stale = [e for e in self.expectations if e.covers(result)]
         for e in stale:
-            warnings.warn(ConformanceWarning(f"expectation {e.describe()} no longer matches: the check passes; remove the entry"), stacklevel=2)
+            warnings.warn(
+                ConformanceWarning(
+                    f"expectation {e.describe()} no longer matches: the check passes; remove the entry"
+                ),
+                stacklevel=2,
+            )
 
     def report(self) -> Any:
         from vitspec.conformance.suite import Report, tolerances_loosened
@@ -266,10 +333,19 @@ class Session:
         cases = list(self.cases.values())
         notes = [f"case {t}" for t in tolerances_loosened(cases, self.tolerances)]
         n_random = self.config.getoption("vitspec_random")
-        random = {"n": n_random, "seed": self.config.getoption("vitspec_seed")} if n_random else None
+        random = (
+            {"n": n_random, "seed": self.config.getoption("vitspec_seed")} if n_random else None
+        )
         return Report(
-            list(self.backends.values()), cases, self.results, self.tolerances, self.final_warnings(), notes,
-            seconds=time.perf_counter() - self.start, left_out=self.left_out, random=random,
+            list(self.backends.values()),
+            cases,
+            self.results,
+            self.tolerances,
+            self.final_warnings(),
+            notes,
+            seconds=time.perf_counter() - self.start,
+            left_out=self.left_out,
+            random=random,
         )
 
     def record_properties(self, record: Any) -> None:
@@ -289,13 +365,14 @@ class Session:
         known = [p.name for p in shipped_case_dirs()] + list(self.cases)
         return unmatched_expectations(self.expectations, self.results, self.used, known)
 
-
     # ---- hooks (this object is registered as a plugin while the suite is on) -------------------
 
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
         return self.header()
 
-    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+    def pytest_collection_modifyitems(
+        self, config: pytest.Config, items: list[pytest.Item]
+    ) -> None:
         if not config.pluginmanager.hasplugin("xdist"):
             return
         # With pytest-xdist (--dist loadgroup), all checks of a case share a worker: each backend
@@ -311,7 +388,11 @@ class Session:
             return
         if hasattr(report, "wasxfail"):
             now = "xfailed"
-        elif report.skipped and isinstance(report.longrepr, tuple) and UNSUPPORTED in str(report.longrepr[2]):
+        elif (
+            report.skipped
+            and isinstance(report.longrepr, tuple)
+            and UNSUPPORTED in str(report.longrepr[2])
+        ):
             now = "unsupported"
         elif report.skipped:
             now = "skipped"
@@ -350,7 +431,9 @@ class Session:
         if self.config.getoption("vitspec_markdown"):
             write_markdown(report, self.config.getoption("vitspec_markdown"))
 
-    def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    def pytest_terminal_summary(
+        self, terminalreporter: Any, exitstatus: int, config: pytest.Config
+    ) -> None:
         o, tr = self.outcomes, terminalreporter
         tr.write_sep("=", "vitspec conformance")
         tr.write_line(
@@ -358,9 +441,15 @@ class Session:
             f"{o['unsupported']} unsupported (not passes), {o['skipped']} skipped (not passes)"
         )
         if sum(o.values()) == 0:
-            tr.write_line("FAILED: no conformance check ran (zero cases collected, or all deselected)", red=True)
+            tr.write_line(
+                "FAILED: no conformance check ran (zero cases collected, or all deselected)",
+                red=True,
+            )
         elif sum(o.values()) == o["unsupported"]:
-            tr.write_line("FAILED: every conformance check is unsupported; a run that checks nothing proves nothing", red=True)
+            tr.write_line(
+                "FAILED: every conformance check is unsupported; a run that checks nothing proves nothing",
+                red=True,
+            )
         if self._left_out:
             from vitspec.conformance.report import left_out_lines
 
@@ -368,7 +457,10 @@ class Session:
             for line in left_out_lines(self.report()):
                 tr.write_line(f"  {line}")
         if o["skipped"]:
-            tr.write_line(f"FAILED: {o['skipped']} conformance check(s) skipped; a skip is not a pass", red=True)
+            tr.write_line(
+                f"FAILED: {o['skipped']} conformance check(s) skipped; a skip is not a pass",
+                red=True,
+            )
         for w in self.warnings:
             tr.write_line(f"warning: {w}", yellow=True)
         for opt in ("vitspec_report", "vitspec_markdown"):
@@ -386,8 +478,12 @@ def _session(config: pytest.Config) -> Session | None:
 
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("vitspec_backend", None):
-        parallel = config.pluginmanager.hasplugin("xdist") and config.getoption("numprocesses", None)
-        if parallel and (config.getoption("vitspec_report") or config.getoption("vitspec_markdown")):
+        parallel = config.pluginmanager.hasplugin("xdist") and config.getoption(
+            "numprocesses", None
+        )
+        if parallel and (
+            config.getoption("vitspec_report") or config.getoption("vitspec_markdown")
+        ):
             raise pytest.UsageError(
                 "--vitspec-report and --vitspec-markdown need one process (results live in xdist's workers); "
                 "drop -n, or use --junitxml, or `vitspec conformance --report`"
@@ -408,13 +504,20 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         )
     checks = s.checks()
     if not checks:
-        raise pytest.UsageError("vitspec conformance collected zero cases; a run that checks nothing proves nothing")
+        raise pytest.UsageError(
+            "vitspec conformance collected zero cases; a run that checks nothing proves nothing"
+        )
     from vitspec.conformance.case import shipped_case_dirs
 
     known = set(s.cases) | {p.name for p in shipped_case_dirs()}
     for e in s.expectations:
         if e.case not in known:
-            warnings.warn(ConformanceWarning(f"expectation {e.describe()} names no known case; remove or fix the entry"), stacklevel=1)
+            warnings.warn(
+                ConformanceWarning(
+                    f"expectation {e.describe()} names no known case; remove or fix the entry"
+                ),
+                stacklevel=1,
+            )
     metafunc.parametrize("vitspec_check", checks, ids=[c.id for c in checks])
 
 

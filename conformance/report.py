@@ -40,19 +40,34 @@ def _pct(x: float | None) -> str:
 # ---- plain text ---------------------------------------------------------------------------------
 
 
-def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
+def format_table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()
+) -> str:
     """Columns padded to their widest cell; ``right`` lists right-aligned columns."""
     cols = list(zip(header, *rows, strict=True)) if rows else [(h,) for h in header]
     widths = [max(len(str(c)) for c in col) for col in cols]
 
     def line(cells: Sequence[str]) -> str:
-        out = [str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        out = [
+            str(c).rjust(w) if i in right else str(c).ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
         return "  ".join(out).rstrip()
 
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
-POINT_HEADER = ("capture point", "shape", "status", "max abs err", "at", "max rel err", "at", "worst/allowed", "tolerance")
+POINT_HEADER = (
+    "capture point",
+    "shape",
+    "status",
+    "max abs err",
+    "at",
+    "max rel err",
+    "at",
+    "worst/allowed",
+    "tolerance",
+)
 
 
 def point_rows(result: CaseCheck) -> list[tuple[str, ...]]:
@@ -60,8 +75,24 @@ def point_rows(result: CaseCheck) -> list[tuple[str, ...]]:
     rows: list[tuple[str, ...]] = []
     for p in result.points:
         status = p.status + (f" {FIRST}" if p.name == first else "")
-        tol = f"{p.tolerance.dtype_class} {p.tolerance.atol:g}+{p.tolerance.rtol:g}|x|" if p.tolerance else "-"
-        rows.append((p.name, _shape(p.shape), status, _e(p.max_abs), _idx(p.max_abs_index), _e(p.max_rel), _idx(p.max_rel_index), _pct(p.worst_ratio), tol))
+        tol = (
+            f"{p.tolerance.dtype_class} {p.tolerance.atol:g}+{p.tolerance.rtol:g}|x|"
+            if p.tolerance
+            else "-"
+        )
+        rows.append(
+            (
+                p.name,
+                _shape(p.shape),
+                status,
+                _e(p.max_abs),
+                _idx(p.max_abs_index),
+                _e(p.max_rel),
+                _idx(p.max_rel_index),
+                _pct(p.worst_ratio),
+                tol,
+            )
+        )
     return rows
 
 
@@ -127,7 +158,11 @@ def matrix(report: Report, pairwise: bool = False) -> tuple[list[str], list[list
 
     def at(case: str, label: str) -> str:
         ran = {r.label for r in results if r.case == case}
-        if pairwise and label not in ran and any((name, case) in report.left_out for name in label.split("~")):
+        if (
+            pairwise
+            and label not in ran
+            and any((name, case) in report.left_out for name in label.split("~"))
+        ):
             return LEFT_OUT
         return cell(by.get((case, label)))
 
@@ -137,7 +172,12 @@ def matrix(report: Report, pairwise: bool = False) -> tuple[list[str], list[list
 
 def counts_line(report: Report) -> str:
     c = report.counts
-    parts = [f"{c['checks']} checks", f"{c['pass']} passed", f"{c['fail']} failed", f"{c['error']} errors"]
+    parts = [
+        f"{c['checks']} checks",
+        f"{c['pass']} passed",
+        f"{c['fail']} failed",
+        f"{c['error']} errors",
+    ]
     if c["xfail"]:
         parts.append(f"{c['xfail']} known failures (not passes)")
     if c["unsupported"]:
@@ -168,14 +208,21 @@ def header_lines(report: Report) -> list[str]:
 
 def left_out_lines(report: Report) -> list[str]:
     """One line per (backend, case) left out of its pairs."""
-    return [f"{case}: {backend} left out of its pairs: {why}" for (backend, case), why in report.left_out.items()]
+    return [
+        f"{case}: {backend} left out of its pairs: {why}"
+        for (backend, case), why in report.left_out.items()
+    ]
 
 
 def text_report(report: Report) -> str:
     """The terminal report in plain text: matrices, details of each failure, warnings, the verdict."""
     out = header_lines(report)
     header, rows = matrix(report)
-    out += ["", "against the float64 reference (ok N% = the worst element used N% of its tolerance):", format_table(header, rows)]
+    out += [
+        "",
+        "against the float64 reference (ok N% = the worst element used N% of its tolerance):",
+        format_table(header, rows),
+    ]
     header, rows = matrix(report, pairwise=True)
     if len(header) > 1:
         out += ["", "pairwise:", format_table(header, rows)]
@@ -188,9 +235,16 @@ def text_report(report: Report) -> str:
     known = [r for r in report.results if r.status == "xfail"]
     if known:
         out += ["", "known failures (listed in an expectations file; not passes):"]
-        out += [f"  {r.label} on {r.case}: {r.expected_failure} [{r.first_divergent or r.error_type or 'raised'}]" for r in known]
+        out += [
+            f"  {r.label} on {r.case}: {r.expected_failure} [{r.first_divergent or r.error_type or 'raised'}]"
+            for r in known
+        ]
     if report.left_out:
-        out += ["", "left out of the pairwise checks:", *(f"  {line}" for line in left_out_lines(report))]
+        out += [
+            "",
+            "left out of the pairwise checks:",
+            *(f"  {line}" for line in left_out_lines(report)),
+        ]
     out += [f"note: loosened tolerance: {n}" for n in report.notes]
     out += [f"warning: {w}" for w in report.warnings]
     out += ["", counts_line(report)]
@@ -233,26 +287,57 @@ def to_junit(report: Report) -> str:
         }
         for k in totals:
             totals[k] += counts[k]
-        attrs = {"name": label, "time": f"{sum(r.seconds for r in results):.3f}", **{k: str(v) for k, v in counts.items()}}
+        attrs = {
+            "name": label,
+            "time": f"{sum(r.seconds for r in results):.3f}",
+            **{k: str(v) for k, v in counts.items()},
+        }
         suite = ET.SubElement(root, "testsuite", attrs)
         props = ET.SubElement(suite, "properties")
         backends = [info[name] for name in label.split("~") if name in info]
         for name, value in junit_properties(report, backends):
             ET.SubElement(props, "property", name=name, value=value)
-        ET.SubElement(props, "property", name="vitspec.known_failures", value=str(sum(r.status == "xfail" for r in results)))
-        ET.SubElement(props, "property", name="vitspec.unsupported", value=str(sum(r.status == "unsupported" for r in results)))
+        ET.SubElement(
+            props,
+            "property",
+            name="vitspec.known_failures",
+            value=str(sum(r.status == "xfail" for r in results)),
+        )
+        ET.SubElement(
+            props,
+            "property",
+            name="vitspec.unsupported",
+            value=str(sum(r.status == "unsupported" for r in results)),
+        )
         for r in results:
-            tc = ET.SubElement(suite, "testcase", classname=f"vitspec.conformance.{label}", name=r.case, time=f"{r.seconds:.3f}")
+            tc = ET.SubElement(
+                suite,
+                "testcase",
+                classname=f"vitspec.conformance.{label}",
+                name=r.case,
+                time=f"{r.seconds:.3f}",
+            )
             if r.status == "pass":
                 continue
             if r.status == "unsupported":
-                ET.SubElement(tc, "skipped", type="unsupported", message=f"unsupported: {r.unsupported}")
+                ET.SubElement(
+                    tc, "skipped", type="unsupported", message=f"unsupported: {r.unsupported}"
+                )
             elif r.status == "xfail":
-                ET.SubElement(tc, "skipped", type="known failure", message=f"known failure: {r.expected_failure}").text = point_table(r)
+                ET.SubElement(
+                    tc,
+                    "skipped",
+                    type="known failure",
+                    message=f"known failure: {r.expected_failure}",
+                ).text = point_table(r)
             elif r.status == "error":
-                ET.SubElement(tc, "error", message=r.summary(), type="backend error").text = point_table(r)
+                ET.SubElement(
+                    tc, "error", message=r.summary(), type="backend error"
+                ).text = point_table(r)
             else:
-                ET.SubElement(tc, "failure", message=r.summary(), type="divergence").text = point_table(r)
+                ET.SubElement(
+                    tc, "failure", message=r.summary(), type="divergence"
+                ).text = point_table(r)
     for k, v in totals.items():
         root.set(k, str(v))
     root.set("time", f"{report.seconds:.3f}")
@@ -266,7 +351,10 @@ def junit_properties(report: Report, backends: Sequence[BackendUnderTest]) -> li
     from vitspec import __version__
 
     version = report.corpus_version
-    out = [("vitspec.version", __version__), ("vitspec.corpus_version", "-" if version is None else str(version))]
+    out = [
+        ("vitspec.version", __version__),
+        ("vitspec.corpus_version", "-" if version is None else str(version)),
+    ]
     for b in backends:
         out.append((f"{b.name}.version", b.version or f"not loaded: {b.load_error}"))
         if b.target:
@@ -312,9 +400,15 @@ def to_markdown(report: Report) -> str:
         "",
         f"vitspec {__version__}"
         + (f"; corpus version {report.corpus_version}" if report.corpus_version is not None else "")
-        + (f"; {report.random['n']} random case(s), seed {report.random['seed']}" if report.random else "")
+        + (
+            f"; {report.random['n']} random case(s), seed {report.random['seed']}"
+            if report.random
+            else ""
+        )
         + f"; tolerances from `{Path(report.tolerances.path).name}`: "
-        + "; ".join(f"{k} atol {t.atol:g} rtol {t.rtol:g}" for k, t in report.tolerances.classes.items())
+        + "; ".join(
+            f"{k} atol {t.atol:g} rtol {t.rtol:g}" for k, t in report.tolerances.classes.items()
+        )
         + f"; pairwise x{report.tolerances.pairwise_factor:g}.",
         "",
         "| backend | version | environment |",
@@ -322,9 +416,13 @@ def to_markdown(report: Report) -> str:
     ]
     for b in report.backends:
         env = ", ".join(f"`{k}={v}`" for k, v in b.environment.items()) or "-"
-        out.append(f"| {b.name} | {b.version or 'not loaded: ' + _md(b.load_error or '')} | {env} |")
+        out.append(
+            f"| {b.name} | {b.version or 'not loaded: ' + _md(b.load_error or '')} | {env} |"
+        )
     out += [
-        "", "## Matrix", "",
+        "",
+        "## Matrix",
+        "",
         "`ok N%`: the worst element used N% of its tolerance. `FAIL p`: p is the first divergent capture point. "
         "`xfail p`: a known failure (not a pass). `unsupported`: the backend declares it cannot build the spec (not a pass). "
         "`left out`: not compared pairwise (said below). `*`: the case loosens a tolerance.",
@@ -340,8 +438,12 @@ def to_markdown(report: Report) -> str:
         results = [r for r in report.results if r.case == case.name]
         labels = [r.label for r in results]
         failing = any(r.status not in ("pass", "unsupported") for r in results)
-        out += [f"<details{' open' if failing else ''}><summary><code>{case.name}</code>: "
-                + ", ".join(f"{r.label} {r.status}" for r in results) + "</summary>", ""]
+        out += [
+            f"<details{' open' if failing else ''}><summary><code>{case.name}</code>: "
+            + ", ".join(f"{r.label} {r.status}" for r in results)
+            + "</summary>",
+            "",
+        ]
         rows = []
         for point in case.points:
             cells = []
@@ -363,8 +465,16 @@ def to_markdown(report: Report) -> str:
         out.append(f"- ⚠️ {_md(w)}")
     if c["xfail"] or c["unsupported"] or report.left_out:
         out.append("")
-    out += [f"- known failure: {r.label} on {r.case}: {_md(r.expected_failure or '')}" for r in report.results if r.status == "xfail"]
-    out += [f"- unsupported: {r.label} on {r.case}: {_md(r.unsupported or '')}" for r in report.results if r.status == "unsupported"]
+    out += [
+        f"- known failure: {r.label} on {r.case}: {_md(r.expected_failure or '')}"
+        for r in report.results
+        if r.status == "xfail"
+    ]
+    out += [
+        f"- unsupported: {r.label} on {r.case}: {_md(r.unsupported or '')}"
+        for r in report.results
+        if r.status == "unsupported"
+    ]
     out += [f"- left out of pairs: {_md(line)}" for line in left_out_lines(report)]
     return "\n".join(out).rstrip() + "\n"
 

@@ -37,10 +37,24 @@ REPORT_FORMAT = "vitspec.conformance.report/1"
 
 # Environment variables that change numbers or threads, reported with each run: for every
 # backend, and (names or prefixes ending in "_") for one framework.
-COMMON_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "NVIDIA_TF32_OVERRIDE")
+COMMON_ENV = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "CUDA_VISIBLE_DEVICES",
+    "NVIDIA_TF32_OVERRIDE",
+)
 FRAMEWORK_ENV = {
     "torch": ("TORCH_", "CUBLAS_WORKSPACE_CONFIG"),
-    "tensorflow": ("TF_ENABLE_ONEDNN_OPTS", "TF_DETERMINISTIC_OPS", "TF_XLA_FLAGS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "XLA_FLAGS", "KERAS_BACKEND"),
+    "tensorflow": (
+        "TF_ENABLE_ONEDNN_OPTS",
+        "TF_DETERMINISTIC_OPS",
+        "TF_XLA_FLAGS",
+        "TF_NUM_INTRAOP_THREADS",
+        "TF_NUM_INTEROP_THREADS",
+        "XLA_FLAGS",
+        "KERAS_BACKEND",
+    ),
     "jax": ("JAX_", "XLA_FLAGS"),
 }
 
@@ -84,7 +98,9 @@ def expand_backend_names(names: Iterable[str]) -> list[str]:
     known = registered()
     unknown = [n for n in names if n != "all" and n not in known]
     if unknown:
-        raise BackendError(f"no backend named {unknown[0]!r}; registered backends: {', '.join(known) or 'none'}")
+        raise BackendError(
+            f"no backend named {unknown[0]!r}; registered backends: {', '.join(known) or 'none'}"
+        )
     out: list[str] = []
     for name in names:
         for n in resolve(["all"]) if name == "all" else [name]:
@@ -97,7 +113,11 @@ def load_backend(spec: str | Any) -> BackendUnderTest:
     """A backend by registered name, or a backend object; a load failure is recorded, not raised."""
     if not isinstance(spec, str):
         return BackendUnderTest(
-            str(spec.name), spec, str(spec.version), f"{type(spec).__module__}.{type(spec).__qualname__}", environment(spec)
+            str(spec.name),
+            spec,
+            str(spec.version),
+            f"{type(spec).__module__}.{type(spec).__qualname__}",
+            environment(spec),
         )
     from vitspec.backends import _entry_points, get_backend
 
@@ -106,7 +126,9 @@ def load_backend(spec: str | Any) -> BackendUnderTest:
     try:
         backend = get_backend(spec)
     except BackendError as exc:
-        return BackendUnderTest(spec, target=target, load_error=str(exc), environment=environment(None, spec))
+        return BackendUnderTest(
+            spec, target=target, load_error=str(exc), environment=environment(None, spec)
+        )
     return BackendUnderTest(spec, backend, str(backend.version), target, environment(backend))
 
 
@@ -118,7 +140,8 @@ def environment(backend: Any, name: str | None = None) -> dict[str, str]:
     name = name or str(getattr(backend, "name", ""))
     wanted = (*COMMON_ENV, *FRAMEWORK_ENV.get(name, ()))
     env = {
-        k: v for k, v in sorted(os.environ.items())
+        k: v
+        for k, v in sorted(os.environ.items())
         if any(k.startswith(w) if w.endswith("_") else k == w for w in wanted)
     }
     probe = _PROBES.get(name)
@@ -162,7 +185,11 @@ def _jax_env(jax: Any) -> dict[str, str]:
     }
 
 
-_PROBES: dict[str, Callable[[Any], dict[str, str]]] = {"torch": _torch_env, "tensorflow": _tf_env, "jax": _jax_env}
+_PROBES: dict[str, Callable[[Any], dict[str, str]]] = {
+    "torch": _torch_env,
+    "tensorflow": _tf_env,
+    "jax": _jax_env,
+}
 
 
 # ---- expectations -------------------------------------------------------------------------------
@@ -206,7 +233,7 @@ class Expectation:
                 raised = result.error_type or "an error"
                 return (
                     f"listed as a numeric divergence ({self.source}) but the check raised {raised}; "
-                    f"an entry for an exception names its type: \"raises\": \"{raised}\""
+                    f'an entry for an exception names its type: "raises": "{raised}"'
                 )
             if result.error_type != self.raises:
                 return f"expected to raise {self.raises} ({self.source}) but raised {result.error_type or result.error}"
@@ -245,19 +272,35 @@ def load_expectations(path: str | Path) -> list[Expectation]:
             raise ExpectationsError(f"{where}: needs 'case' (a case name)")
         reason = entry.get("reason")
         if not isinstance(reason, str) or not reason.strip():
-            raise ExpectationsError(f"{where}: needs a 'reason' (a known failure without a reason is not allowed)")
+            raise ExpectationsError(
+                f"{where}: needs a 'reason' (a known failure without a reason is not allowed)"
+            )
         unknown = set(entry) - {"case", "reason", "against", "first_divergent", "raises"}
         if unknown:
             raise ExpectationsError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
         raises = entry.get("raises")
         if raises is not None and (not isinstance(raises, str) or not raises.isidentifier()):
-            raise ExpectationsError(f"{where}: 'raises' must be an exception's class name such as \"NotImplementedError\", found {raises!r}")
+            raise ExpectationsError(
+                f"{where}: 'raises' must be an exception's class name such as \"NotImplementedError\", found {raises!r}"
+            )
         if raises is not None and entry.get("first_divergent") is not None:
-            raise ExpectationsError(f"{where}: an entry lists either a raise ('raises') or a numeric divergence ('first_divergent'), not both")
+            raise ExpectationsError(
+                f"{where}: an entry lists either a raise ('raises') or a numeric divergence ('first_divergent'), not both"
+            )
         if raises is not None and entry.get("against", "reference") != "reference":
-            raise ExpectationsError(f"{where}: 'raises' lists a failure against the reference; a pair never raises (a case listed as raising is left out of its pairs)")
+            raise ExpectationsError(
+                f"{where}: 'raises' lists a failure against the reference; a pair never raises (a case listed as raising is left out of its pairs)"
+            )
         out.append(
-            Expectation(backend, entry["case"], reason, entry.get("against", "reference"), entry.get("first_divergent"), path.name, raises)
+            Expectation(
+                backend,
+                entry["case"],
+                reason,
+                entry.get("against", "reference"),
+                entry.get("first_divergent"),
+                path.name,
+                raises,
+            )
         )
     return out
 
@@ -283,7 +326,10 @@ def expectation_for(result: CaseCheck, expectations: Sequence[Expectation]) -> E
 
 
 def unmatched_expectations(
-    expectations: Sequence[Expectation], results: Sequence[CaseCheck], used: Iterable[Expectation], known_cases: Iterable[str] = ()
+    expectations: Sequence[Expectation],
+    results: Sequence[CaseCheck],
+    used: Iterable[Expectation],
+    known_cases: Iterable[str] = (),
 ) -> list[str]:
     """A warning for every entry that listed no failure of this run (stale or misspelt entries)."""
     used = set(used)
@@ -295,16 +341,26 @@ def unmatched_expectations(
             continue
         covered = [r for r in results if exp.covers(r)]
         if covered and all(r.unsupported is not None for r in covered):
-            out.append(f"expectation {exp.describe()} lists a check the backend declares unsupported; remove the entry")
+            out.append(
+                f"expectation {exp.describe()} lists a check the backend declares unsupported; remove the entry"
+            )
         elif covered:
-            how = "passes now" if all(r.passed or r.unsupported is not None for r in covered) else "fails differently"
-            out.append(f"expectation {exp.describe()} no longer matches: the check {how}; update or remove the entry")
+            how = (
+                "passes now"
+                if all(r.passed or r.unsupported is not None for r in covered)
+                else "fails differently"
+            )
+            out.append(
+                f"expectation {exp.describe()} no longer matches: the check {how}; update or remove the entry"
+            )
         elif exp.case not in known:
             out.append(f"expectation {exp.describe()} names no known case; remove or fix the entry")
     return out
 
 
-def mark_expected(results: Iterable[CaseCheck], expectations: Sequence[Expectation]) -> list[Expectation]:
+def mark_expected(
+    results: Iterable[CaseCheck], expectations: Sequence[Expectation]
+) -> list[Expectation]:
     """Mark listed failures as expected (xfail); return the entries that matched."""
     used = []
     for r in results:
@@ -359,12 +415,21 @@ class Report:
     warnings: list[str] = field(default_factory=list)  # expectations that match nothing: fix them
     notes: list[str] = field(default_factory=list)  # cases that loosen a tolerance, on purpose
     seconds: float = 0.0
-    left_out: dict[tuple[str, str], str] = field(default_factory=dict)  # (backend, case) -> why it sits out the pairs
+    left_out: dict[tuple[str, str], str] = field(
+        default_factory=dict
+    )  # (backend, case) -> why it sits out the pairs
     random: dict[str, int] | None = None  # {"n", "seed"} when the run drew random cases
 
     @property
     def counts(self) -> dict[str, int]:
-        counts = {"checks": len(self.results), "pass": 0, "fail": 0, "error": 0, "xfail": 0, "unsupported": 0}
+        counts = {
+            "checks": len(self.results),
+            "pass": 0,
+            "fail": 0,
+            "error": 0,
+            "xfail": 0,
+            "unsupported": 0,
+        }
         for r in self.results:
             counts[r.status] += 1
         counts["backends_not_loaded"] = sum(b.load_error is not None for b in self.backends)
@@ -413,7 +478,9 @@ class Report:
             "tolerances": self.tolerances.to_dict(),
             "warnings": list(self.warnings),
             "loosened": list(self.notes),
-            "left_out_of_pairs": [{"backend": b, "case": c, "reason": why} for (b, c), why in self.left_out.items()],
+            "left_out_of_pairs": [
+                {"backend": b, "case": c, "reason": why} for (b, c), why in self.left_out.items()
+            ],
             "results": [r.to_dict() for r in self.results],
         }
 
@@ -444,19 +511,26 @@ def run_suite(
         tolerances.for_case(case.name, case.tolerance_entries)
     loaded = [load_backend(b) for b in backends]
     if expectations is None:
-        expectations = [e for b in loaded if (p := shipped_expectations(b.name)) for e in load_expectations(p)]
+        expectations = [
+            e for b in loaded if (p := shipped_expectations(b.name)) for e in load_expectations(p)
+        ]
     results: list[CaseCheck] = []
     outputs: dict[tuple[str, str], dict[str, np.ndarray] | None] = {}
     for b in loaded:
         if b.load_error is not None:
             if progress:
                 progress(f"{b.name}: not loaded: {b.load_error}")
-            results += [CaseCheck(c.name, b.name, error=f"backend not loaded: {b.load_error}") for c in cases]
+            results += [
+                CaseCheck(c.name, b.name, error=f"backend not loaded: {b.load_error}")
+                for c in cases
+            ]
             continue
         if progress:
             progress(f"{b.name} {b.version}: {len(cases)} case(s)")
         for case in cases:
-            result, outputs[(b.name, case.name)] = check_backend(b.name, b.backend, case, tolerances)
+            result, outputs[(b.name, case.name)] = check_backend(
+                b.name, b.backend, case, tolerances
+            )
             results.append(result)
     left_out: dict[tuple[str, str], str] = {}
     if pairwise:
@@ -470,11 +544,29 @@ def run_suite(
             for case in cases:
                 if (a.name, case.name) in left_out or (b.name, case.name) in left_out:
                     continue
-                results.append(check_pair(case, a.name, outputs[(a.name, case.name)], b.name, outputs[(b.name, case.name)], tolerances))
+                results.append(
+                    check_pair(
+                        case,
+                        a.name,
+                        outputs[(a.name, case.name)],
+                        b.name,
+                        outputs[(b.name, case.name)],
+                        tolerances,
+                    )
+                )
     known = [p.name for p in shipped_case_dirs(CASES_DIR)]
     warnings = apply_expectations(results, expectations, known)
     notes = [f"case {t}" for t in tolerances_loosened(cases, tolerances)]
-    return Report(loaded, list(cases), results, tolerances, warnings, notes, time.perf_counter() - start, left_out)
+    return Report(
+        loaded,
+        list(cases),
+        results,
+        tolerances,
+        warnings,
+        notes,
+        time.perf_counter() - start,
+        left_out,
+    )
 
 
 def check_unique_names(cases: Sequence[Case]) -> None:
@@ -482,7 +574,9 @@ def check_unique_names(cases: Sequence[Case]) -> None:
     seen: dict[str, str] = {}
     for c in cases:
         if c.name in seen:
-            raise CaseError(f"two cases are named {c.name!r} ({seen[c.name]} and {c.where}); rename one")
+            raise CaseError(
+                f"two cases are named {c.name!r} ({seen[c.name]} and {c.where}); rename one"
+            )
         seen[c.name] = c.where
 
 

@@ -42,7 +42,12 @@ class Tolerance:
         return self.atol + self.rtol * scale
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"atol": self.atol, "rtol": self.rtol, "reason": self.reason, "source": self.source}
+        out: dict[str, Any] = {
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "reason": self.reason,
+            "source": self.source,
+        }
         if self.loosened:
             out["loosens"] = True
         return out
@@ -70,7 +75,13 @@ class Tolerances:
     def pairwise(self, a: np.dtype | str, b: np.dtype | str) -> Tolerance:
         """Tolerance between two backends: ``factor`` times the coarser of their classes."""
         ta, tb = self.for_dtype(a), self.for_dtype(b)
-        coarse = max(ta, tb, key=lambda t: CLASSES.index(t.dtype_class) if t.dtype_class in CLASSES else len(CLASSES))
+        coarse = max(
+            ta,
+            tb,
+            key=lambda t: (
+                CLASSES.index(t.dtype_class) if t.dtype_class in CLASSES else len(CLASSES)
+            ),
+        )
         f = self.pairwise_factor
         return replace(
             coarse,
@@ -90,9 +101,15 @@ class Tolerances:
             where = f"case {case_name!r}: tolerance {name}"
             base = self.classes.get(name)
             if base is None:
-                raise ToleranceError(f"{where}: unknown dtype class; {self.path} has {', '.join(self.classes)}")
+                raise ToleranceError(
+                    f"{where}: unknown dtype class; {self.path} has {', '.join(self.classes)}"
+                )
             atol, rtol, reason = _entry(entry, where)
-            looser = [f"{k} {v:g} > {b:g}" for k, v, b in (("atol", atol, base.atol), ("rtol", rtol, base.rtol)) if v > b]
+            looser = [
+                f"{k} {v:g} > {b:g}"
+                for k, v, b in (("atol", atol, base.atol), ("rtol", rtol, base.rtol))
+                if v > b
+            ]
             marked = entry.get("loosens") is True
             if looser and not marked:
                 raise ToleranceError(
@@ -101,7 +118,9 @@ class Tolerances:
                 )
             if not looser and (atol, rtol) == (base.atol, base.rtol):
                 continue  # the same numbers as the file: the file's entry (and reason) is in force
-            classes[name] = Tolerance(name, atol, rtol, reason, source=f"case {case_name}", loosened=bool(looser))
+            classes[name] = Tolerance(
+                name, atol, rtol, reason, source=f"case {case_name}", loosened=bool(looser)
+            )
             if looser:
                 loosened.append(f"{case_name} ({name}: {', '.join(looser)}: {reason})")
         return replace(self, classes=classes, loosened_by=tuple(loosened))
@@ -122,16 +141,26 @@ def dtype_class(dtype: np.dtype | str) -> str:
 
 def _entry(entry: Any, where: str) -> tuple[float, float, str]:
     if not isinstance(entry, dict):
-        raise ToleranceError(f"{where}: expected an object with atol, rtol and reason, found {type(entry).__name__}")
+        raise ToleranceError(
+            f"{where}: expected an object with atol, rtol and reason, found {type(entry).__name__}"
+        )
     missing = [k for k in ("atol", "rtol", "reason") if k not in entry]
     if missing:
-        raise ToleranceError(f"{where}: missing {', '.join(missing)} (every tolerance states atol, rtol and its reason)")
+        raise ToleranceError(
+            f"{where}: missing {', '.join(missing)} (every tolerance states atol, rtol and its reason)"
+        )
     atol, rtol, reason = entry["atol"], entry["rtol"], entry["reason"]
     for key, value in (("atol", atol), ("rtol", rtol)):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not (0 <= value < float("inf")):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not (0 <= value < float("inf"))
+        ):
             raise ToleranceError(f"{where}: {key} must be a finite number >= 0, found {value!r}")
     if atol == 0 and rtol == 0:
-        raise ToleranceError(f"{where}: atol and rtol are both 0; use a small atol to ask for near-exact results")
+        raise ToleranceError(
+            f"{where}: atol and rtol are both 0; use a small atol to ask for near-exact results"
+        )
     if not isinstance(reason, str) or not reason.strip():
         raise ToleranceError(f"{where}: reason must be a non-empty string saying why these numbers")
     return float(atol), float(rtol), reason
@@ -151,13 +180,19 @@ def load_tolerances(path: str | Path | None = None) -> Tolerances:
         raise ToleranceError(f"{path}: expected format {FORMAT!r}, found {found!r}")
     raw = data.get("classes")
     if not isinstance(raw, dict) or not raw:
-        raise ToleranceError(f"{path}: 'classes' must map dtype classes (float32, ...) to tolerances")
+        raise ToleranceError(
+            f"{path}: 'classes' must map dtype classes (float32, ...) to tolerances"
+        )
     classes = {}
     for name, entry in raw.items():
         atol, rtol, reason = _entry(entry, f"{path}: {name}")
         classes[name] = Tolerance(name, atol, rtol, reason, source=path.name)
     pair = data.get("pairwise")
-    if not isinstance(pair, dict) or not isinstance(pair.get("factor"), int | float) or pair["factor"] < 1:
+    if (
+        not isinstance(pair, dict)
+        or not isinstance(pair.get("factor"), int | float)
+        or pair["factor"] < 1
+    ):
         raise ToleranceError(f"{path}: 'pairwise' must hold a factor >= 1 and its reason")
     if not isinstance(pair.get("reason"), str) or not pair["reason"].strip():
         raise ToleranceError(f"{path}: 'pairwise' needs a reason")

@@ -43,7 +43,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     skipped = reporter.stats.get("skipped", []) if reporter is not None else []
     if skipped:
-        reporter.write_line(f"VITSPEC_REQUIRE_ALL=1: {len(skipped)} test(s) skipped; a full install skips none", red=True)
+        reporter.write_line(
+            f"VITSPEC_REQUIRE_ALL=1: {len(skipped)} test(s) skipped; a full install skips none",
+            red=True,
+        )
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
@@ -51,10 +54,21 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 # (pip install -e '.[test-core]'), a test that needs one of these is skipped, saying which;
 # a full install (make test) has them all, and VITSPEC_REQUIRE_ALL=1 turns any skip into a failure.
 OPTIONAL = {
-    "torch": "torch", "tensorflow": "tensorflow", "keras": "tensorflow", "h5py": "tensorflow",
-    "jax": "jax", "jaxlib": "jax", "flax": "jax", "ml_dtypes": "jax",
-    "timm": "test", "torchvision": "test", "transformers": "test", "keras_hub": "test",
-    "setuptools": "test-core", "build": "test-core", "wheel": "test-core",
+    "torch": "torch",
+    "tensorflow": "tensorflow",
+    "keras": "tensorflow",
+    "h5py": "tensorflow",
+    "jax": "jax",
+    "jaxlib": "jax",
+    "flax": "jax",
+    "ml_dtypes": "jax",
+    "timm": "test",
+    "torchvision": "test",
+    "transformers": "test",
+    "keras_hub": "test",
+    "setuptools": "test-core",
+    "build": "test-core",
+    "wheel": "test-core",
 }
 
 
@@ -80,7 +94,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     missing = _missing_module(call.excinfo.value)
     if missing is not None:
         report.outcome = "skipped"
-        reason = f"needs {missing}, which is not installed (pip install -e '.[{OPTIONAL[missing]}]')"
+        reason = (
+            f"needs {missing}, which is not installed (pip install -e '.[{OPTIONAL[missing]}]')"
+        )
         report.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: {reason}")
 
 
@@ -95,8 +111,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         wanted = {m for marker in item.iter_markers("needs") for m in marker.args}
         callspec = getattr(item, "callspec", None)
         if callspec is not None:
-            wanted |= {BACKEND_FRAMEWORK[v] for v in callspec.params.values() if isinstance(v, str) and v in BACKEND_FRAMEWORK}
+            wanted |= {
+                BACKEND_FRAMEWORK[v]
+                for v in callspec.params.values()
+                if isinstance(v, str) and v in BACKEND_FRAMEWORK
+            }
         missing = sorted(m for m in wanted if importlib.util.find_spec(m) is None)
         if missing:
             extras = sorted({OPTIONAL.get(m, m) for m in missing})
-            item.add_marker(pytest.mark.skip(reason=f"needs {', '.join(missing)}, not installed (pip install -e '.[{','.join(extras)}]')"))
+            item.add_marker(
+                pytest.mark.skip(
+                    reason=f"needs {', '.join(missing)}, not installed (pip install -e '.[{','.join(extras)}]')"
+                )
+            )

@@ -38,7 +38,11 @@ def artifact_backend(request: pytest.FixtureRequest) -> vitspec.backends.Backend
 
 
 def _images(spec: vitspec.Spec, batch: int, seed: int = 1) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((batch, *spec.image_size, spec.in_channels)).astype(np.float32)
+    return (
+        np.random.default_rng(seed)
+        .standard_normal((batch, *spec.image_size, spec.in_channels))
+        .astype(np.float32)
+    )
 
 
 def test_identity(backend) -> None:
@@ -59,7 +63,9 @@ def test_every_family_matches_reference_at_every_capture_point(backend, name: st
     for point in capture_points(spec):
         assert got[point].shape == shapes[point], point
         assert got[point].dtype == np.float32, point
-        assert rel_err(got[point], ref[point]) <= TOL, f"{point}: {rel_err(got[point], ref[point]):.2e}"
+        assert rel_err(got[point], ref[point]) <= TOL, (
+            f"{point}: {rel_err(got[point], ref[point]):.2e}"
+        )
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -95,13 +101,26 @@ def test_tutorial_shapes(backend) -> None:
 
 _ROUNDTRIP_SPECS = [
     *(family(n) for n in FAMILIES),
-    vitspec.Spec(image_size=16, patch_size=4, hidden_dim=12, n_heads=3, depth=1, n_classes=3, mlp_ratio=2.5),
-    vitspec.Spec(image_size=[8, 12], patch_size=[4, 2], hidden_dim=16, n_heads=1, depth=3, n_classes=0,
-                 in_channels=5, qkv_bias=False, pre_logits_dim=6),
+    vitspec.Spec(
+        image_size=16, patch_size=4, hidden_dim=12, n_heads=3, depth=1, n_classes=3, mlp_ratio=2.5
+    ),
+    vitspec.Spec(
+        image_size=[8, 12],
+        patch_size=[4, 2],
+        hidden_dim=16,
+        n_heads=1,
+        depth=3,
+        n_classes=0,
+        in_channels=5,
+        qkv_bias=False,
+        pre_logits_dim=6,
+    ),
 ]
 
 
-@pytest.mark.parametrize("spec", _ROUNDTRIP_SPECS, ids=lambda s: f"{s.hidden_dim}d{s.depth}x{s.n_heads}h")
+@pytest.mark.parametrize(
+    "spec", _ROUNDTRIP_SPECS, ids=lambda s: f"{s.hidden_dim}d{s.depth}x{s.n_heads}h"
+)
 def test_export_of_load_is_bit_exact(backend, spec: vitspec.Spec) -> None:
     weights = vitspec.init_weights(spec, seed=11, scheme="random")
     exported = backend.export(backend.build(spec, weights))
@@ -140,7 +159,12 @@ def test_load_replaces_weights(backend) -> None:
     new = vitspec.init_weights(spec, seed=9, scheme="random")
     backend.load(model, new)
     images = _images(spec, 2)
-    assert rel_err(backend.forward(model, images)["output"], reference.forward(spec, new, images)["output"]) <= TOL
+    assert (
+        rel_err(
+            backend.forward(model, images)["output"], reference.forward(spec, new, images)["output"]
+        )
+        <= TOL
+    )
 
 
 def _raised(call, *args) -> Exception:
@@ -155,13 +179,31 @@ def test_captures_come_in_forward_order_whatever_the_request_order(backend) -> N
     model = backend.build(spec)
     images = _images(spec, 2)
     points = capture_points(spec)
-    requested = ["output", "pre_logits", "blocks.1", "patch_embed", "blocks.0.attn_probs", "embed", "pre_logits"]
+    requested = [
+        "output",
+        "pre_logits",
+        "blocks.1",
+        "patch_embed",
+        "blocks.0.attn_probs",
+        "embed",
+        "pre_logits",
+    ]
     got = backend.forward(model, images, capture=requested)
-    assert list(got) == ["patch_embed", "embed", "blocks.0.attn_probs", "blocks.1", "pre_logits", "output"]
+    assert list(got) == [
+        "patch_embed",
+        "embed",
+        "blocks.0.attn_probs",
+        "blocks.1",
+        "pre_logits",
+        "output",
+    ]
     assert all(v.dtype == np.float32 and v.flags.c_contiguous for v in got.values())
     assert list(backend.forward(model, images, capture=points[::-1])) == points
     assert list(backend.forward(model, images, capture="all")) == points
-    assert list(backend.forward(model, images, capture="blocks.1.mlp")) == ["blocks.1.mlp", "output"]
+    assert list(backend.forward(model, images, capture="blocks.1.mlp")) == [
+        "blocks.1.mlp",
+        "output",
+    ]
 
 
 _BAD_IMAGES = {
@@ -183,7 +225,10 @@ def test_bad_images_raise_the_references_error(backend, case: str) -> None:
 
 def test_bad_images_name_the_problem(backend) -> None:
     spec = family("vit_paper")
-    with pytest.raises(ValueError, match=r"images: expected shape \(batch, 32, 32, 3\) NHWC, found \(2, 3, 32, 32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"images: expected shape \(batch, 32, 32, 3\) NHWC, found \(2, 3, 32, 32\)",
+    ):
         backend.forward(backend.build(spec), _BAD_IMAGES["nchw"])
 
 
@@ -196,9 +241,16 @@ def test_unknown_capture_raises_the_same_error_everywhere(backend) -> None:
 
 
 @pytest.mark.parametrize("batch", [True, False, 0, -2, 2.0, "2"], ids=repr)
-def test_save_artifact_rejects_a_bad_batch_before_writing(artifact_backend, tmp_path: Path, batch: object) -> None:
+def test_save_artifact_rejects_a_bad_batch_before_writing(
+    artifact_backend, tmp_path: Path, batch: object
+) -> None:
     expected = _raised(Backend.check_batch, batch)
-    got = _raised(artifact_backend.save_artifact, artifact_backend.build(family("mnist", depth=1)), tmp_path / "artifact", batch)
+    got = _raised(
+        artifact_backend.save_artifact,
+        artifact_backend.build(family("mnist", depth=1)),
+        tmp_path / "artifact",
+        batch,
+    )
     assert type(got) is type(expected) and isinstance(got, ValueError)
     assert str(got) == f"batch: expected a positive integer or None, found {batch!r}"
     assert not (tmp_path / "artifact").exists()
@@ -228,19 +280,28 @@ def test_every_family_is_supported(backend) -> None:
 
 def test_drop_path_rates_follow_timms_linspace() -> None:
     assert drop_path_rates(family("vit_paper", depth=1, drop_path=0.2)) == [0.0]
-    assert drop_path_rates(family("vit_paper", depth=5, drop_path=0.2)) == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2])
+    assert drop_path_rates(family("vit_paper", depth=5, drop_path=0.2)) == pytest.approx(
+        [0.0, 0.05, 0.1, 0.15, 0.2]
+    )
     assert drop_path_rates(family("vit_paper", depth=3)) == [0.0, 0.0, 0.0]
 
 
 class _EntryPoint:
     def __init__(self, name: str, factory: type) -> None:
-        self.name, self.value, self.dist, self._factory = name, f"thirdparty:{factory.__name__}", None, factory
+        self.name, self.value, self.dist, self._factory = (
+            name,
+            f"thirdparty:{factory.__name__}",
+            None,
+            factory,
+        )
 
     def load(self) -> type:
         return self._factory
 
 
-def test_a_duck_typed_backend_loads_and_one_missing_a_method_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_duck_typed_backend_loads_and_one_missing_a_method_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     class Lame:  # no forward
         name, version = "lame", "1.0"
 
@@ -253,7 +314,11 @@ def test_a_duck_typed_backend_loads_and_one_missing_a_method_is_refused(monkeypa
 
         def forward(self, model, images, capture=()): ...
 
-    monkeypatch.setattr(backends, "_entry_points", lambda: {"duck": _EntryPoint("duck", Duck), "lame": _EntryPoint("lame", Lame)})
+    monkeypatch.setattr(
+        backends,
+        "_entry_points",
+        lambda: {"duck": _EntryPoint("duck", Duck), "lame": _EntryPoint("lame", Lame)},
+    )
     monkeypatch.setattr(backends, "_CACHE", {})
     duck = backends.get_backend("duck")
     assert isinstance(duck, Duck) and not isinstance(duck, Backend)

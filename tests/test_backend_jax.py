@@ -45,11 +45,18 @@ def backend() -> vjax.JaxBackend:
 
 
 def _images(spec: vitspec.Spec, batch: int, seed: int = 1) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((batch, *spec.image_size, spec.in_channels)).astype(np.float32)
+    return (
+        np.random.default_rng(seed)
+        .standard_normal((batch, *spec.image_size, spec.in_channels))
+        .astype(np.float32)
+    )
 
 
 def _flat_params(model) -> dict[str, jax.Array]:
-    return {".".join(map(str, path)): v.get_value() for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return {
+        ".".join(map(str, path)): v.get_value()
+        for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
 
 
 def test_identity(backend) -> None:
@@ -81,10 +88,16 @@ def test_fused_qkv_and_patch_kernel_layout() -> None:
     native = dict(FLAX.to_native(spec, weights))
     d = spec.hidden_dim
     assert native["blocks.1.attn.qkv.kernel"].shape == (d, 3 * d)
-    np.testing.assert_array_equal(native["blocks.1.attn.qkv.kernel"][:, d : 2 * d], weights["blocks.1.attn.key.kernel"])
-    np.testing.assert_array_equal(native["blocks.1.attn.qkv.bias"][2 * d :], weights["blocks.1.attn.value.bias"])
+    np.testing.assert_array_equal(
+        native["blocks.1.attn.qkv.kernel"][:, d : 2 * d], weights["blocks.1.attn.key.kernel"]
+    )
+    np.testing.assert_array_equal(
+        native["blocks.1.attn.qkv.bias"][2 * d :], weights["blocks.1.attn.value.bias"]
+    )
     # A patch flattens in (row, column, channel) order, as the canonical HWIO kernel does.
-    np.testing.assert_array_equal(native["patch_embed.kernel"][1 * 3 + 2], weights["patch_embed.kernel"][0, 1, 2])
+    np.testing.assert_array_equal(
+        native["patch_embed.kernel"][1 * 3 + 2], weights["patch_embed.kernel"][0, 1, 2]
+    )
 
 
 def test_from_native_inverts_to_native_bit_for_bit() -> None:
@@ -113,7 +126,9 @@ ok = list(back) == list(weights) and all(np.array_equal(back[k], weights[k]) for
 print(json.dumps({"ok": ok, "layout": len(FLAX.native_layout(spec)),
                   "loaded": sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "jaxlib", "flax"))}))
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
+    )
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result == {"ok": True, "layout": 4 + 12 * 12 + 4, "loaded": []}
 
@@ -126,7 +141,9 @@ def test_model_alone_under_jit_matches_reference() -> None:
     expected = reference.forward(spec, weights, images, capture=("blocks.0.attn_probs", "pooled"))
     by_nnx = nnx.jit(lambda m, x: m(x))(model, images)
     # model.forward_captures: the backend's named intermediates, from the plain module under jax.jit.
-    by_jax = jax.jit(lambda m, x: m.forward_captures(x, ("blocks.0.attn_probs", "pooled")))(model, images)
+    by_jax = jax.jit(lambda m, x: m.forward_captures(x, ("blocks.0.attn_probs", "pooled")))(
+        model, images
+    )
     assert set(by_jax) == {"blocks.0.attn_probs", "pooled", "output"}
     assert by_jax["blocks.0.attn_probs"].shape == (3, 4, 17, 17)
     for got in (by_nnx, by_jax["output"]):
@@ -163,14 +180,17 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def test_gradient_step_has_finite_grads_for_every_parameter_and_lowers_the_loss() -> None:
     spec = family("vit_paper_pre_logits", depth=2, dropout=0.1, drop_path=0.1)
-    model = vjax.VisionTransformer(spec, vitspec.init_weights(spec, seed=0, scheme="random"), rngs=nnx.Rngs(dropout=3))
+    model = vjax.VisionTransformer(
+        spec, vitspec.init_weights(spec, seed=0, scheme="random"), rngs=nnx.Rngs(dropout=3)
+    )
     images = jax.numpy.asarray(_images(spec, 4))
     labels = jax.numpy.asarray([1, 3, 5, 7])
 
     # Plain JAX: split once, jax.grad over the Param state, an SGD step, the loss goes down.
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    loss_and_grad = jax.jit(jax.value_and_grad(
-        lambda p: _cross_entropy(nnx.merge(graphdef, p, rest)(images), labels)))
+    loss_and_grad = jax.jit(
+        jax.value_and_grad(lambda p: _cross_entropy(nnx.merge(graphdef, p, rest)(images), labels))
+    )
     loss0, grads = loss_and_grad(params)
     loss1, _ = loss_and_grad(jax.tree.map(lambda p, g: p - 0.1 * g, params, grads))
     assert float(loss1) < float(loss0)
@@ -183,7 +203,9 @@ def test_gradient_step_has_finite_grads_for_every_parameter_and_lowers_the_loss(
         return nnx.grad(lambda m: _cross_entropy(m(images), labels))(m)
 
     for tree in (grads, train_grads(model)):
-        flat = {".".join(map(str, k)): np.asarray(g.get_value()) for k, g in nnx.to_flat_state(tree)}
+        flat = {
+            ".".join(map(str, k)): np.asarray(g.get_value()) for k, g in nnx.to_flat_state(tree)
+        }
         assert sorted(flat) == sorted(name for name, _ in FLAX.native_layout(spec))
         for name, g in flat.items():
             assert np.isfinite(g).all() and np.abs(g).max() > 0, name
@@ -226,7 +248,11 @@ def test_dropout_only_in_training_and_forward_always_evaluates(backend) -> None:
     assert rel_err(np.asarray(apply(model, images)["output"]), expected["output"]) <= TOL
 
 
-@pytest.mark.parametrize("rates", [{"dropout": 0.3}, {"attn_dropout": 0.3}, {"drop_path": 0.3}], ids=lambda r: "+".join(r))
+@pytest.mark.parametrize(
+    "rates",
+    [{"dropout": 0.3}, {"attn_dropout": 0.3}, {"drop_path": 0.3}],
+    ids=lambda r: "+".join(r),
+)
 def test_each_rate_alone_changes_the_output_in_training_only(rates: dict[str, float]) -> None:
     spec = family("vit_paper", depth=2, **rates)
     weights = vitspec.init_weights(spec, seed=1, scheme="random")
@@ -259,7 +285,9 @@ def test_dropout_rates_are_right_statistically() -> None:
     model.train()
     # Dropout after the position embedding, end to end: each value zeroed with probability 0.3,
     # the kept ones scaled by 1 / 0.7.
-    embed = np.asarray(nnx.jit(lambda m, x: m.forward_captures(x, ("embed",)))(model, images)["embed"])
+    embed = np.asarray(
+        nnx.jit(lambda m, x: m.forward_captures(x, ("embed",)))(model, images)["embed"]
+    )
     kept = embed != 0
     assert _within(1 - kept.mean(), 0.3, kept.size), kept.mean()
     np.testing.assert_allclose(embed[kept], expected[kept] / 0.7, rtol=1e-5, atol=1e-6)
@@ -319,8 +347,18 @@ def test_artifact_loads_and_runs_with_jax_alone(backend, tmp_path: Path, batch: 
     np.save(tmp_path / "images.npy", images)
     batches = ["2"] if batch else ["1", "3"]
     done = subprocess.run(
-        [sys.executable, "-c", _LOAD_WITH_JAX_ALONE, str(path), str(tmp_path / "images.npy"), *batches],
-        capture_output=True, text=True, cwd=tmp_path, check=True,
+        [
+            sys.executable,
+            "-c",
+            _LOAD_WITH_JAX_ALONE,
+            str(path),
+            str(tmp_path / "images.npy"),
+            *batches,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=True,
         env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
     )
     result = json.loads(done.stdout.strip().splitlines()[-1])

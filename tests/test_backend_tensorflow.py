@@ -40,7 +40,11 @@ def backend() -> vitspec.backends.Backend:
 
 
 def _images(spec: vitspec.Spec, batch: int, seed: int = 1) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((batch, *spec.image_size, spec.in_channels)).astype(np.float32)
+    return (
+        np.random.default_rng(seed)
+        .standard_normal((batch, *spec.image_size, spec.in_channels))
+        .astype(np.float32)
+    )
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -48,7 +52,12 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **env}
     full_env = {k: v for k, v in full_env.items() if v != ""}
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env, cwd=ROOT, timeout=120
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=ROOT,
+        timeout=120,
     )
 
 
@@ -101,15 +110,21 @@ def test_native_round_trip_is_bit_exact_and_fuses_qkv(name: str) -> None:
     back = dict(KERAS.from_native(spec, native))
     assert list(back) == list(weights)
     for k, v in weights.items():
-        assert back[k].flags.c_contiguous and np.array_equal(back[k].view(np.uint32), v.view(np.uint32)), k
+        assert back[k].flags.c_contiguous and np.array_equal(
+            back[k].view(np.uint32), v.view(np.uint32)
+        ), k
 
 
 def test_native_names_are_the_keras_variable_paths(backend) -> None:
     spec = family("vit_paper_pre_logits", depth=2)
     model = backend.build(spec)
     paths = {v.path: tuple(v.shape) for v in model.weights}
-    assert paths == {f"vision_transformer/{name}": shape for name, shape in KERAS.native_layout(spec)}
-    assert all(v.trainable for v in model.weights)  # no seed or counter state hides among the weights
+    assert paths == {
+        f"vision_transformer/{name}": shape for name, shape in KERAS.native_layout(spec)
+    }
+    assert all(
+        v.trainable for v in model.weights
+    )  # no seed or counter state hides among the weights
 
 
 _H5_SPECS = [
@@ -119,7 +134,9 @@ _H5_SPECS = [
 
 
 @pytest.mark.parametrize("spec", _H5_SPECS, ids=["pre_logits_and_head", "gap_no_head"])
-def test_h5_layout_matches_save_weights_and_load_weights(backend, tmp_path: Path, spec: vitspec.Spec) -> None:
+def test_h5_layout_matches_save_weights_and_load_weights(
+    backend, tmp_path: Path, spec: vitspec.Spec
+) -> None:
     weights = vitspec.init_weights(spec, seed=4, scheme="random")
     native = dict(KERAS.to_native(spec, weights))
     layout = h5_layout(spec)
@@ -128,7 +145,9 @@ def test_h5_layout_matches_save_weights_and_load_weights(backend, tmp_path: Path
     backend.build(spec, weights).save_weights(written)
     with h5py.File(written, "r") as f:
         datasets: list[str] = []
-        f.visititems(lambda path, obj: datasets.append(path) if isinstance(obj, h5py.Dataset) else None)
+        f.visititems(
+            lambda path, obj: datasets.append(path) if isinstance(obj, h5py.Dataset) else None
+        )
         assert sorted(datasets) == sorted(path for _, path in layout)
         for native_name, path in layout:
             assert np.array_equal(f[path][()], native[native_name]), (native_name, path)
@@ -156,7 +175,9 @@ def test_predict_and_jit_compile_match_the_reference(backend) -> None:
     predicted = model.predict(images, batch_size=2, verbose=0)
     assert predicted.shape == (3, spec.n_classes)
     assert rel_err(predicted, expected) <= TOL
-    xla = tf.function(lambda x: model(x, training=False), jit_compile=True)(tf.constant(images)).numpy()
+    xla = tf.function(lambda x: model(x, training=False), jit_compile=True)(
+        tf.constant(images)
+    ).numpy()
     assert rel_err(xla, expected) <= TOL
     eager = model(images).numpy()
     assert rel_err(eager, expected) <= TOL
@@ -195,7 +216,9 @@ def test_keras_export_savedmodel_serves_the_same_numbers(backend, tmp_path: Path
     tf.saved_model.save(model, str(tmp_path / "saved"))
     loaded = tf.saved_model.load(str(tmp_path / "saved"))
     signature = loaded.signatures["serving_default"]
-    (result,) = signature(**{next(iter(signature.structured_input_signature[1])): tf.constant(images)}).values()
+    (result,) = signature(
+        **{next(iter(signature.structured_input_signature[1])): tf.constant(images)}
+    ).values()
     assert np.allclose(result.numpy(), expected, rtol=0, atol=1e-6)
 
 
@@ -218,7 +241,10 @@ def test_save_artifact_loads_with_tensorflow_alone(backend, tmp_path: Path) -> N
     weights = vitspec.init_weights(spec, seed=8, scheme="random")
     images = _images(spec, 3)
     np.save(tmp_path / "images.npy", images)
-    assert backend.save_artifact(backend.build(spec, weights), tmp_path / "artifact", batch=3) == tmp_path / "artifact"
+    assert (
+        backend.save_artifact(backend.build(spec, weights), tmp_path / "artifact", batch=3)
+        == tmp_path / "artifact"
+    )
     result = _python(
         f"""
         import sys
@@ -293,7 +319,9 @@ def test_dropout_is_active_only_when_training(backend) -> None:
     assert rel_err(xla(tf.constant(images)).numpy(), inference) > 1e-3
     quiet = family("vit_paper")
     model = backend.build(quiet, seed=1)
-    assert np.array_equal(model(images, training=True).numpy(), model(images, training=False).numpy())
+    assert np.array_equal(
+        model(images, training=True).numpy(), model(images, training=False).numpy()
+    )
 
 
 def test_drop_path_follows_the_linear_rule_and_drops_whole_branches(backend) -> None:
@@ -310,7 +338,9 @@ def test_drop_path_follows_the_linear_rule_and_drops_whole_branches(backend) -> 
     assert not np.array_equal(out["blocks.0"].numpy(), out["embed"].numpy())
 
 
-def test_forward_runs_without_tf32_and_restores_the_setting(backend, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_forward_runs_without_tf32_and_restores_the_setting(
+    backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
     spec = family("vit_paper", depth=1)
     model = backend.build(spec)
     seen: list[bool] = []

@@ -35,7 +35,11 @@ def backend() -> tb.TorchBackend:
 
 
 def _images(spec: vitspec.Spec, batch: int, seed: int = 1) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((batch, *spec.image_size, spec.in_channels)).astype(np.float32)
+    return (
+        np.random.default_rng(seed)
+        .standard_normal((batch, *spec.image_size, spec.in_channels))
+        .astype(np.float32)
+    )
 
 
 def _nchw(images: np.ndarray) -> torch.Tensor:
@@ -50,12 +54,27 @@ def _model(spec: vitspec.Spec, seed: int = 3) -> torch.nn.Module:
 
 _LAYOUT_SPECS = [
     *(family(n) for n in FAMILIES),
-    vitspec.Spec(image_size=[8, 12], patch_size=[4, 2], hidden_dim=16, n_heads=1, depth=3, n_classes=0,
-                 in_channels=5, qkv_bias=False, pre_logits_dim=6, final_norm="after_pool", pooling="avg"),
+    vitspec.Spec(
+        image_size=[8, 12],
+        patch_size=[4, 2],
+        hidden_dim=16,
+        n_heads=1,
+        depth=3,
+        n_classes=0,
+        in_channels=5,
+        qkv_bias=False,
+        pre_logits_dim=6,
+        final_norm="after_pool",
+        pooling="avg",
+    ),
 ]
 
 
-@pytest.mark.parametrize("spec", _LAYOUT_SPECS, ids=lambda s: f"{s.pooling}-{s.pos_embed}-{s.final_norm}-{s.pre_logits_dim}")
+@pytest.mark.parametrize(
+    "spec",
+    _LAYOUT_SPECS,
+    ids=lambda s: f"{s.pooling}-{s.pos_embed}-{s.final_norm}-{s.pre_logits_dim}",
+)
 def test_native_layout_is_the_state_dict(spec: vitspec.Spec) -> None:
     model = _model(spec)
     state = model.state_dict()
@@ -67,17 +86,28 @@ def test_native_layout_is_the_state_dict(spec: vitspec.Spec) -> None:
 def test_layout_names_follow_timm() -> None:
     spec = family("vit_paper", depth=1, pre_logits_dim=24)
     assert dict(TORCH.native_layout(spec)) == {
-        "cls_token": (1, 1, 32), "pos_embed": (1, 17, 32),
-        "patch_embed.proj.weight": (32, 3, 8, 8), "patch_embed.proj.bias": (32,),
-        "blocks.0.norm1.weight": (32,), "blocks.0.norm1.bias": (32,),
-        "blocks.0.attn.qkv.weight": (96, 32), "blocks.0.attn.qkv.bias": (96,),
-        "blocks.0.attn.proj.weight": (32, 32), "blocks.0.attn.proj.bias": (32,),
-        "blocks.0.norm2.weight": (32,), "blocks.0.norm2.bias": (32,),
-        "blocks.0.mlp.fc1.weight": (128, 32), "blocks.0.mlp.fc1.bias": (128,),
-        "blocks.0.mlp.fc2.weight": (32, 128), "blocks.0.mlp.fc2.bias": (32,),
-        "norm.weight": (32,), "norm.bias": (32,),
-        "pre_logits.fc.weight": (24, 32), "pre_logits.fc.bias": (24,),
-        "head.weight": (10, 24), "head.bias": (10,),
+        "cls_token": (1, 1, 32),
+        "pos_embed": (1, 17, 32),
+        "patch_embed.proj.weight": (32, 3, 8, 8),
+        "patch_embed.proj.bias": (32,),
+        "blocks.0.norm1.weight": (32,),
+        "blocks.0.norm1.bias": (32,),
+        "blocks.0.attn.qkv.weight": (96, 32),
+        "blocks.0.attn.qkv.bias": (96,),
+        "blocks.0.attn.proj.weight": (32, 32),
+        "blocks.0.attn.proj.bias": (32,),
+        "blocks.0.norm2.weight": (32,),
+        "blocks.0.norm2.bias": (32,),
+        "blocks.0.mlp.fc1.weight": (128, 32),
+        "blocks.0.mlp.fc1.bias": (128,),
+        "blocks.0.mlp.fc2.weight": (32, 128),
+        "blocks.0.mlp.fc2.bias": (32,),
+        "norm.weight": (32,),
+        "norm.bias": (32,),
+        "pre_logits.fc.weight": (24, 32),
+        "pre_logits.fc.bias": (24,),
+        "head.weight": (10, 24),
+        "head.bias": (10,),
     }
     no_bias = dict(TORCH.native_layout(family("timm_no_qkv_bias", depth=1)))
     assert "blocks.0.attn.qkv.bias" not in no_bias
@@ -102,7 +132,9 @@ def test_to_native_rearranges_exactly() -> None:
     back = dict(TORCH.from_native(spec, native))
     assert list(back) == [p.name for p in param_table(spec)]
     for name, value in w.items():
-        assert back[name].dtype == value.dtype and np.array_equal(back[name].view(np.uint32), value.view(np.uint32)), name
+        assert back[name].dtype == value.dtype and np.array_equal(
+            back[name].view(np.uint32), value.view(np.uint32)
+        ), name
 
 
 def test_layout_functions_do_not_import_torch() -> None:
@@ -138,11 +170,20 @@ def _timm_model(spec: vitspec.Spec) -> torch.nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
     return VisionTransformer(
-        img_size=spec.image_size, patch_size=spec.patch_size, in_chans=spec.in_channels,
-        num_classes=spec.n_classes, global_pool=spec.pooling, embed_dim=spec.hidden_dim,
-        depth=spec.depth, num_heads=spec.n_heads, mlp_ratio=spec.mlp_ratio, qkv_bias=spec.qkv_bias,
-        class_token=spec.class_token, pos_embed="learn" if spec.pos_embed == "learned" else "none",
-        no_embed_class=not spec.pos_embed_class_slot, fc_norm=spec.final_norm == "after_pool",
+        img_size=spec.image_size,
+        patch_size=spec.patch_size,
+        in_chans=spec.in_channels,
+        num_classes=spec.n_classes,
+        global_pool=spec.pooling,
+        embed_dim=spec.hidden_dim,
+        depth=spec.depth,
+        num_heads=spec.n_heads,
+        mlp_ratio=spec.mlp_ratio,
+        qkv_bias=spec.qkv_bias,
+        class_token=spec.class_token,
+        pos_embed="learn" if spec.pos_embed == "learned" else "none",
+        no_embed_class=not spec.pos_embed_class_slot,
+        fc_norm=spec.final_norm == "after_pool",
         norm_layer=functools.partial(torch.nn.LayerNorm, eps=spec.norm_eps),
         act_layer="gelu_tanh" if spec.gelu == "tanh" else "gelu",
     ).eval()
@@ -197,7 +238,10 @@ def test_sincos_table_is_a_buffer_outside_the_state_dict() -> None:
     assert "pos_embed" not in model.state_dict()
     buffers = dict(model.named_buffers())
     assert buffers["pos_embed"].shape == (1, spec.n_patches, spec.hidden_dim)
-    np.testing.assert_array_equal(buffers["pos_embed"][0].numpy(), reference.sincos2d(spec.grid, spec.hidden_dim).astype(np.float32))
+    np.testing.assert_array_equal(
+        buffers["pos_embed"][0].numpy(),
+        reference.sincos2d(spec.grid, spec.hidden_dim).astype(np.float32),
+    )
 
 
 def test_nchw_model_equals_nhwc_adapter(backend) -> None:
@@ -208,7 +252,10 @@ def test_nchw_model_equals_nhwc_adapter(backend) -> None:
         direct = model(_nchw(images)).numpy()
     assert direct.shape == (3, 10)
     np.testing.assert_array_equal(direct, backend.forward(model, images)["output"])
-    with pytest.raises(ValueError, match=r"images: expected shape \(batch, 3, 24, 40\) NCHW, found \(3, 24, 40, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"images: expected shape \(batch, 3, 24, 40\) NCHW, found \(3, 24, 40, 3\)",
+    ):
         model(torch.from_numpy(images))
 
 
@@ -294,8 +341,11 @@ def test_eval_is_deterministic_and_matches_the_reference(backend) -> None:
     assert [blk.drop_path for blk in model.blocks] == [0.0, 0.125, 0.25]
 
 
-@pytest.mark.parametrize("rates", [_DROPPY, {"dropout": 0.2}, {"attn_dropout": 0.2}, {"drop_path": 0.5}],
-                         ids=lambda r: "+".join(r))
+@pytest.mark.parametrize(
+    "rates",
+    [_DROPPY, {"dropout": 0.2}, {"attn_dropout": 0.2}, {"drop_path": 0.5}],
+    ids=lambda r: "+".join(r),
+)
 def test_train_mode_drops(rates: dict[str, float]) -> None:
     spec = family("vit_paper", depth=2, **rates)
     model = _model(spec).train()
@@ -322,7 +372,10 @@ def test_train_mode_without_rates_equals_eval(backend) -> None:
     assert trained.requires_grad  # training mode keeps autograd
     # The adapter always computes in eval mode and leaves the model's mode as it found it.
     droppy = _model(family("timm_avg_fc_norm", depth=2, dropout=0.5)).train()
-    first, second = backend.forward(droppy, images)["output"], backend.forward(droppy, images)["output"]
+    first, second = (
+        backend.forward(droppy, images)["output"],
+        backend.forward(droppy, images)["output"],
+    )
     np.testing.assert_array_equal(first, second)
     assert droppy.training
 
@@ -332,11 +385,15 @@ def test_train_step_updates_weights(backend) -> None:
     model = _model(spec).train()
     before = backend.export(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    loss = torch.nn.functional.cross_entropy(model(_nchw(_images(spec, 4))), torch.tensor([0, 1, 2, 3]))
+    loss = torch.nn.functional.cross_entropy(
+        model(_nchw(_images(spec, 4))), torch.tensor([0, 1, 2, 3])
+    )
     loss.backward()
     optimizer.step()
     after = backend.export(model)
-    assert not np.array_equal(after["blocks.0.attn.query.kernel"], before["blocks.0.attn.query.kernel"])
+    assert not np.array_equal(
+        after["blocks.0.attn.query.kernel"], before["blocks.0.attn.query.kernel"]
+    )
     assert not np.array_equal(after["head.kernel"], before["head.kernel"])
 
 
@@ -361,13 +418,18 @@ def test_forward_runs_without_tf32_and_restores_the_flags(backend) -> None:
     model = backend.build(spec)
     seen: list[tuple[bool, bool]] = []
     model.patch_embed.register_forward_hook(
-        lambda *_: seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        lambda *_: seen.append(
+            (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        )
     )
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
         backend.forward(model, _images(spec, 1))
         assert seen == [(False, False)]
-        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (
+            True,
+            True,
+        )
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

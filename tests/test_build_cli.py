@@ -42,8 +42,12 @@ def _shape(*dims: int) -> str:
 
 
 @pytest.mark.parametrize("backend", ["torch", "tensorflow", "jax"])
-def test_summary_has_the_tutorial_shapes_the_parameter_counts_and_a_passing_check(capsys, backend: str) -> None:
-    code, out, err = vitspec_cli(capsys, "build", "--backend", backend, MNIST, "--batch", "3", "--check")
+def test_summary_has_the_tutorial_shapes_the_parameter_counts_and_a_passing_check(
+    capsys, backend: str
+) -> None:
+    code, out, err = vitspec_cli(
+        capsys, "build", "--backend", backend, MNIST, "--batch", "3", "--check"
+    )
     assert code == 0, err
     rows = _rows(out)
     b, n, d, h = 3, SPEC.seq_len, SPEC.hidden_dim, SPEC.n_heads
@@ -63,28 +67,42 @@ def test_summary_has_the_tutorial_shapes_the_parameter_counts_and_a_passing_chec
 @pytest.mark.needs("torch", "jax")
 def test_out_writes_the_init_weights_and_weights_reads_them_back(capsys, tmp_path: Path) -> None:
     out = tmp_path / "w.safetensors"
-    code, _, err = vitspec_cli(capsys, "build", "--backend", "jax", MNIST, "--seed", "3", "--out", str(out))
+    code, _, err = vitspec_cli(
+        capsys, "build", "--backend", "jax", MNIST, "--seed", "3", "--out", str(out)
+    )
     assert code == 0, err
     weights, spec = vitspec.load_weights(out)
     assert spec == SPEC
     expected = vitspec.init_weights(SPEC, seed=3)
     assert all(np.array_equal(weights[k], expected[k]) for k in expected)
-    code, out_text, err = vitspec_cli(capsys, "build", "--backend", "torch", MNIST, "--weights", str(out), "--check")
+    code, out_text, err = vitspec_cli(
+        capsys, "build", "--backend", "torch", MNIST, "--weights", str(out), "--check"
+    )
     assert code == 0 and f"weights from {out}" in out_text, err
 
 
 @pytest.mark.needs("torch")
-def test_existing_outputs_need_force_and_are_refused_before_any_work(capsys, tmp_path: Path) -> None:
+def test_existing_outputs_need_force_and_are_refused_before_any_work(
+    capsys, tmp_path: Path
+) -> None:
     out = tmp_path / "w.safetensors"
     out.write_bytes(b"keep me")
     code, stdout, err = vitspec_cli(capsys, "build", "--backend", "torch", MNIST, "--out", str(out))
-    assert code == 1 and _error_lines(err) == [f"error: {out} already exists; pass --force (overwrite=True) to replace it"]
+    assert code == 1 and _error_lines(err) == [
+        f"error: {out} already exists; pass --force (overwrite=True) to replace it"
+    ]
     assert out.read_bytes() == b"keep me" and "part" not in stdout  # nothing was built
-    code, _, err = vitspec_cli(capsys, "build", "--backend", "torch", MNIST, "--out", str(out), "--force")
+    code, _, err = vitspec_cli(
+        capsys, "build", "--backend", "torch", MNIST, "--out", str(out), "--force"
+    )
     assert code == 0 and vitspec.load_weights(out)[1] == SPEC
     nowhere = tmp_path / "no" / "such" / "a.pt2"
-    code, _, err = vitspec_cli(capsys, "build", "--backend", "torch", MNIST, "--export", str(nowhere))
-    assert code == 1 and _error_lines(err) == [f"error: cannot write {nowhere}: folder {nowhere.parent} does not exist"]
+    code, _, err = vitspec_cli(
+        capsys, "build", "--backend", "torch", MNIST, "--export", str(nowhere)
+    )
+    assert code == 1 and _error_lines(err) == [
+        f"error: cannot write {nowhere}: folder {nowhere.parent} does not exist"
+    ]
 
 
 def test_weights_of_another_spec_are_refused_by_name(capsys, tmp_path: Path) -> None:
@@ -93,16 +111,22 @@ def test_weights_of_another_spec_are_refused_by_name(capsys, tmp_path: Path) -> 
     vitspec.save_weights(path, vitspec.init_weights(other), other)
     code, _, err = vitspec_cli(capsys, "build", "--backend", "torch", MNIST, "--weights", str(path))
     assert code == 1
-    assert _error_lines(err) == [f"error: {path}: the given spec contradicts the embedded one (n_classes: file 5, given 10)"]
+    assert _error_lines(err) == [
+        f"error: {path}: the given spec contradicts the embedded one (n_classes: file 5, given 10)"
+    ]
 
 
 def test_unknown_backend_and_bad_spec_are_one_line(capsys) -> None:
     code, _, err = vitspec_cli(capsys, "build", "--backend", "mxnet", MNIST)
-    assert code == 1 and _error_lines(err)[0].startswith("error: no backend named 'mxnet'; registered backends: jax, numpy")
+    assert code == 1 and _error_lines(err)[0].startswith(
+        "error: no backend named 'mxnet'; registered backends: jax, numpy"
+    )
     code, _, err = vitspec_cli(capsys, "build", "--backend", "torch", "B/17")
     assert code == 1 and "B/17" in _error_lines(err)[0]
     code, _, err = vitspec_cli(capsys, "build", "--backend", "numpy", MNIST, "--export", "x.bin")
-    assert code == 1 and _error_lines(err) == ["error: backend 'numpy' cannot write a deployable artifact (it has no save_artifact)"]
+    assert code == 1 and _error_lines(err) == [
+        "error: backend 'numpy' cannot write a deployable artifact (it has no save_artifact)"
+    ]
 
 
 def _run_artifact(backend: str, path: Path, images: np.ndarray) -> np.ndarray:
@@ -111,7 +135,11 @@ def _run_artifact(backend: str, path: Path, images: np.ndarray) -> np.ndarray:
         import torch
 
         program = torch.export.load(str(path))
-        return program.module()(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()).detach().numpy()
+        return (
+            program.module()(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
+            .detach()
+            .numpy()
+        )
     if backend == "tensorflow":
         import tensorflow as tf
 
@@ -126,10 +154,20 @@ ARTIFACT = {"torch": "vit.pt2", "tensorflow": "vit_savedmodel", "jax": "vit.jax"
 
 
 @pytest.mark.parametrize("backend", ["torch", "tensorflow", "jax"])
-def test_export_writes_an_artifact_the_framework_runs_alone_for_any_batch(capsys, tmp_path: Path, backend: str) -> None:
+def test_export_writes_an_artifact_the_framework_runs_alone_for_any_batch(
+    capsys, tmp_path: Path, backend: str
+) -> None:
     weights_path, artifact = tmp_path / "w.safetensors", tmp_path / ARTIFACT[backend]
     code, out, err = vitspec_cli(
-        capsys, "build", "--backend", backend, MNIST, "--out", str(weights_path), "--export", str(artifact)
+        capsys,
+        "build",
+        "--backend",
+        backend,
+        MNIST,
+        "--out",
+        str(weights_path),
+        "--export",
+        str(artifact),
     )
     assert code == 0, err
     assert f"wrote {backend} artifact: {artifact} (batch: any)" in out
@@ -142,13 +180,28 @@ def test_export_writes_an_artifact_the_framework_runs_alone_for_any_batch(capsys
 
 
 @pytest.mark.needs("jax")
-def test_export_batch_fixes_the_batch_and_force_replaces_an_artifact(capsys, tmp_path: Path) -> None:
+def test_export_batch_fixes_the_batch_and_force_replaces_an_artifact(
+    capsys, tmp_path: Path
+) -> None:
     artifact = tmp_path / "vit.jax"
     artifact.write_bytes(b"old")
-    code, _, err = vitspec_cli(capsys, "build", "--backend", "jax", MNIST, "--export", str(artifact), "--export-batch", "4")
-    assert code == 1 and "already exists" in _error_lines(err)[0] and artifact.read_bytes() == b"old"
+    code, _, err = vitspec_cli(
+        capsys, "build", "--backend", "jax", MNIST, "--export", str(artifact), "--export-batch", "4"
+    )
+    assert (
+        code == 1 and "already exists" in _error_lines(err)[0] and artifact.read_bytes() == b"old"
+    )
     code, out, err = vitspec_cli(
-        capsys, "build", "--backend", "jax", MNIST, "--export", str(artifact), "--export-batch", "4", "--force"
+        capsys,
+        "build",
+        "--backend",
+        "jax",
+        MNIST,
+        "--export",
+        str(artifact),
+        "--export-batch",
+        "4",
+        "--force",
     )
     assert code == 0 and "(batch: 4)" in out, err
     import jax
@@ -157,7 +210,9 @@ def test_export_batch_fixes_the_batch_and_force_replaces_an_artifact(capsys, tmp
     assert exported.in_avals[0].shape == (4, 28, 28, 1)
 
 
-def test_an_interrupted_export_leaves_nothing(capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_interrupted_export_leaves_nothing(
+    capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     backend = vitspec.backend("tensorflow")
 
     def half_then_interrupt(model, path, batch):
@@ -167,14 +222,26 @@ def test_an_interrupted_export_leaves_nothing(capsys, tmp_path: Path, monkeypatc
 
     monkeypatch.setattr(type(backend), "save_artifact", lambda self, *a: half_then_interrupt(*a))
     artifact = tmp_path / "vit_savedmodel"
-    code, _, err = vitspec_cli(capsys, "build", "--backend", "tensorflow", str(ROOT / "examples" / "mnist.yaml"), "--export", str(artifact))
+    code, _, err = vitspec_cli(
+        capsys,
+        "build",
+        "--backend",
+        "tensorflow",
+        str(ROOT / "examples" / "mnist.yaml"),
+        "--export",
+        str(artifact),
+    )
     assert code == 130 and "interrupted" in err
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.needs("jax")
-@pytest.mark.parametrize("name", ["no_head", "vit_paper_pre_logits", "timm_avg_fc_norm", "big_vision_sincos"])
-def test_families_that_change_the_summary_build_and_check(capsys, tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize(
+    "name", ["no_head", "vit_paper_pre_logits", "timm_avg_fc_norm", "big_vision_sincos"]
+)
+def test_families_that_change_the_summary_build_and_check(
+    capsys, tmp_path: Path, name: str
+) -> None:
     spec = family(name)
     path = tmp_path / f"{name}.yaml"
     path.write_text(spec.to_yaml())
@@ -193,19 +260,29 @@ def test_spec_comes_from_the_weights_when_not_given(capsys, tmp_path: Path) -> N
     """build, conformance and diff take the spec embedded in --weights; a SPEC that disagrees is named field by field."""
     path = tmp_path / "w.safetensors"
     vitspec.save_weights(path, vitspec.init_weights(SPEC, seed=1), SPEC)
-    code, out, err = vitspec_cli(capsys, "build", "--backend", "numpy", "--weights", str(path), "--check")
+    code, out, err = vitspec_cli(
+        capsys, "build", "--backend", "numpy", "--weights", str(path), "--check"
+    )
     assert code == 0, err
-    assert f"weights from {path}" in out and f"total: {SPEC.n_params:,} parameters" in out and "(ok, limit" in out
+    assert (
+        f"weights from {path}" in out
+        and f"total: {SPEC.n_params:,} parameters" in out
+        and "(ok, limit" in out
+    )
     code, out, err = vitspec_cli(capsys, "diff", "--backend", "numpy", "--weights", str(path))
     assert code == 0 and out.startswith("numpy vs the reference on w: pass"), err
-    code, out, err = vitspec_cli(capsys, "conformance", "--backend", "numpy", "--weights", str(path))
+    code, out, err = vitspec_cli(
+        capsys, "conformance", "--backend", "numpy", "--weights", str(path)
+    )
     assert code == 0 and "CONFORMS" in out, err
     other = SPEC.replace(norm_eps=1e-5, depth=3)
     other_path = tmp_path / "other.yaml"
     other_path.write_text(other.to_yaml())
     contradiction = f"error: {path}: the given spec contradicts the embedded one (depth: file 4, given 3; norm_eps: file 1e-06, given 1e-05)"
     for command in ("build", "diff", "conformance"):
-        code, out, err = vitspec_cli(capsys, command, "--backend", "numpy", str(other_path), "--weights", str(path))
+        code, out, err = vitspec_cli(
+            capsys, command, "--backend", "numpy", str(other_path), "--weights", str(path)
+        )
         assert code == 1 and _error_lines(err) == [contradiction], (command, err)
     for command in ("build", "diff"):
         code, _, err = vitspec_cli(capsys, command, "--backend", "numpy")
@@ -216,7 +293,9 @@ def test_spec_comes_from_the_weights_when_not_given(capsys, tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize(("field", "value"), [("image_size", 20000), ("depth", 10000)])
-def test_a_spec_too_big_for_memory_is_refused_before_anything_is_allocated(capsys, tmp_path: Path, field: str, value: int) -> None:
+def test_a_spec_too_big_for_memory_is_refused_before_anything_is_allocated(
+    capsys, tmp_path: Path, field: str, value: int
+) -> None:
     from vitspec.memory import available_memory, estimate_memory
 
     spec = vitspec.preset("B/16").replace(**{field: value})
@@ -243,9 +322,13 @@ def test_ignore_memory_check_goes_on_anyway(capsys, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(memory, "available_memory", lambda: 1000)
     code, _, err = vitspec_cli(capsys, "build", "--backend", "numpy", MNIST)
     assert code == 1 and "more than the 1000 B of memory available" in _error_lines(err)[0]
-    code, out, err = vitspec_cli(capsys, "build", "--backend", "numpy", MNIST, "--ignore-memory-check")
+    code, out, err = vitspec_cli(
+        capsys, "build", "--backend", "numpy", MNIST, "--ignore-memory-check"
+    )
     assert code == 0 and f"total: {SPEC.n_params:,} parameters" in out, err
-    code, out, err = vitspec_cli(capsys, "diff", "--backend", "numpy", MNIST, "--ignore-memory-check")
+    code, out, err = vitspec_cli(
+        capsys, "diff", "--backend", "numpy", MNIST, "--ignore-memory-check"
+    )
     assert code == 0, err
 
 
@@ -263,7 +346,12 @@ def test_estimate_counts_weights_images_attention_and_captures() -> None:
     assert every.activations == 8 * (per_image + sum(math.prod(s) for s in shapes.values()))
     assert every.parameters == SPEC.n_params * 8
     assert vitspec.estimate_memory is estimate_memory
-    assert [format_bytes(x) for x in (512, 1536, 3 * 2**30, 1.2 * 2**50)] == ["512 B", "1.5 KiB", "3.0 GiB", "1.2 PiB"]
+    assert [format_bytes(x) for x in (512, 1536, 3 * 2**30, 1.2 * 2**50)] == [
+        "512 B",
+        "1.5 KiB",
+        "3.0 GiB",
+        "1.2 PiB",
+    ]
 
 
 def test_the_summary_folds_the_blocks_into_one_row(capsys, tmp_path: Path) -> None:
@@ -273,7 +361,12 @@ def test_the_summary_folds_the_blocks_into_one_row(capsys, tmp_path: Path) -> No
     code, out, err = vitspec_cli(capsys, "build", "--backend", "numpy", str(path))
     assert code == 0, err
     rows = _rows(out)
-    assert [k for k in rows if k.startswith("blocks.") and "attention" not in k] == ["blocks.0–39 × 40"]
-    assert rows["blocks.0–39 × 40"] == (_shape(2, spec.seq_len, spec.hidden_dim), f"{40 * 33_472:,}")
+    assert [k for k in rows if k.startswith("blocks.") and "attention" not in k] == [
+        "blocks.0–39 × 40"
+    ]
+    assert rows["blocks.0–39 × 40"] == (
+        _shape(2, spec.seq_len, spec.hidden_dim),
+        f"{40 * 33_472:,}",
+    )
     assert sum(int(p.replace(",", "")) for _, p in rows.values() if p) == spec.n_params
     assert len(out.splitlines()) < 20

@@ -19,7 +19,12 @@ FRAMEWORKS = ("torch", "tensorflow", "jax", "flax", "keras")
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "vitspec.cli.main", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120
+        [sys.executable, "-m", "vitspec.cli.main", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=120,
     )
 
 
@@ -50,7 +55,9 @@ def test_validate_ok_and_bad(tmp_path: Path) -> None:
     assert ok.returncode == 0, ok.stderr
     assert "ok" in ok.stdout and "86.57M parameters" in ok.stdout
     bad = tmp_path / "bad.yaml"
-    bad.write_text("image_size: 224\npatch_size: 16\nhidden_dim: 100\nn_heads: 12\ndepth: 12\nfoo: 1\n")
+    bad.write_text(
+        "image_size: 224\npatch_size: 16\nhidden_dim: 100\nn_heads: 12\ndepth: 12\nfoo: 1\n"
+    )
     res = run("validate", str(good), str(bad))
     assert res.returncode == 1
     assert "Traceback" not in res.stderr
@@ -77,7 +84,9 @@ def test_validate_reports_field_rule_and_value(tmp_path: Path) -> None:
         (b"image_size: [\n", "invalid YAML"),
     ],
 )
-def test_bad_spec_files_exit_non_zero_without_traceback(tmp_path: Path, content: bytes, message: str) -> None:
+def test_bad_spec_files_exit_non_zero_without_traceback(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
     path = tmp_path / "spec.yaml"
     path.write_bytes(content)
     for command in (["validate", str(path)], ["layout", str(path)]):
@@ -108,7 +117,9 @@ def test_layout_formats() -> None:
     assert "| `patch_embed.kernel` | `(16, 16, 3, 768)` | 589,824 |" in md.stdout
     assert "Total: 86,567,656 parameters." in md.stdout
     js = json.loads(run("layout", "mu/16", "--format", "json").stdout)
-    assert [p["name"] for p in js] == [p.name for p in vitspec.param_table(vitspec.load_spec("mu/16"))]
+    assert [p["name"] for p in js] == [
+        p.name for p in vitspec.param_table(vitspec.load_spec("mu/16"))
+    ]
     table = run("layout", "S/16")
     assert "total: 22,050,664 parameters" in table.stdout
 
@@ -122,7 +133,11 @@ def test_inspect_shows_spec_and_tensors(tmp_path: Path) -> None:
     assert "patch_size: 7" in res.stdout and "in_channels: 1" in res.stdout
     assert "patch_embed.kernel" in res.stdout and "(7, 7, 1, 32)" in res.stdout
     missing = run("inspect", str(tmp_path / "nope.safetensors"))
-    assert missing.returncode == 1 and "Traceback" not in missing.stderr and "no such file" in missing.stderr
+    assert (
+        missing.returncode == 1
+        and "Traceback" not in missing.stderr
+        and "no such file" in missing.stderr
+    )
 
 
 def test_unknown_command_and_bad_preset() -> None:
@@ -130,7 +145,10 @@ def test_unknown_command_and_bad_preset() -> None:
     assert res.returncode == 2 and "No such command" in res.stderr
     res = run("layout", "Q/16")
     assert res.returncode == 1
-    assert res.stderr.strip() == "error: 'Q/16' is neither a spec file nor a preset name (presets look like 'B/16'; `vitspec presets` lists them)"
+    assert (
+        res.stderr.strip()
+        == "error: 'Q/16' is neither a spec file nor a preset name (presets look like 'B/16'; `vitspec presets` lists them)"
+    )
 
 
 # ---- exit status: 1 for the user's errors, 2 for vitspec's ------------------------------------
@@ -151,7 +169,10 @@ def test_a_user_error_exits_1_with_one_line_per_problem(capsys, monkeypatch) -> 
     import vitspec.layout
 
     def bad(spec: object) -> None:
-        raise vitspec.WeightsError(["missing 1 tensor(s): head.bias", "pos_embed: expected shape [5, 8], found [4, 8]"], "w.safetensors")
+        raise vitspec.WeightsError(
+            ["missing 1 tensor(s): head.bias", "pos_embed: expected shape [5, 8], found [4, 8]"],
+            "w.safetensors",
+        )
 
     monkeypatch.setattr(vitspec.layout, "param_table", bad)
     code, err = _main(capsys, "layout", "B/16")
@@ -162,8 +183,13 @@ def test_a_user_error_exits_1_with_one_line_per_problem(capsys, monkeypatch) -> 
     ]
 
 
-@pytest.mark.parametrize("exc", [ValueError("operands could not be broadcast\ntogether"), RuntimeError("boom"), KeyError("x")])
-def test_an_internal_error_exits_2_with_a_hint_not_blaming_the_user(capsys, monkeypatch, exc: Exception) -> None:
+@pytest.mark.parametrize(
+    "exc",
+    [ValueError("operands could not be broadcast\ntogether"), RuntimeError("boom"), KeyError("x")],
+)
+def test_an_internal_error_exits_2_with_a_hint_not_blaming_the_user(
+    capsys, monkeypatch, exc: Exception
+) -> None:
     import vitspec.layout
 
     def broken(spec: object) -> None:
@@ -190,7 +216,10 @@ def test_an_operating_system_refusal_exits_1(capsys, monkeypatch) -> None:
 
     monkeypatch.setattr(vitspec.layout, "param_table", full)
     code, err = _main(capsys, "layout", "B/16")
-    assert (code, err.splitlines()) == (1, ["error: [Errno 28] No space left on device: 'out.safetensors'"])
+    assert (code, err.splitlines()) == (
+        1,
+        ["error: [Errno 28] No space left on device: 'out.safetensors'"],
+    )
 
 
 def test_bad_arguments_are_vitspec_errors_and_value_errors() -> None:
@@ -216,7 +245,13 @@ def test_bad_arguments_are_vitspec_errors_and_value_errors() -> None:
 def test_every_error_kind_shares_the_base_body() -> None:
     from vitspec import errors
 
-    kinds = [errors.SpecError, errors.WeightsError, errors.FileFormatError, errors.InputError, errors.BackendError]
+    kinds = [
+        errors.SpecError,
+        errors.WeightsError,
+        errors.FileFormatError,
+        errors.InputError,
+        errors.BackendError,
+    ]
     for kind in kinds:
         assert "__init__" not in vars(kind) and "__str__" not in vars(kind), kind
         one, many = kind("one problem"), kind(["a", "b"], "f.yaml")
@@ -227,14 +262,24 @@ def test_every_error_kind_shares_the_base_body() -> None:
 def test_piped_output_is_not_wrapped(tmp_path: Path) -> None:
     """Redirected to a file or a pipe, a line stays one line however long (rich wraps at 80 columns)."""
     env = {k: v for k, v in os.environ.items() if k not in {"COLUMNS", "LINES"}}
-    spec = tmp_path / "a_spec_file_with_a_rather_long_name_to_push_the_line_past_eighty_columns.yaml"
+    spec = (
+        tmp_path / "a_spec_file_with_a_rather_long_name_to_push_the_line_past_eighty_columns.yaml"
+    )
     spec.write_text(family("mnist").to_yaml())
     out = subprocess.run(
-        [sys.executable, "-m", "vitspec.cli.main", "validate", str(spec)], capture_output=True, text=True, env=env, check=True
+        [sys.executable, "-m", "vitspec.cli.main", "validate", str(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     ).stdout
     assert out == f"ok {spec}: 27.98k parameters, 960.38kFLOPs/image, 17 tokens of width 32\n"
     table = subprocess.run(
-        [sys.executable, "-m", "vitspec.cli.main", "layout", "B/16"], capture_output=True, text=True, env=env, check=True
+        [sys.executable, "-m", "vitspec.cli.main", "layout", "B/16"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     ).stdout.splitlines()
     row = next(line for line in table if "blocks.{i}.attn.query.kernel" in line)
     assert "(768, 768)" in row and row.rstrip().endswith("(i = 0..11)")

@@ -86,9 +86,13 @@ def test_every_case_loads_with_every_capture_point(cases) -> None:
 def test_expected_values_are_the_float64_reference(cases) -> None:
     for name in ("family_vit_paper", "norm_eps_sensitive", "one_channel_no_head"):
         case = cases[name]
-        fresh = vitspec.reference.forward(case.spec, case.weights, case.images, dtype=np.float64, capture="all")
+        fresh = vitspec.reference.forward(
+            case.spec, case.weights, case.images, dtype=np.float64, capture="all"
+        )
         for point, value in case.expected.items():
-            np.testing.assert_allclose(value, fresh[point], rtol=1e-12, atol=1e-13, err_msg=f"{name}/{point}")
+            np.testing.assert_allclose(
+                value, fresh[point], rtol=1e-12, atol=1e-13, err_msg=f"{name}/{point}"
+            )
 
 
 def test_corpus_covers_every_spec_option(cases) -> None:
@@ -128,7 +132,10 @@ def test_every_family_has_a_case(cases) -> None:
                 want = tuple(value) if isinstance(value, list) else value
                 if key in ("image_size", "patch_size") and isinstance(value, int):
                     want = (value, value)
-                if key not in ("image_size", "pre_logits_dim"):  # sizes are shrunk to keep cases small
+                if key not in (
+                    "image_size",
+                    "pre_logits_dim",
+                ):  # sizes are shrunk to keep cases small
                     assert got == want, (name, key, got, want)
 
 
@@ -136,13 +143,24 @@ def test_manifest_records_provenance_and_the_tolerance_in_force(cases) -> None:
     manifest = cases["family_mnist"].manifest
     assert manifest["generator"]["vitspec"] == vitspec.__version__
     assert manifest["generator"]["numpy"] == np.__version__
-    assert manifest["inputs"]["weights"] == {"init": "vitspec.init_weights", "scheme": "random", "seed": 13}
+    assert manifest["inputs"]["weights"] == {
+        "init": "vitspec.init_weights",
+        "scheme": "random",
+        "seed": 13,
+    }
     shipped = load_tolerances()
     for name, tol in shipped.classes.items():
-        assert manifest["tolerance"][name] == {"atol": tol.atol, "rtol": tol.rtol, "reason": tol.reason}
+        assert manifest["tolerance"][name] == {
+            "atol": tol.atol,
+            "rtol": tol.rtol,
+            "reason": tol.reason,
+        }
     for fname in ("spec.yaml", "weights.safetensors", "data.safetensors"):
         entry = manifest["files"][fname]
-        assert len(entry["sha256"]) == 64 and entry["bytes"] == (CASES_DIR / "family_mnist" / fname).stat().st_size
+        assert (
+            len(entry["sha256"]) == 64
+            and entry["bytes"] == (CASES_DIR / "family_mnist" / fname).stat().st_size
+        )
 
 
 # ---- the case format ----------------------------------------------------------------------------
@@ -150,7 +168,12 @@ def test_manifest_records_provenance_and_the_tolerance_in_force(cases) -> None:
 
 def test_write_then_load_is_lossless(tmp_path: Path, tiny_case) -> None:
     path = write_case(tiny_case, tmp_path / "tiny")
-    assert sorted(p.name for p in path.iterdir()) == ["data.safetensors", "manifest.json", "spec.yaml", "weights.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == [
+        "data.safetensors",
+        "manifest.json",
+        "spec.yaml",
+        "weights.safetensors",
+    ]
     back = load_case(path)
     assert back.spec == tiny_case.spec and back.points == tiny_case.points
     for k, v in tiny_case.weights.items():
@@ -187,7 +210,9 @@ def test_case_folder_problems_are_named(tmp_path: Path, tiny_case) -> None:
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["format"] = "something/9"
     (path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CaseError, match=r"expected format 'vitspec.conformance.case/1', found 'something/9'"):
+    with pytest.raises(
+        CaseError, match=r"expected format 'vitspec.conformance.case/1', found 'something/9'"
+    ):
         load_case(path)
 
 
@@ -206,7 +231,9 @@ def test_tolerance_file_states_a_reason_for_every_class() -> None:
     assert {"float64", "float32", "float16", "bfloat16"} <= set(tols.classes)
     for t in tols.classes.values():
         assert t.reason and t.atol > 0
-    assert tols.classes["float64"].atol < tols.classes["float32"].atol < tols.classes["float16"].atol
+    assert (
+        tols.classes["float64"].atol < tols.classes["float32"].atol < tols.classes["float16"].atol
+    )
 
 
 def test_pairwise_tolerance_is_the_coarser_class_times_the_factor() -> None:
@@ -219,11 +246,15 @@ def test_pairwise_tolerance_is_the_coarser_class_times_the_factor() -> None:
 def test_a_case_may_tighten_but_not_silently_loosen() -> None:
     tols = load_tolerances()
     base = tols.classes["float32"]
-    tight = tols.for_case("c", {"float32": {"atol": base.atol / 10, "rtol": base.rtol, "reason": "tiny model"}})
+    tight = tols.for_case(
+        "c", {"float32": {"atol": base.atol / 10, "rtol": base.rtol, "reason": "tiny model"}}
+    )
     assert tight.classes["float32"].atol == base.atol / 10 and not tight.classes["float32"].loosened
     assert tight.classes["float32"].source == "case c"
     loose = {"float32": {"atol": base.atol * 10, "rtol": base.rtol, "reason": "why not"}}
-    with pytest.raises(ToleranceError, match=r"case 'c': tolerance float32 is looser than .*atol 0.0001 > 1e-05"):
+    with pytest.raises(
+        ToleranceError, match=r"case 'c': tolerance float32 is looser than .*atol 0.0001 > 1e-05"
+    ):
         tols.for_case("c", loose)
     loose["float32"]["loosens"] = True
     allowed = tols.for_case("c", loose)
@@ -249,7 +280,9 @@ def test_bad_tolerance_files_are_refused(tmp_path: Path) -> None:
     data = json.loads(load_tolerances().path and Path(load_tolerances().path).read_text())
     data["classes"]["float32"]["atol"] = -1
     path.write_text(json.dumps(data))
-    with pytest.raises(ToleranceError, match=r"float32: atol must be a finite number >= 0, found -1"):
+    with pytest.raises(
+        ToleranceError, match=r"float32: atol must be a finite number >= 0, found -1"
+    ):
         load_tolerances(path)
     path.write_text("{}")
     with pytest.raises(ToleranceError, match="expected format"):
@@ -268,11 +301,15 @@ def test_compare_reports_the_exact_error_and_where() -> None:
     check = compare("x", got.astype(np.float32), expected, F32)
     assert not check.passed
     assert check.max_abs_index == (1, 2, 3)
-    assert check.max_abs == pytest.approx(abs(np.float32(got[1, 2, 3]) - expected[1, 2, 3]), rel=1e-6)
+    assert check.max_abs == pytest.approx(
+        abs(np.float32(got[1, 2, 3]) - expected[1, 2, 3]), rel=1e-6
+    )
     assert check.worst_index == (1, 2, 3)
     assert "2 of 24 element(s) outside tolerance; worst at [1, 2, 3]" in check.problems[0]
     # Relative error counts where the relative term dominates: |expected| >= atol / rtol = 1.
-    rel = np.where(np.abs(expected) >= 1.0, np.abs(got.astype(np.float32) - expected) / np.abs(expected), 0.0)
+    rel = np.where(
+        np.abs(expected) >= 1.0, np.abs(got.astype(np.float32) - expected) / np.abs(expected), 0.0
+    )
     assert check.max_rel == pytest.approx(rel.max(), rel=1e-9)
     assert check.max_rel_index == tuple(np.unravel_index(np.argmax(rel), rel.shape))
 
@@ -282,13 +319,19 @@ def test_relative_error_ignores_values_below_atol_over_rtol() -> None:
     got = np.array([2e-9, 2.0 + 2e-6, 0.5 + 4e-6], np.float32)
     check = compare("x", got, expected, F32)
     assert check.passed  # 1e-9 off a near-zero value: within atol
-    assert check.max_rel_index == (1,)  # not 100% at index 0, and 0.5 < atol / rtol is judged by atol
+    assert check.max_rel_index == (
+        1,
+    )  # not 100% at index 0, and 0.5 < atol / rtol is judged by atol
 
 
 def test_compare_shape_dtype_missing_and_nonfinite() -> None:
     e = np.zeros((2, 3))
-    assert compare("x", np.zeros((3, 2), np.float32), e, F32).problems == ["shape: expected (2, 3), found (3, 2)"]
-    assert compare("x", np.zeros((2, 3), np.int32), e, F32).problems == ["dtype: expected a float array, found int32"]
+    assert compare("x", np.zeros((3, 2), np.float32), e, F32).problems == [
+        "shape: expected (2, 3), found (3, 2)"
+    ]
+    assert compare("x", np.zeros((2, 3), np.int32), e, F32).problems == [
+        "dtype: expected a float array, found int32"
+    ]
     missing = compare("x", None, e, F32)
     assert missing.status == "missing" and not missing.passed
     e2 = np.array([[1.0, np.nan, np.inf], [0.0, 1.0, -np.inf]])
@@ -298,7 +341,9 @@ def test_compare_shape_dtype_missing_and_nonfinite() -> None:
     g2[1, 0], g2[0, 2] = np.nan, -np.inf
     bad = compare("x", g2.astype(np.float32), e2, F32)
     assert bad.nonfinite_mismatches == 2 and bad.first_nonfinite_mismatch == (0, 2)
-    assert bad.problems[0].startswith("NaN/Inf positions differ at 2 element(s); first at [0, 2]: expected inf, found -inf")
+    assert bad.problems[0].startswith(
+        "NaN/Inf positions differ at 2 element(s); first at [0, 2]: expected inf, found -inf"
+    )
 
 
 def test_argmax_disagreement_and_near_ties() -> None:
@@ -309,7 +354,10 @@ def test_argmax_disagreement_and_near_ties() -> None:
     check = compare("output", g.astype(np.float32), e, F32, argmax=True)
     assert check.argmax.disagree == [(0, 1, 0)]
     assert check.argmax.ties == [(1, 0, 2)]
-    assert any("argmax differs for 1 of 2 image(s); first: image 0 expected class 1, found class 0" in p for p in check.problems)
+    assert any(
+        "argmax differs for 1 of 2 image(s); first: image 0 expected class 1, found class 0" in p
+        for p in check.problems
+    )
 
 
 def test_pairwise_compare_is_symmetric() -> None:
@@ -378,7 +426,9 @@ def test_pairwise_check_names_the_backends(tiny_case) -> None:
     b["embed"] = b["embed"] * np.float32(1.001)
     result = check_pair(tiny_case, "a", a, "b", b, tols)
     assert result.label == "a~b" and result.first_divergent == "embed"
-    assert result.points[0].tolerance.atol == pytest.approx(tols.pairwise_factor * tols.classes["float32"].atol)
+    assert result.points[0].tolerance.atol == pytest.approx(
+        tols.pairwise_factor * tols.classes["float32"].atol
+    )
 
 
 # ---- expectations -------------------------------------------------------------------------------
@@ -391,11 +441,18 @@ def _failing(case) -> vitspec.conformance.CaseCheck:
 
 
 def test_known_failures_become_xfail_and_stale_entries_warn(tiny_case) -> None:
-    passing = check_outputs("mine", {k: v.astype(np.float32) for k, v in tiny_case.expected.items()}, tiny_case, load_tolerances())
+    passing = check_outputs(
+        "mine",
+        {k: v.astype(np.float32) for k, v in tiny_case.expected.items()},
+        tiny_case,
+        load_tolerances(),
+    )
     failing = _failing(tiny_case)
     failing.case = "other"
     exps = [
-        Expectation("mine", "other", "no erf on this chip", first_divergent="embed", source="mine.json"),
+        Expectation(
+            "mine", "other", "no erf on this chip", first_divergent="embed", source="mine.json"
+        ),
         Expectation("mine", "tiny", "fixed long ago", source="mine.json"),
         Expectation("mine", "no_such_case", "typo", source="mine.json"),
     ]
@@ -410,19 +467,39 @@ def test_known_failures_become_xfail_and_stale_entries_warn(tiny_case) -> None:
 
 def test_a_known_failure_at_another_point_stays_a_failure(tiny_case) -> None:
     failing = _failing(tiny_case)
-    warnings = apply_expectations([failing], [Expectation("mine", "tiny", "r", first_divergent="output", source="m.json")])
+    warnings = apply_expectations(
+        [failing], [Expectation("mine", "tiny", "r", first_divergent="output", source="m.json")]
+    )
     assert failing.status == "fail"
-    assert "expected to fail at output (m.json) but the first divergent point is embed" in failing.problems
+    assert (
+        "expected to fail at output (m.json) but the first divergent point is embed"
+        in failing.problems
+    )
     assert "fails differently" in warnings[0]
 
 
 def test_expectations_files_are_checked(tmp_path: Path) -> None:
     path = tmp_path / "e.json"
-    path.write_text(json.dumps({"format": "vitspec.conformance.expectations/1", "backend": "x", "known_failures": [{"case": "a"}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "format": "vitspec.conformance.expectations/1",
+                "backend": "x",
+                "known_failures": [{"case": "a"}],
+            }
+        )
+    )
     with pytest.raises(ExpectationsError, match=r"known_failures\[0\]: needs a 'reason'"):
         load_expectations(path)
-    path.write_text(json.dumps({"format": "vitspec.conformance.expectations/1", "backend": "x",
-                                "known_failures": [{"case": "a", "reason": "r", "against": "y"}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "format": "vitspec.conformance.expectations/1",
+                "backend": "x",
+                "known_failures": [{"case": "a", "reason": "r", "against": "y"}],
+            }
+        )
+    )
     assert load_expectations(path) == [Expectation("x", "a", "r", "y", None, "e.json")]
 
 
@@ -450,11 +527,27 @@ def mixed_report(cases):
 def test_json_report(mixed_report) -> None:
     data = json.loads(rep.to_json(mixed_report))
     assert data["format"] == "vitspec.conformance.report/1" and data["ok"] is False
-    assert data["summary"] == {"checks": 6, "pass": 2, "fail": 4, "error": 0, "xfail": 0, "unsupported": 0, "backends_not_loaded": 0}
-    bad = [r for r in data["results"] if r["backend"] == "numpy+tanh_gelu" and r["against"] == "reference"]
+    assert data["summary"] == {
+        "checks": 6,
+        "pass": 2,
+        "fail": 4,
+        "error": 0,
+        "xfail": 0,
+        "unsupported": 0,
+        "backends_not_loaded": 0,
+    }
+    bad = [
+        r
+        for r in data["results"]
+        if r["backend"] == "numpy+tanh_gelu" and r["against"] == "reference"
+    ]
     assert [r["first_divergent"] for r in bad] == ["blocks.0.mlp", "blocks.0.mlp"]
     point = bad[0]["points"][5]
-    assert point["name"] == "blocks.0.mlp" and point["status"] == "fail" and len(point["max_abs_index"]) == 3
+    assert (
+        point["name"] == "blocks.0.mlp"
+        and point["status"] == "fail"
+        and len(point["max_abs_index"]) == 3
+    )
     assert point["tolerance"]["class"] == "float32" and point["tolerance"]["reason"]
 
 
@@ -481,16 +574,28 @@ def test_markdown_matrix(mixed_report) -> None:
 
 def test_text_report(mixed_report) -> None:
     text = rep.text_report(mixed_report)
-    assert text.splitlines()[-1].startswith("DOES NOT CONFORM: 6 checks, 2 passed, 4 failed, 0 errors")
-    assert "numpy+tanh_gelu vs the reference on family_vit_paper: FAIL: first divergent capture point blocks.0.mlp" in text
-    table = next(line for line in text.splitlines() if line.startswith("blocks.0.mlp ") and "first divergence" in line)
+    assert text.splitlines()[-1].startswith(
+        "DOES NOT CONFORM: 6 checks, 2 passed, 4 failed, 0 errors"
+    )
+    assert (
+        "numpy+tanh_gelu vs the reference on family_vit_paper: FAIL: first divergent capture point blocks.0.mlp"
+        in text
+    )
+    table = next(
+        line
+        for line in text.splitlines()
+        if line.startswith("blocks.0.mlp ") and "first divergence" in line
+    )
     assert " fail " in table
 
 
 def test_docs_list_every_case_and_the_tolerances() -> None:
     page = (Path(__file__).resolve().parent.parent / "docs" / "conformance.md").read_text()
     for case in CORPUS:
-        assert f"| `{case.name}` | {case.description} | {case.spec.depth} | {case.spec.n_heads} | {case.batch} |" in page, case.name
+        assert (
+            f"| `{case.name}` | {case.description} | {case.spec.depth} | {case.spec.n_heads} | {case.batch} |"
+            in page
+        ), case.name
     for name, t in load_tolerances().classes.items():
         assert f"| {name} | {t.atol:g} | {t.rtol:g} |" in page, name
     assert f"{len(CORPUS)} cases" in page

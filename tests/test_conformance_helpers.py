@@ -39,16 +39,30 @@ def test_every_documented_helper_has_its_signature() -> None:
     for fn, params in SIGNATURES.items():
         found = list(inspect.signature(fn).parameters)
         assert [p for p in found if p in params] == params, (fn.__qualname__, found)
-    for call in ("vitspec.reference.check_images(spec, images)", "vitspec.layout.check_capture(spec, capture)",
-                 "vitspec.reference.sincos2d(spec.grid, spec.hidden_dim)", "run_suite(backends, cases, pairwise=False",
-                 'get_format("timm")', "random_cases(n, seed)", "check_backend(name, backend, case, load_tolerances())"):
+    for call in (
+        "vitspec.reference.check_images(spec, images)",
+        "vitspec.layout.check_capture(spec, capture)",
+        "vitspec.reference.sincos2d(spec.grid, spec.hidden_dim)",
+        "run_suite(backends, cases, pairwise=False",
+        'get_format("timm")',
+        "random_cases(n, seed)",
+        "check_backend(name, backend, case, load_tolerances())",
+    ):
         assert call in page, call
 
 
 def test_image_and_capture_checks_name_what_is_expected() -> None:
-    with pytest.raises(ValueError, match=re.escape("images: expected shape (batch, 16, 8, 3) NHWC, found (2, 8, 16, 3)")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("images: expected shape (batch, 16, 8, 3) NHWC, found (2, 8, 16, 3)"),
+    ):
         vitspec.reference.check_images(SPEC, np.zeros((2, 8, 16, 3), np.float32))
-    assert vitspec.reference.check_images(SPEC, np.zeros((1, 16, 8, 3), np.float32)).shape == (1, 16, 8, 3)
+    assert vitspec.reference.check_images(SPEC, np.zeros((1, 16, 8, 3), np.float32)).shape == (
+        1,
+        16,
+        8,
+        3,
+    )
     assert vitspec.layout.check_capture(SPEC, "all") == vitspec.capture_points(SPEC)
     with pytest.raises(ValueError, match="unknown capture point.*'blocks.5'.*blocks.0..0"):
         vitspec.layout.check_capture(SPEC, ["blocks.5"])
@@ -58,7 +72,9 @@ def test_sincos_table_is_big_visions() -> None:
     table = vitspec.reference.sincos2d((4, 2), 8)
     assert table.shape == (8, 8) and table.dtype == np.float64
     # Patch (row 1, col 0): x = 0 gives sin 0 / cos 1 in the first half; y = 1 gives sin(1), cos(1) at frequency 1.
-    np.testing.assert_allclose(table[2], [0, 0, 1, 1, np.sin(1), np.sin(1e-4), np.cos(1), np.cos(1e-4)], atol=1e-12)
+    np.testing.assert_allclose(
+        table[2], [0, 0, 1, 1, np.sin(1), np.sin(1e-4), np.cos(1), np.cos(1e-4)], atol=1e-12
+    )
 
 
 def test_timm_mapping_in_memory_round_trips() -> None:
@@ -66,7 +82,9 @@ def test_timm_mapping_in_memory_round_trips() -> None:
     weights = vitspec.init_weights(SPEC, seed=1, scheme="random")
     state = dict(timm.to_native(SPEC, weights))
     assert state["blocks.0.attn.qkv.weight"].shape == (48, 16)
-    np.testing.assert_array_equal(state["blocks.0.attn.qkv.weight"][:16], weights["blocks.0.attn.query.kernel"].T)
+    np.testing.assert_array_equal(
+        state["blocks.0.attn.qkv.weight"][:16], weights["blocks.0.attn.query.kernel"].T
+    )
     back = dict(timm.from_native(SPEC, state))
     assert list(back) == list(weights) and all(np.array_equal(back[k], weights[k]) for k in weights)
     with pytest.raises(vitspec.SpecError, match="no pre-logits layer"):

@@ -66,7 +66,12 @@ def test_random_specs_agree_with_the_reference(name: str) -> None:
     backend = vitspec.backend(name)
     tolerances = load_tolerances()
 
-    @settings(max_examples=EXAMPLES[name], deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+    @settings(
+        max_examples=EXAMPLES[name],
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
     @given(data=spec_dicts(), seed=st.integers(0, 2**16), batch=st.integers(1, 3))
     def check(data: dict[str, Any], seed: int, batch: int) -> None:
         case = make_case(Spec.from_dict(data), name="random", batch=batch, seed=seed)
@@ -80,29 +85,31 @@ def test_random_specs_agree_with_the_reference(name: str) -> None:
 
 def _corruptions() -> st.SearchStrategy[tuple[str, Any, str]]:
     """(field, bad value or a function of the valid spec giving one, words the error must contain)."""
-    return st.sampled_from([
-        ("n_heads", lambda d: d["hidden_dim"] + 1, "not divisible by n_heads"),
-        ("patch_size", lambda d: d["image_size"][0] + 1, "not divisible by patch_size"),
-        ("patch_size", [4, 4, 4], "patch_size must be"),
-        ("depth", 0, "depth must be greater than 0"),
-        ("depth", -3, "depth must be greater than 0"),
-        ("depth", 1.5, "depth must be an integer"),
-        ("n_heads", "4", "n_heads must be an integer"),
-        ("image_size", None, "image_size must be"),
-        ("in_channels", True, "in_channels must be an integer"),
-        ("mlp_ratio", lambda d: 1 / (2 * d["hidden_dim"]), "whole number"),
-        ("mlp_ratio", float("nan"), "mlp_ratio must be a finite number"),
-        ("norm_eps", 0.0, "norm_eps must be greater than 0"),
-        ("norm_eps", float("inf"), "norm_eps"),
-        ("dropout", 1.0, "dropout must be less than 1"),
-        ("pooling", "max", "pooling must be one of"),
-        ("pos_embed", "rope", "pos_embed must be one of"),
-        ("gelu", "relu", "gelu must be one of"),
-        ("class_token", "yes", "class_token must be true or false"),
-        ("qkv_bias", 1, "qkv_bias must be true or false"),
-        ("n_classes", -1, "n_classes must be at least 0"),
-        ("hiden_dim", 32, "unknown field 'hiden_dim'"),
-    ])
+    return st.sampled_from(
+        [
+            ("n_heads", lambda d: d["hidden_dim"] + 1, "not divisible by n_heads"),
+            ("patch_size", lambda d: d["image_size"][0] + 1, "not divisible by patch_size"),
+            ("patch_size", [4, 4, 4], "patch_size must be"),
+            ("depth", 0, "depth must be greater than 0"),
+            ("depth", -3, "depth must be greater than 0"),
+            ("depth", 1.5, "depth must be an integer"),
+            ("n_heads", "4", "n_heads must be an integer"),
+            ("image_size", None, "image_size must be"),
+            ("in_channels", True, "in_channels must be an integer"),
+            ("mlp_ratio", lambda d: 1 / (2 * d["hidden_dim"]), "whole number"),
+            ("mlp_ratio", float("nan"), "mlp_ratio must be a finite number"),
+            ("norm_eps", 0.0, "norm_eps must be greater than 0"),
+            ("norm_eps", float("inf"), "norm_eps"),
+            ("dropout", 1.0, "dropout must be less than 1"),
+            ("pooling", "max", "pooling must be one of"),
+            ("pos_embed", "rope", "pos_embed must be one of"),
+            ("gelu", "relu", "gelu must be one of"),
+            ("class_token", "yes", "class_token must be true or false"),
+            ("qkv_bias", 1, "qkv_bias must be true or false"),
+            ("n_classes", -1, "n_classes must be at least 0"),
+            ("hiden_dim", 32, "unknown field 'hiden_dim'"),
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +117,20 @@ def spec_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("specs")
 
 
-@settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=spec_dicts(), bad=_corruptions(), combo=st.sampled_from(["one", "token_without_class", "sincos_width", "slot_without_learned"]))
-def test_random_invalid_specs_fail_validation(spec_dir: Path, data: dict[str, Any], bad: tuple[str, Any, str], combo: str) -> None:
+@settings(
+    max_examples=120,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    data=spec_dicts(),
+    bad=_corruptions(),
+    combo=st.sampled_from(["one", "token_without_class", "sincos_width", "slot_without_learned"]),
+)
+def test_random_invalid_specs_fail_validation(
+    spec_dir: Path, data: dict[str, Any], bad: tuple[str, Any, str], combo: str
+) -> None:
     field, value, words = bad
     if combo == "token_without_class":
         data = {**data, "class_token": False, "pooling": "token"}
@@ -123,7 +141,11 @@ def test_random_invalid_specs_fail_validation(spec_dir: Path, data: dict[str, An
     elif combo == "slot_without_learned":
         data = {**data, "pos_embed": "none"}
         field, value, words = "pos_embed_class_slot", True, "pos_embed_class_slot true needs"
-    data = {k: v for k, v in data.items() if k != "pos_embed_class_slot" or field == "pos_embed_class_slot"}
+    data = {
+        k: v
+        for k, v in data.items()
+        if k != "pos_embed_class_slot" or field == "pos_embed_class_slot"
+    }
     data[field] = value(data) if callable(value) else value
     with pytest.raises(SpecError) as info:
         Spec.from_dict(data)

@@ -51,7 +51,9 @@ def test_random_specs_reach_every_value_of_every_field() -> None:
         else:
             assert len(seen[name]) >= 2, f"{name} takes one value only: {seen[name]}"
     assert any(s.n_classes == 0 for s in specs) and any(s.pre_logits_dim for s in specs)
-    assert any(s.image_size[0] != s.image_size[1] for s in specs) and any(s.dropout > 0 for s in specs)
+    assert any(s.image_size[0] != s.image_size[1] for s in specs) and any(
+        s.dropout > 0 for s in specs
+    )
 
 
 def test_random_specs_stay_small() -> None:
@@ -81,30 +83,89 @@ def test_a_random_case_writes_as_a_case_folder(tmp_path: Path) -> None:
 
 def test_cli_random_runs_only_random_cases_unless_targets_are_given(tmp_path: Path) -> None:
     runner = CliRunner()
-    res = runner.invoke(cli, ["conformance", "-b", "numpy", "--random", "4", "--seed", "12", "--report", str(tmp_path / "r.json")])
+    res = runner.invoke(
+        cli,
+        [
+            "conformance",
+            "-b",
+            "numpy",
+            "--random",
+            "4",
+            "--seed",
+            "12",
+            "--report",
+            str(tmp_path / "r.json"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "r.json").read_text())
     assert [c["name"] for c in data["cases"]] == [f"random-12-{i}" for i in range(4)]
     assert data["random"] == {"n": 4, "seed": 12} and data["summary"]["pass"] == 4
     assert "4 case(s), 4 random (--random 4 --seed 12)" in res.output
-    res = runner.invoke(cli, ["conformance", "-b", "numpy", "family_mnist", "--random", "2", "--seed", "12", "--report", str(tmp_path / "r.json")])
+    res = runner.invoke(
+        cli,
+        [
+            "conformance",
+            "-b",
+            "numpy",
+            "family_mnist",
+            "--random",
+            "2",
+            "--seed",
+            "12",
+            "--report",
+            str(tmp_path / "r.json"),
+        ],
+    )
     assert res.exit_code == 0, res.output
-    assert [c["name"] for c in json.loads((tmp_path / "r.json").read_text())["cases"]] == ["family_mnist", "random-12-0", "random-12-1"]
+    assert [c["name"] for c in json.loads((tmp_path / "r.json").read_text())["cases"]] == [
+        "family_mnist",
+        "random-12-0",
+        "random-12-1",
+    ]
 
 
 def test_plugin_takes_the_same_random_options(tmp_path: Path) -> None:
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
     res = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--pyargs", "vitspec.conformance", "--vitspec-backend", "numpy",
-         "--vitspec-random", "3", "--vitspec-seed", "12", "--junitxml", str(tmp_path / "j.xml"), "--vitspec-report", str(tmp_path / "r.json")],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "--pyargs",
+            "vitspec.conformance",
+            "--vitspec-backend",
+            "numpy",
+            "--vitspec-random",
+            "3",
+            "--vitspec-seed",
+            "12",
+            "--junitxml",
+            str(tmp_path / "j.xml"),
+            "--vitspec-report",
+            str(tmp_path / "r.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout
     assert "3 passed, 0 failed" in res.stdout and "3 random (--random 3 --seed 12)" in res.stdout
     assert "backend numpy " in res.stdout
     tests = [tc.get("name") for tc in ET.parse(tmp_path / "j.xml").getroot().iter("testcase")]
     assert tests == [f"test_conformance[numpy-random-12-{i}]" for i in range(3)]
-    props = {p.get("name"): p.get("value") for p in ET.parse(tmp_path / "j.xml").getroot().iter("property")}
-    assert props["numpy.version"] == np.__version__ and props["numpy.target"] == "vitspec.backends.numpy:NumpyBackend"
+    props = {
+        p.get("name"): p.get("value")
+        for p in ET.parse(tmp_path / "j.xml").getroot().iter("property")
+    }
+    assert (
+        props["numpy.version"] == np.__version__
+        and props["numpy.target"] == "vitspec.backends.numpy:NumpyBackend"
+    )
     assert props["vitspec.corpus_version"] == "-"  # random cases belong to no corpus
     assert json.loads((tmp_path / "r.json").read_text())["random"] == {"n": 3, "seed": 12}
 
@@ -113,7 +174,9 @@ def test_plugin_takes_the_same_random_options(tmp_path: Path) -> None:
 
 
 def test_every_shipped_manifest_carries_the_corpus_version() -> None:
-    versions = {json.loads((d / "manifest.json").read_text())["corpus_version"] for d in shipped_case_dirs()}
+    versions = {
+        json.loads((d / "manifest.json").read_text())["corpus_version"] for d in shipped_case_dirs()
+    }
     assert versions == {VERSION}
 
 
@@ -128,13 +191,30 @@ def test_the_corpus_is_the_one_its_version_names() -> None:
 def test_the_fingerprint_sees_what_changes_a_verdict() -> None:
     cases = shipped_cases()[:3]
     base = corpus_fingerprint(cases)
-    moved = [*cases[:2], make_case(cases[2].spec, cases[2].weights, cases[2].images, name=cases[2].name,
-                                   tolerance={"float32": {"atol": 1e-6, "rtol": 1e-6, "reason": "tighter"}})]
+    moved = [
+        *cases[:2],
+        make_case(
+            cases[2].spec,
+            cases[2].weights,
+            cases[2].images,
+            name=cases[2].name,
+            tolerance={"float32": {"atol": 1e-6, "rtol": 1e-6, "reason": "tighter"}},
+        ),
+    ]
     assert corpus_fingerprint(moved) != base
     fewer = cases[:2]
     assert corpus_fingerprint(fewer) != base
-    reworded = [*cases[:2], make_case(cases[2].spec, cases[2].weights, cases[2].images, name=cases[2].name,
-                                      description="another description", tolerance=cases[2].tolerance_entries)]
+    reworded = [
+        *cases[:2],
+        make_case(
+            cases[2].spec,
+            cases[2].weights,
+            cases[2].images,
+            name=cases[2].name,
+            description="another description",
+            tolerance=cases[2].tolerance_entries,
+        ),
+    ]
     assert corpus_fingerprint(reworded) == base
 
 
@@ -142,7 +222,10 @@ def test_pinning_another_version_is_a_one_line_error() -> None:
     cases = [load_case(CASES_DIR / "family_mnist")]
     check_corpus_version(VERSION, cases)
     check_corpus_version(None, cases)
-    with pytest.raises(CaseError, match=rf"^corpus version: expected {VERSION + 1} \(--corpus-version\), found {VERSION}: ") as err:
+    with pytest.raises(
+        CaseError,
+        match=rf"^corpus version: expected {VERSION + 1} \(--corpus-version\), found {VERSION}: ",
+    ) as err:
         check_corpus_version(VERSION + 1, cases)
     assert "\n" not in str(err.value)
     # Cases from no corpus: the pin is held against the corpus this vitspec ships.
@@ -154,7 +237,10 @@ def test_pinning_another_version_is_a_one_line_error() -> None:
 def test_cases_of_two_corpus_versions_do_not_mix() -> None:
     spec = family("mnist", hidden_dim=8, n_heads=2, depth=1)
     old = make_case(spec, name="old", corpus_version=VERSION + 1)
-    with pytest.raises(CaseError, match=rf"cases from corpus versions {VERSION} \(family_mnist\), {VERSION + 1} \(old\) in one run"):
+    with pytest.raises(
+        CaseError,
+        match=rf"cases from corpus versions {VERSION} \(family_mnist\), {VERSION + 1} \(old\) in one run",
+    ):
         check_corpus_version(None, [load_case(CASES_DIR / "family_mnist"), old])
 
 
@@ -169,13 +255,31 @@ def test_a_bad_corpus_version_in_a_manifest_is_named(tmp_path: Path) -> None:
 
 def test_reports_carry_the_corpus_version(tmp_path: Path) -> None:
     runner = CliRunner()
-    res = runner.invoke(cli, ["conformance", "-b", "numpy", "family_mnist", "--corpus-version", str(VERSION),
-                              "--report", str(tmp_path / "r.json"), "--junit", str(tmp_path / "r.xml"), "--markdown", str(tmp_path / "r.md")])
+    res = runner.invoke(
+        cli,
+        [
+            "conformance",
+            "-b",
+            "numpy",
+            "family_mnist",
+            "--corpus-version",
+            str(VERSION),
+            "--report",
+            str(tmp_path / "r.json"),
+            "--junit",
+            str(tmp_path / "r.xml"),
+            "--markdown",
+            str(tmp_path / "r.md"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert f"1 case(s) (corpus version {VERSION})" in res.output
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["corpus_version"] == VERSION and data["cases"][0]["corpus_version"] == VERSION
-    props = {p.get("name"): p.get("value") for p in ET.parse(tmp_path / "r.xml").getroot().iter("property")}
+    props = {
+        p.get("name"): p.get("value")
+        for p in ET.parse(tmp_path / "r.xml").getroot().iter("property")
+    }
     assert props["vitspec.corpus_version"] == str(VERSION)
     assert f"; corpus version {VERSION};" in (tmp_path / "r.md").read_text()
 

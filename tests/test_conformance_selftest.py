@@ -63,7 +63,9 @@ def test_each_defect_fails_at_the_point_it_touches_first(cases, defect: str) -> 
 def test_pytorch_default_eps_shows_where_eps_matters(cases) -> None:
     bad = broken.norm_eps(NumpyBackend(), 1e-5)
     by_name = {c.name: c for c in cases}
-    report = run_suite([bad], [by_name["norm_eps_sensitive"], by_name["family_vit_paper"]], expectations=[])
+    report = run_suite(
+        [bad], [by_name["norm_eps_sensitive"], by_name["family_vit_paper"]], expectations=[]
+    )
     sensitive, ordinary = report.results
     assert sensitive.first_divergent == "blocks.0.attn_probs"
     # On ordinary data 1e-5 vs 1e-6 is within float32 rounding at the first touched point; the
@@ -86,7 +88,11 @@ def test_pairwise_check_fails_a_broken_backend_against_a_healthy_one(cases) -> N
 def test_wrappers_break_every_backend_alike(cases, name: str) -> None:
     backend = vitspec.backend(name)
     picked = [c for c in cases if c.name == "heads7_mlp_ratio_1"]
-    report = run_suite([backend, broken.transpose_patch_kernel(backend), broken.tanh_gelu(backend)], picked, expectations=[])
+    report = run_suite(
+        [backend, broken.transpose_patch_kernel(backend), broken.tanh_gelu(backend)],
+        picked,
+        expectations=[],
+    )
     by = {(r.label, r.case): r for r in report.results}
     for case in picked:
         assert by[(name, case.name)].passed, rep.point_table(by[(name, case.name)])

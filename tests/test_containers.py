@@ -32,8 +32,14 @@ def test_safetensors_round_trip_with_the_library(tmp_path) -> None:
     ours = tmp_path / "ours.safetensors"
     write_safetensors(ours, MIXED, {"k": "v"})
     theirs = load_file(str(ours))
-    assert {k: (v.dtype, v.tobytes()) for k, v in theirs.items()} == {k: (v.dtype, v.tobytes()) for k, v in MIXED.items()}
-    save_file({k: v for k, v in MIXED.items() if k != "a"}, str(tmp_path / "theirs.safetensors"), metadata={"m": "1"})
+    assert {k: (v.dtype, v.tobytes()) for k, v in theirs.items()} == {
+        k: (v.dtype, v.tobytes()) for k, v in MIXED.items()
+    }
+    save_file(
+        {k: v for k, v in MIXED.items() if k != "a"},
+        str(tmp_path / "theirs.safetensors"),
+        metadata={"m": "1"},
+    )
     back, meta = read_safetensors(tmp_path / "theirs.safetensors")
     assert meta == {"m": "1"}
     assert all(back[k].dtype == MIXED[k].dtype and np.array_equal(back[k], MIXED[k]) for k in back)
@@ -56,7 +62,9 @@ def test_nan_and_inf_are_collected_by_name(tmp_path) -> None:
     path = tmp_path / "w.safetensors"
     bad = np.ones((3, 4), np.float32)
     bad[1, 2] = np.nan
-    write_safetensors(path, {"ok": np.ones(2, np.float32), "bad": bad, "inf": np.array([0, np.inf], np.float16)})
+    write_safetensors(
+        path, {"ok": np.ones(2, np.float32), "bad": bad, "inf": np.array([0, np.inf], np.float16)}
+    )
     source = open_container(path)
     for name in source:
         source[name]
@@ -69,7 +77,10 @@ def test_nan_and_inf_are_collected_by_name(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        (lambda data: data[:-3], r"tensor 'i' ends at byte \d+ but the data section has \d+ bytes \(the file is truncated\)"),
+        (
+            lambda data: data[:-3],
+            r"tensor 'i' ends at byte \d+ but the data section has \d+ bytes \(the file is truncated\)",
+        ),
         (lambda data: data + b"junk", "4 bytes follow the last tensor's data"),
         (lambda data: data[:5], "the file is 5 bytes, too short for a header"),
     ],
@@ -81,12 +92,16 @@ def test_damaged_safetensors_are_one_line_errors(tmp_path, damage, message: str)
     bad.write_bytes(damage(good.read_bytes()))
     with pytest.raises(FileFormatError, match=message) as info:
         open_safetensors(bad)
-    assert str(info.value).startswith(f"{bad}: not a valid safetensors file: ") and "\n" not in str(info.value)
+    assert str(info.value).startswith(f"{bad}: not a valid safetensors file: ") and "\n" not in str(
+        info.value
+    )
 
 
 def test_npz_round_trip_maps_stored_members_and_refuses_pickles(tmp_path) -> None:
     path = tmp_path / "w.npz"
-    containers.write_npz(path, [("x/kernel", np.arange(12, dtype=np.float32).reshape(3, 4).T), ("y", MIXED["a"])])
+    containers.write_npz(
+        path, [("x/kernel", np.arange(12, dtype=np.float32).reshape(3, 4).T), ("y", MIXED["a"])]
+    )
     with np.load(path) as theirs:  # what np.savez would have written
         assert np.array_equal(theirs["x/kernel"], np.arange(12, dtype=np.float32).reshape(3, 4).T)
     assert sniff_container(path) == "npz"

@@ -67,24 +67,41 @@ def _folder_files(folder: Path) -> set[str]:
 # ---- the happy path --------------------------------------------------------------------------
 
 
-def test_convert_prints_the_defaults_it_used_and_writes(capsys, tmp_path: Path, timm_file: Path) -> None:
+def test_convert_prints_the_defaults_it_used_and_writes(
+    capsys, tmp_path: Path, timm_file: Path
+) -> None:
     out = tmp_path / "jax.safetensors"
-    code, stdout, stderr = vitspec_cli(capsys, "convert", str(timm_file), str(out), "--to", "flax", "--spec", "n_heads=4")
+    code, stdout, stderr = vitspec_cli(
+        capsys, "convert", str(timm_file), str(out), "--to", "flax", "--spec", "n_heads=4"
+    )
     assert code == 0, stderr
     assert "reading" in stderr and "as timm" in stderr
     assert "norm_eps = 1e-06 (timm's VisionTransformer LayerNorm eps)" in stderr
-    assert "gelu = exact" in stderr and "n_heads" not in stderr.split("assumed, not read from the file")[1]
+    assert (
+        "gelu = exact" in stderr
+        and "n_heads" not in stderr.split("assumed, not read from the file")[1]
+    )
     assert f"wrote {out} (flax)" in stdout
     assert formats.detect(out) == "flax"
 
 
 @pytest.mark.needs("torch", "tensorflow", "jax")
-def test_timm_to_jax_to_torch_to_hf_to_tensorflow_chain(capsys, tmp_path: Path, timm_file: Path) -> None:
-    steps = [("jax.safetensors", "flax"), ("torch.safetensors", "torch"), ("hf", "hf"), ("model.weights.h5", "keras"), ("end.safetensors", "canonical")]
+def test_timm_to_jax_to_torch_to_hf_to_tensorflow_chain(
+    capsys, tmp_path: Path, timm_file: Path
+) -> None:
+    steps = [
+        ("jax.safetensors", "flax"),
+        ("torch.safetensors", "torch"),
+        ("hf", "hf"),
+        ("model.weights.h5", "keras"),
+        ("end.safetensors", "canonical"),
+    ]
     src = timm_file
     for name, fmt in steps:
         dst = tmp_path / name
-        code, _, stderr = vitspec_cli(capsys, "convert", str(src), str(dst), "--to", fmt, "--spec", "n_heads=4")
+        code, _, stderr = vitspec_cli(
+            capsys, "convert", str(src), str(dst), "--to", fmt, "--spec", "n_heads=4"
+        )
         assert code == 0, stderr
         src = dst
     got, spec = vitspec.load_weights(src)
@@ -94,7 +111,9 @@ def test_timm_to_jax_to_torch_to_hf_to_tensorflow_chain(capsys, tmp_path: Path, 
         assert np.array_equal(got[name], want[name]), name
 
 
-def test_inspect_any_format_shows_spec_and_native_tensors(capsys, tmp_path: Path, canonical: Path) -> None:
+def test_inspect_any_format_shows_spec_and_native_tensors(
+    capsys, tmp_path: Path, canonical: Path
+) -> None:
     npz = tmp_path / "g.npz"
     formats.convert(canonical, npz, to_format="google")
     code, out, err = vitspec_cli(capsys, "inspect", str(npz))
@@ -102,7 +121,10 @@ def test_inspect_any_format_shows_spec_and_native_tensors(capsys, tmp_path: Path
     assert "format: google (detected), npz file" in out
     assert "spec (inferred from the tensors)" in out
     assert "n_heads: 4" in out and "gelu: tanh  # assumed, not in the file" in out
-    assert "Transformer/encoderblock_1/MultiHeadDotProductAttention_1/query/kernel" in out and "(32, 4, 8)" in out
+    assert (
+        "Transformer/encoderblock_1/MultiHeadDotProductAttention_1/query/kernel" in out
+        and "(32, 4, 8)" in out
+    )
     assert "gelu = tanh (Flax's nn.gelu" in err
 
 
@@ -111,7 +133,13 @@ def _bare_timm(tmp_path: Path, spec: vitspec.Spec) -> Path:
 
     weights = vitspec.init_weights(spec, seed=0, scheme="random")
     path = tmp_path / "bare.safetensors"
-    save_file({k: np.ascontiguousarray(v) for k, v in formats.get_format("timm").to_native(spec, weights)}, path)
+    save_file(
+        {
+            k: np.ascontiguousarray(v)
+            for k, v in formats.get_format("timm").to_native(spec, weights)
+        },
+        path,
+    )
     return path
 
 
@@ -119,18 +147,43 @@ def test_convert_and_inspect_mark_every_assumed_field(capsys, tmp_path: Path) ->
     path = _bare_timm(tmp_path, family("timm_avg_fc_norm"))
     code, out, err = vitspec_cli(capsys, "inspect", str(path), "--spec", "n_heads=4")
     assert code == 0, err
-    marked = {line.split(":")[0] for line in out.splitlines() if line.endswith("# assumed, not in the file")}
-    assert marked == {"image_size", "pos_embed_class_slot", "pooling", "norm_eps", "gelu", "dropout", "attn_dropout", "drop_path"}
-    code, _, err = vitspec_cli(capsys, "convert", str(path), str(tmp_path / "o.safetensors"), "--spec", "n_heads=4")
+    marked = {
+        line.split(":")[0]
+        for line in out.splitlines()
+        if line.endswith("# assumed, not in the file")
+    }
+    assert marked == {
+        "image_size",
+        "pos_embed_class_slot",
+        "pooling",
+        "norm_eps",
+        "gelu",
+        "dropout",
+        "attn_dropout",
+        "drop_path",
+    }
+    code, _, err = vitspec_cli(
+        capsys, "convert", str(path), str(tmp_path / "o.safetensors"), "--spec", "n_heads=4"
+    )
     assert code == 0, err
-    notes = err.split("assumed, not read from the file (timm; set them with --spec FIELD=VALUE):")[1]
-    assert "image_size = 32, pos_embed_class_slot = true (17 position rows read as 16 patches plus a class-token row in a square 4x4 grid" in notes
-    assert "pooling = avg (a timm state_dict does not record global_pool; fc_norm comes with timm's global_pool='avg'" in notes
+    notes = err.split("assumed, not read from the file (timm; set them with --spec FIELD=VALUE):")[
+        1
+    ]
+    assert (
+        "image_size = 32, pos_embed_class_slot = true (17 position rows read as 16 patches plus a class-token row in a square 4x4 grid"
+        in notes
+    )
+    assert (
+        "pooling = avg (a timm state_dict does not record global_pool; fc_norm comes with timm's global_pool='avg'"
+        in notes
+    )
     assert "pool_include_prefix=True leave the same tensors and have no vitspec equivalent" in notes
     assert "dropout, attn_dropout, drop_path = 0.0 (a training-time rate" in notes
 
 
-def test_two_readings_of_the_position_table_are_an_error_until_spec_chooses(capsys, tmp_path: Path) -> None:
+def test_two_readings_of_the_position_table_are_an_error_until_spec_chooses(
+    capsys, tmp_path: Path
+) -> None:
     # a 4x6 grid with a class row: 25 rows, also a 5x5 grid without one
     path = _bare_timm(tmp_path, family("timm_token", image_size=[32, 48], patch_size=8))
     out = tmp_path / "o.safetensors"
@@ -141,10 +194,22 @@ def test_two_readings_of_the_position_table_are_an_error_until_spec_chooses(caps
         "(a) 24 patches plus a class-token row in a non-square grid such as 4x6 or 6x4: --spec image_size=[32,48] or [48,32]; "
         "(b) 25 patches without a class-token row in a square 5x5 grid (image_size 40): --spec pos_embed_class_slot=false"
     ]
-    code, _, err = vitspec_cli(capsys, "convert", str(path), str(out), "--spec", "n_heads=4,pos_embed_class_slot=true")
+    code, _, err = vitspec_cli(
+        capsys, "convert", str(path), str(out), "--spec", "n_heads=4,pos_embed_class_slot=true"
+    )
     assert code == 1 and "contradicts" not in err
-    assert "pass image_size with --spec (for example --spec image_size=[32,48] for a 4x6 grid)" in _error_lines(err)[0]
-    code, _, err = vitspec_cli(capsys, "convert", str(path), str(out), "--spec", "n_heads=4,pos_embed_class_slot=true,image_size=[32,48]")
+    assert (
+        "pass image_size with --spec (for example --spec image_size=[32,48] for a 4x6 grid)"
+        in _error_lines(err)[0]
+    )
+    code, _, err = vitspec_cli(
+        capsys,
+        "convert",
+        str(path),
+        str(out),
+        "--spec",
+        "n_heads=4,pos_embed_class_slot=true,image_size=[32,48]",
+    )
     assert code == 0, err
     assert vitspec.load_weights(out)[1].image_size == (32, 48)
     code, out_text, err = vitspec_cli(capsys, "inspect", str(path), "--spec", "n_heads=4")
@@ -160,23 +225,46 @@ def test_inspect_lists_problems_after_the_table(capsys, tmp_path: Path, timm_fil
     code, out, err = vitspec_cli(capsys, "inspect", str(bad), "--spec", "n_heads=4")
     assert code == 1
     assert "blocks.0.attn.qkv.weight" in out
-    assert _error_lines(err) == [f"error: {bad} (timm format, spec inferred as above): missing 1 tensor(s): blocks.1.norm2.bias"]
+    assert _error_lines(err) == [
+        f"error: {bad} (timm format, spec inferred as above): missing 1 tensor(s): blocks.1.norm2.bias"
+    ]
 
 
 def test_image_size_resamples(capsys, tmp_path: Path, canonical: Path) -> None:
     out = tmp_path / "hf384"
     code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(out), "--image-size", "48x64")
     assert code == 0, err
-    assert "resampled: pos_embed grid (4, 4) -> (6, 8) (bicubic-antialias: bicubic with antialiasing" in err
+    assert (
+        "resampled: pos_embed grid (4, 4) -> (6, 8) (bicubic-antialias: bicubic with antialiasing"
+        in err
+    )
     assert json.loads((out / "config.json").read_text())["image_size"] == [48, 64]
     plain = tmp_path / "plain.safetensors"
-    code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(plain), "--image-size", "48x64", "--resample", "bicubic")
+    code, _, err = vitspec_cli(
+        capsys,
+        "convert",
+        str(canonical),
+        str(plain),
+        "--image-size",
+        "48x64",
+        "--resample",
+        "bicubic",
+    )
     assert code == 0, err
-    assert "(bicubic: bicubic (Keys a=-0.75), align_corners=False, border-clamped, no antialiasing" in err
+    assert (
+        "(bicubic: bicubic (Keys a=-0.75), align_corners=False, border-clamped, no antialiasing"
+        in err
+    )
     default, other = formats.load(out)[0]["pos_embed"], vitspec.load_weights(plain)[0]["pos_embed"]
-    assert np.array_equal(default[0], other[0]) and not np.allclose(default[1:], other[1:], atol=1e-3)
-    code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(tmp_path / "x.safetensors"), "--resample", "bicubic")
-    assert code == 2 and "--resample chooses how --image-size resamples; it needs --image-size" in err
+    assert np.array_equal(default[0], other[0]) and not np.allclose(
+        default[1:], other[1:], atol=1e-3
+    )
+    code, _, err = vitspec_cli(
+        capsys, "convert", str(canonical), str(tmp_path / "x.safetensors"), "--resample", "bicubic"
+    )
+    assert (
+        code == 2 and "--resample chooses how --image-size resamples; it needs --image-size" in err
+    )
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -188,9 +276,13 @@ def test_the_cli_offers_every_resampling_algorithm() -> None:
     assert list(option.type.choices) == list(ALGORITHMS) and DEFAULT == "bicubic-antialias"
 
 
-def test_progress_bar_shows_on_big_files(capsys, tmp_path: Path, canonical: Path, monkeypatch) -> None:
+def test_progress_bar_shows_on_big_files(
+    capsys, tmp_path: Path, canonical: Path, monkeypatch
+) -> None:
     monkeypatch.setattr(formats, "PROGRESS_BYTES", 1)
-    code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(tmp_path / "t.safetensors"), "--to", "timm")
+    code, _, err = vitspec_cli(
+        capsys, "convert", str(canonical), str(tmp_path / "t.safetensors"), "--to", "timm"
+    )
     assert code == 0, err
 
 
@@ -206,7 +298,9 @@ class _RunsCode:
 
 
 @pytest.mark.parametrize("how", ["torch.save", "raw pickle"])
-def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(capsys, tmp_path: Path, how: str) -> None:
+def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(
+    capsys, tmp_path: Path, how: str
+) -> None:
     import torch
 
     marker = tmp_path / "pwned"
@@ -229,7 +323,9 @@ def test_npz_with_python_objects_is_refused(capsys, tmp_path: Path) -> None:
     np.savez(evil, **{"embedding/kernel": np.array([{"a": 1}], dtype=object)})
     code, _, err = vitspec_cli(capsys, "inspect", str(evil), "--from", "google")
     assert code == 1
-    assert _error_lines(err) == [f"error: {evil}: member 'embedding/kernel.npy' holds Python objects (a pickle); refused: vitspec never unpickles"]
+    assert _error_lines(err) == [
+        f"error: {evil}: member 'embedding/kernel.npy' holds Python objects (a pickle); refused: vitspec never unpickles"
+    ]
 
 
 # ---- bad input: one clear line each ----------------------------------------------------------
@@ -246,7 +342,9 @@ def test_truncated_files(capsys, tmp_path: Path, canonical: Path) -> None:
     formats.convert(canonical, npz, to_format="google")
     cut_npz = tmp_path / "cut.npz"
     cut_npz.write_bytes(npz.read_bytes()[:-200])
-    code, _, err = vitspec_cli(capsys, "convert", str(cut_npz), str(tmp_path / "o2.safetensors"), "--from", "google")
+    code, _, err = vitspec_cli(
+        capsys, "convert", str(cut_npz), str(tmp_path / "o2.safetensors"), "--from", "google"
+    )
     assert code == 1 and "not a valid .npz file" in _error_lines(err)[0]
 
     import torch
@@ -255,7 +353,9 @@ def test_truncated_files(capsys, tmp_path: Path, canonical: Path) -> None:
     torch.save({k: torch.from_numpy(v) for k, v in read_safetensors(canonical)[0].items()}, pth)
     cut_pth = tmp_path / "cut.pth"
     cut_pth.write_bytes(pth.read_bytes()[:1000])
-    code, _, err = vitspec_cli(capsys, "convert", str(cut_pth), str(tmp_path / "o3.safetensors"), "--from", "timm")
+    code, _, err = vitspec_cli(
+        capsys, "convert", str(cut_pth), str(tmp_path / "o3.safetensors"), "--from", "timm"
+    )
     assert code == 1 and "not a readable PyTorch checkpoint" in _error_lines(err)[0]
     assert not any(p.name.startswith("o") for p in tmp_path.iterdir())
 
@@ -275,7 +375,9 @@ def test_corrupt_compressed_npz_member(capsys, tmp_path: Path, canonical: Path) 
         src[info.filename[:-4]]
 
 
-def test_wrong_shapes_missing_and_unexpected_all_at_once(capsys, tmp_path: Path, timm_file: Path) -> None:
+def test_wrong_shapes_missing_and_unexpected_all_at_once(
+    capsys, tmp_path: Path, timm_file: Path
+) -> None:
     tensors = read_safetensors(timm_file)[0]
     del tensors["blocks.1.norm2.bias"], tensors["head.bias"]
     tensors["blocks.0.attn.proj.weight"] = np.zeros((32, 31), np.float32)
@@ -288,11 +390,16 @@ def test_wrong_shapes_missing_and_unexpected_all_at_once(capsys, tmp_path: Path,
     lines = _error_lines(err)
     assert any("missing 2 tensor(s): blocks.1.norm2.bias, head.bias" in line for line in lines)
     assert any("unexpected 1 tensor(s): extra.thing" in line for line in lines)
-    assert any("blocks.0.attn.proj.weight: expected shape [32, 32], found [32, 31]" in line for line in lines)
+    assert any(
+        "blocks.0.attn.proj.weight: expected shape [32, 32], found [32, 31]" in line
+        for line in lines
+    )
     assert len(lines) == 3
 
 
-def test_nan_and_inf_are_reported_by_name_and_nothing_is_written(capsys, tmp_path: Path, timm_file: Path) -> None:
+def test_nan_and_inf_are_reported_by_name_and_nothing_is_written(
+    capsys, tmp_path: Path, timm_file: Path
+) -> None:
     tensors = read_safetensors(timm_file)[0]
     tensors["blocks.0.mlp.fc1.weight"][3, 5] = np.nan
     tensors["pos_embed"][0, 2, 1] = np.inf
@@ -302,17 +409,38 @@ def test_nan_and_inf_are_reported_by_name_and_nothing_is_written(capsys, tmp_pat
     code, _, err = vitspec_cli(capsys, "convert", str(bad), str(out), "--spec", "n_heads=4")
     assert code == 1
     lines = _error_lines(err)
-    assert f"error: {bad}: blocks.0.mlp.fc1.weight: 1 NaN and 0 Inf values (first at index [3, 5])" in lines
+    assert (
+        f"error: {bad}: blocks.0.mlp.fc1.weight: 1 NaN and 0 Inf values (first at index [3, 5])"
+        in lines
+    )
     assert f"error: {bad}: pos_embed: 0 NaN and 1 Inf values (first at index [0, 2, 1])" in lines
-    assert _folder_files(tmp_path) == {"bad.safetensors", "timm.safetensors", "tagged.safetensors", "c.safetensors"}
+    assert _folder_files(tmp_path) == {
+        "bad.safetensors",
+        "timm.safetensors",
+        "tagged.safetensors",
+        "c.safetensors",
+    }
 
 
 def test_spec_that_contradicts_the_file(capsys, tmp_path: Path, canonical: Path) -> None:
-    code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(tmp_path / "o.safetensors"), "--spec", "depth=3,gelu=tanh")
+    code, _, err = vitspec_cli(
+        capsys,
+        "convert",
+        str(canonical),
+        str(tmp_path / "o.safetensors"),
+        "--spec",
+        "depth=3,gelu=tanh",
+    )
     assert code == 1
     lines = _error_lines(err)
-    assert f"error: {canonical}: the given spec contradicts the file: depth: the file says 2, --spec says 3" in lines
-    assert f"error: {canonical}: the given spec contradicts the file: gelu: the file says exact, --spec says tanh" in lines
+    assert (
+        f"error: {canonical}: the given spec contradicts the file: depth: the file says 2, --spec says 3"
+        in lines
+    )
+    assert (
+        f"error: {canonical}: the given spec contradicts the file: gelu: the file says exact, --spec says tanh"
+        in lines
+    )
 
 
 def test_a_spec_the_target_cannot_express(capsys, tmp_path: Path) -> None:
@@ -321,22 +449,32 @@ def test_a_spec_the_target_cannot_express(capsys, tmp_path: Path) -> None:
     vitspec.save_weights(path, vitspec.init_weights(spec), spec)
     code, _, err = vitspec_cli(capsys, "convert", str(path), str(tmp_path / "hf"))
     assert code == 1
-    assert "error: cannot write the hf format: HF ViT always has a class token" in _error_lines(err)[0]
+    assert (
+        "error: cannot write the hf format: HF ViT always has a class token" in _error_lines(err)[0]
+    )
     assert not (tmp_path / "hf").exists()
 
 
-def test_existing_output_needs_force_and_unwritable_destinations(capsys, tmp_path: Path, canonical: Path) -> None:
+def test_existing_output_needs_force_and_unwritable_destinations(
+    capsys, tmp_path: Path, canonical: Path
+) -> None:
     out = tmp_path / "o.safetensors"
     out.write_bytes(b"keep me")
     code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(out), "--to", "timm")
-    assert code == 1 and _error_lines(err) == [f"error: {out} already exists; pass --force (overwrite=True) to replace it"]
+    assert code == 1 and _error_lines(err) == [
+        f"error: {out} already exists; pass --force (overwrite=True) to replace it"
+    ]
     assert out.read_bytes() == b"keep me"
-    code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(out), "--to", "timm", "--force")
+    code, _, err = vitspec_cli(
+        capsys, "convert", str(canonical), str(out), "--to", "timm", "--force"
+    )
     assert code == 0 and formats.detect(out) == "timm"
 
     nowhere = tmp_path / "no" / "such" / "dir" / "o.safetensors"
     code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(nowhere))
-    assert code == 1 and _error_lines(err) == [f"error: cannot write {nowhere}: folder {nowhere.parent} does not exist"]
+    assert code == 1 and _error_lines(err) == [
+        f"error: cannot write {nowhere}: folder {nowhere.parent} does not exist"
+    ]
     under_a_file = canonical / "o.safetensors"
     code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(under_a_file))
     assert code == 1 and "does not exist" in _error_lines(err)[0]
@@ -346,19 +484,28 @@ def _sharded_hf_output(folder: Path, canonical: Path) -> dict[str, str]:
     """An earlier sharded save_pretrained output in ``folder``: an index naming two shards."""
     tensors = read_safetensors(canonical)[0]
     names = sorted(tensors)
-    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2], "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[: len(names) // 2],
+        "model-00002-of-00002.safetensors": names[len(names) // 2 :],
+    }
     for shard, part in shards.items():
         write_safetensors(folder / shard, {n: tensors[n] for n in part})
     weight_map = {n: shard for shard, part in shards.items() for n in part}
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     return weight_map
 
 
-def test_force_into_an_existing_folder_touches_only_the_files_the_format_writes(capsys, tmp_path: Path, canonical: Path) -> None:
+def test_force_into_an_existing_folder_touches_only_the_files_the_format_writes(
+    capsys, tmp_path: Path, canonical: Path
+) -> None:
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "notes.txt").write_text("mine")
-    (victim / "model-00001-of-00009.safetensors").write_bytes(b"a shard no index of this folder names")
+    (victim / "model-00001-of-00009.safetensors").write_bytes(
+        b"a shard no index of this folder names"
+    )
     (victim / "config.json").write_text("{}")
     _sharded_hf_output(victim, canonical)
     code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(victim), "--to", "hf")
@@ -368,12 +515,21 @@ def test_force_into_an_existing_folder_touches_only_the_files_the_format_writes(
         "(nothing else there is touched)"
     ]
     assert (victim / "config.json").read_text() == "{}"
-    code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(victim), "--to", "hf", "--force")
+    code, _, err = vitspec_cli(
+        capsys, "convert", str(canonical), str(victim), "--to", "hf", "--force"
+    )
     assert code == 0, err
     # the user's files stay; the earlier output's index and the shards it names go; nothing half-written is left
-    assert _folder_files(victim) == {"notes.txt", "model-00001-of-00009.safetensors", "config.json", "model.safetensors"}
+    assert _folder_files(victim) == {
+        "notes.txt",
+        "model-00001-of-00009.safetensors",
+        "config.json",
+        "model.safetensors",
+    }
     assert (victim / "notes.txt").read_text() == "mine"
-    assert (victim / "model-00001-of-00009.safetensors").read_bytes() == b"a shard no index of this folder names"
+    assert (
+        victim / "model-00001-of-00009.safetensors"
+    ).read_bytes() == b"a shard no index of this folder names"
     assert json.loads((victim / "config.json").read_text())["hidden_size"] == SPEC.hidden_dim
     weights, spec = formats.load(victim)
     assert spec == SPEC
@@ -381,7 +537,9 @@ def test_force_into_an_existing_folder_touches_only_the_files_the_format_writes(
         assert np.array_equal(weights[name], value), name
 
 
-def test_force_into_the_current_folder(capsys, tmp_path: Path, canonical: Path, monkeypatch) -> None:
+def test_force_into_the_current_folder(
+    capsys, tmp_path: Path, canonical: Path, monkeypatch
+) -> None:
     here = tmp_path / "here"
     here.mkdir()
     (here / "notes.txt").write_text("mine")
@@ -397,12 +555,18 @@ def test_force_into_the_current_folder(capsys, tmp_path: Path, canonical: Path, 
         "error: .: is a folder, and the timm format writes a single file; name the file to write (for example model.safetensors)"
     ]
     # the folder's own weights are the input: writing would replace them
-    code, _, err = vitspec_cli(capsys, "convert", "model.safetensors", ".", "--force", "--image-size", "48")
-    assert code == 1 and _error_lines(err) == ["error: .: refusing to convert a checkpoint onto itself (writing it would replace model.safetensors)"]
+    code, _, err = vitspec_cli(
+        capsys, "convert", "model.safetensors", ".", "--force", "--image-size", "48"
+    )
+    assert code == 1 and _error_lines(err) == [
+        "error: .: refusing to convert a checkpoint onto itself (writing it would replace model.safetensors)"
+    ]
     assert _folder_files(here) == {"notes.txt", "config.json", "model.safetensors"}
 
 
-def test_an_interrupted_write_into_an_existing_folder_leaves_it_as_it_was(tmp_path: Path, canonical: Path, monkeypatch) -> None:
+def test_an_interrupted_write_into_an_existing_folder_leaves_it_as_it_was(
+    tmp_path: Path, canonical: Path, monkeypatch
+) -> None:
     victim = tmp_path / "victim"
     formats.convert(canonical, victim, to_format="hf")
     (victim / "notes.txt").write_text("mine")
@@ -426,14 +590,21 @@ def test_read_only_folder(capsys, tmp_path: Path, canonical: Path) -> None:
     locked.mkdir(mode=0o555)
     # Root writes through mode bits; an immutable folder (chattr +i) stops root too.
     immutable = os.geteuid() == 0
-    if immutable and subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode != 0:
-        pytest.skip("running as root where chattr +i is not permitted: no folder is read-only to root")
+    if (
+        immutable
+        and subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode != 0
+    ):
+        pytest.skip(
+            "running as root where chattr +i is not permitted: no folder is read-only to root"
+        )
     try:
         code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(locked / "o.safetensors"))
     finally:
         if immutable:
             subprocess.run(["chattr", "-i", str(locked)], check=True)
-    assert code == 1 and _error_lines(err) == [f"error: cannot write {locked / 'o.safetensors'}: folder {locked} is not writable"]
+    assert code == 1 and _error_lines(err) == [
+        f"error: cannot write {locked / 'o.safetensors'}: folder {locked} is not writable"
+    ]
     assert list(locked.iterdir()) == []
 
 
@@ -442,16 +613,24 @@ def test_unknown_file_and_format_errors(capsys, tmp_path: Path) -> None:
     junk.write_bytes(b"\x01\x02" * 100)
     code, _, err = vitspec_cli(capsys, "convert", str(junk), str(tmp_path / "o.safetensors"))
     assert code == 1 and "cannot tell what kind of file this is" in _error_lines(err)[0]
-    code, _, err = vitspec_cli(capsys, "convert", str(tmp_path / "missing.safetensors"), str(tmp_path / "o.safetensors"))
+    code, _, err = vitspec_cli(
+        capsys, "convert", str(tmp_path / "missing.safetensors"), str(tmp_path / "o.safetensors")
+    )
     assert code == 1 and "no such file" in _error_lines(err)[0]
     code, _, err = vitspec_cli(capsys, "convert", str(junk), str(tmp_path / "o.npz"))
     assert code == 1 and "--to google or --to big_vision" in _error_lines(err)[0]
     npz = tmp_path / "a.npz"
     np.savez(npz, x=np.zeros(3))
     code, _, err = vitspec_cli(capsys, "inspect", str(npz), "--from", "timm")
-    assert _error_lines(err) == [f"error: {npz}: is an .npz file, which cannot hold a timm checkpoint (timm VisionTransformer state_dict (safetensors or .pt/.pth)); check --from"]
+    assert _error_lines(err) == [
+        f"error: {npz}: is an .npz file, which cannot hold a timm checkpoint (timm VisionTransformer state_dict (safetensors or .pt/.pth)); check --from"
+    ]
     code, _, err = vitspec_cli(capsys, "inspect", str(npz))
-    assert code == 1 and "cannot tell which checkpoint format this npz file is (tensors: x)" in _error_lines(err)[0]
+    assert (
+        code == 1
+        and "cannot tell which checkpoint format this npz file is (tensors: x)"
+        in _error_lines(err)[0]
+    )
     msgpack = tmp_path / "state.msgpack"
     msgpack.write_bytes(b"\x81\xa1a\x01")
     code, _, err = vitspec_cli(capsys, "inspect", str(msgpack))
@@ -459,7 +638,9 @@ def test_unknown_file_and_format_errors(capsys, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("to", ["timm", "hf", "google", "keras"])
-def test_an_interrupted_conversion_leaves_nothing(tmp_path: Path, canonical: Path, monkeypatch, to: str) -> None:
+def test_an_interrupted_conversion_leaves_nothing(
+    tmp_path: Path, canonical: Path, monkeypatch, to: str
+) -> None:
     real = Format.to_native
 
     def interrupted(self, spec, weights):
@@ -469,17 +650,23 @@ def test_an_interrupted_conversion_leaves_nothing(tmp_path: Path, canonical: Pat
             yield item
 
     monkeypatch.setattr(Format, "to_native", interrupted)
-    out = tmp_path / {"hf": "hf", "google": "g.npz", "keras": "k.weights.h5"}.get(to, "t.safetensors")
+    out = tmp_path / {"hf": "hf", "google": "g.npz", "keras": "k.weights.h5"}.get(
+        to, "t.safetensors"
+    )
     with pytest.raises(KeyboardInterrupt):
         formats.convert(canonical, out, to_format=to)
     assert _folder_files(tmp_path) == {"c.safetensors"}
 
 
-def test_interrupt_in_the_cli_exits_130_with_a_message(capsys, tmp_path: Path, canonical: Path, monkeypatch) -> None:
+def test_interrupt_in_the_cli_exits_130_with_a_message(
+    capsys, tmp_path: Path, canonical: Path, monkeypatch
+) -> None:
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Format, "to_native", stop)
-    code, _, err = vitspec_cli(capsys, "convert", str(canonical), str(tmp_path / "t.safetensors"), "--to", "timm")
+    code, _, err = vitspec_cli(
+        capsys, "convert", str(canonical), str(tmp_path / "t.safetensors"), "--to", "timm"
+    )
     assert code == 130 and ("aborted" in err or "interrupted" in err)
     assert _folder_files(tmp_path) == {"c.safetensors"}

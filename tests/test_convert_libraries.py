@@ -63,10 +63,25 @@ def _randomize(module: torch.nn.Module, seed: int) -> None:
         for name, p in module.named_parameters():
             scale = 0.5 if name.endswith(("cls_token", "pos_embed", "position_embeddings")) else 0.1
             noise = torch.randn(p.shape, generator=gen) * scale
-            p.copy_(1.0 + noise if name.endswith(("norm1.weight", "norm2.weight", "norm.weight", "layernorm_before.weight", "layernorm_after.weight", "layernorm.weight")) else noise)
+            p.copy_(
+                1.0 + noise
+                if name.endswith(
+                    (
+                        "norm1.weight",
+                        "norm2.weight",
+                        "norm.weight",
+                        "layernorm_before.weight",
+                        "layernorm_after.weight",
+                        "layernorm.weight",
+                    )
+                )
+                else noise
+            )
 
 
-def _run_everywhere(backend: vitspec.backends.Backend, path: Path, images: np.ndarray, expected: np.ndarray) -> vitspec.Spec:
+def _run_everywhere(
+    backend: vitspec.backends.Backend, path: Path, images: np.ndarray, expected: np.ndarray
+) -> vitspec.Spec:
     weights, spec = vitspec.load_weights(path)
     got = backend.forward(backend.build(spec, weights), images)["output"]
     assert got.shape == expected.shape
@@ -87,7 +102,15 @@ TIMM_CASES = {
 def _timm_model(options: dict, seed: int = 0) -> torch.nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
-    kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 4, "num_classes": 5, **options}
+    kwargs = {
+        "img_size": 32,
+        "patch_size": 8,
+        "embed_dim": 32,
+        "depth": 2,
+        "num_heads": 4,
+        "num_classes": 5,
+        **options,
+    }
     model = VisionTransformer(**kwargs).eval()
     _randomize(model, seed)
     return model
@@ -138,7 +161,10 @@ def test_timm_pth_checkpoint_reads_through_weights_only(tmp_path: Path) -> None:
     src = tmp_path / "model.pth"
     torch.save({"state_dict": model.state_dict(), "epoch": 3}, src)
     weights, spec = formats.load(src, spec="n_heads=4")
-    assert np.array_equal(weights["blocks.1.attn.key.kernel"], model.blocks[1].attn.qkv.weight[32:64].T.detach().numpy())
+    assert np.array_equal(
+        weights["blocks.1.attn.key.kernel"],
+        model.blocks[1].attn.qkv.weight[32:64].T.detach().numpy(),
+    )
     images = _images(spec)
     with torch.no_grad():
         expected = model(_nchw(images)).numpy()
@@ -149,20 +175,40 @@ def test_timm_pth_checkpoint_reads_through_weights_only(tmp_path: Path) -> None:
 # rows, also a 15x15 grid without a class row), other n x (n+2) grids, the mirror (a square grid
 # with no_embed_class, also n x (n+2) with a row) and a non-square grid without a class token.
 TIMM_GRIDS = {
-    "224x256": ({"img_size": (224, 256)}, "image_size=[224,256]", "225 rows, which can be read two ways"),
-    "48x80_slot_given": ({"img_size": (48, 80)}, "pos_embed_class_slot=true,image_size=[48,80]", "16 rows, which can be read two ways"),
+    "224x256": (
+        {"img_size": (224, 256)},
+        "image_size=[224,256]",
+        "225 rows, which can be read two ways",
+    ),
+    "48x80_slot_given": (
+        {"img_size": (48, 80)},
+        "pos_embed_class_slot=true,image_size=[48,80]",
+        "16 rows, which can be read two ways",
+    ),
     "80x48": ({"img_size": (80, 48)}, "image_size=[80,48]", "16 rows, which can be read two ways"),
-    "no_embed_class_80": ({"img_size": 80, "no_embed_class": True}, "pos_embed_class_slot=false", "25 rows, which can be read two ways"),
-    "no_class_token_64x112": ({"img_size": (64, 112), "class_token": False, "global_pool": "avg"}, "image_size=[64,112]", "cannot tell the image size: the position embedding has 28 rows"),
+    "no_embed_class_80": (
+        {"img_size": 80, "no_embed_class": True},
+        "pos_embed_class_slot=false",
+        "25 rows, which can be read two ways",
+    ),
+    "no_class_token_64x112": (
+        {"img_size": (64, 112), "class_token": False, "global_pool": "avg"},
+        "image_size=[64,112]",
+        "cannot tell the image size: the position embedding has 28 rows",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(TIMM_GRIDS))
-def test_timm_grids_the_tensors_cannot_tell_are_asked_for_never_guessed(tmp_path: Path, case: str) -> None:
+def test_timm_grids_the_tensors_cannot_tell_are_asked_for_never_guessed(
+    tmp_path: Path, case: str
+) -> None:
     from timm.models.vision_transformer import VisionTransformer
 
     options, given, refusal = TIMM_GRIDS[case]
-    model = VisionTransformer(patch_size=16, embed_dim=32, depth=1, num_heads=2, num_classes=3, **options).eval()
+    model = VisionTransformer(
+        patch_size=16, embed_dim=32, depth=1, num_heads=2, num_classes=3, **options
+    ).eval()
     _randomize(model, 3)
     src = tmp_path / "timm.safetensors"
     save_file(model.state_dict(), src)
@@ -182,8 +228,17 @@ def test_timm_grids_the_tensors_cannot_tell_are_asked_for_never_guessed(tmp_path
     assert "pooling" in result.inference.assumed
 
 
-@pytest.mark.parametrize("options", [{"global_pool": "max"}, {"global_pool": "avgmax"}, {"global_pool": "avg", "pool_include_prefix": True}])
-def test_timm_pooling_vitspec_cannot_express_is_named_where_pooling_is_assumed(tmp_path: Path, options: dict) -> None:
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"global_pool": "max"},
+        {"global_pool": "avgmax"},
+        {"global_pool": "avg", "pool_include_prefix": True},
+    ],
+)
+def test_timm_pooling_vitspec_cannot_express_is_named_where_pooling_is_assumed(
+    tmp_path: Path, options: dict
+) -> None:
     model = _timm_model(options)
     src = tmp_path / "timm.safetensors"
     save_file(model.state_dict(), src)
@@ -191,7 +246,10 @@ def test_timm_pooling_vitspec_cannot_express_is_named_where_pooling_is_assumed(t
     assert result.inference.assumed["pooling"] == "avg"
     note = next(line for line in result.inference.notes() if line.startswith("pooling = avg"))
     assert "does not record global_pool" in note
-    assert "global_pool='max' and 'avgmax' and pool_include_prefix=True leave the same tensors and have no vitspec equivalent" in note
+    assert (
+        "global_pool='max' and 'avgmax' and pool_include_prefix=True leave the same tensors and have no vitspec equivalent"
+        in note
+    )
     # which is why it must be said: such a model's numbers are not the converted model's
     weights, spec = vitspec.load_weights(tmp_path / "c.safetensors")
     images = _images(spec)
@@ -205,7 +263,15 @@ def test_timm_pooling_vitspec_cannot_express_is_named_where_pooling_is_assumed(t
 HF_CASES = {
     "ViTModel": ({}, "ViTModel"),
     "ViTForImageClassification": ({"num_labels": 5}, "ViTForImageClassification"),
-    "tanh_no_qkv_bias": ({"num_labels": 3, "hidden_act": "gelu_pytorch_tanh", "qkv_bias": False, "layer_norm_eps": 1e-6}, "ViTForImageClassification"),
+    "tanh_no_qkv_bias": (
+        {
+            "num_labels": 3,
+            "hidden_act": "gelu_pytorch_tanh",
+            "qkv_bias": False,
+            "layer_norm_eps": 1e-6,
+        },
+        "ViTForImageClassification",
+    ),
 }
 
 
@@ -213,8 +279,13 @@ def _hf_model(options: dict, cls_name: str, seed: int = 0) -> torch.nn.Module:
     import transformers
 
     config = transformers.ViTConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        image_size=32, patch_size=8, **options,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        **options,
     )
     model = getattr(transformers, cls_name)(config).eval()
     _randomize(model, seed)
@@ -260,22 +331,32 @@ def test_canonical_to_hf_loads_strictly_and_matches(tmp_path: Path, case: str) -
     folder = tmp_path / "back"
     formats.convert(canonical, folder, to_format="hf")
     loaded, info = getattr(transformers, cls_name).from_pretrained(folder, output_loading_info=True)
-    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+    assert not any(
+        info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
+    ), info
     loaded.eval()
     for name, value in original.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value), name
     weights, spec = vitspec.load_weights(canonical)
     images = _images(spec)
-    assert rel_err(_hf_output(loaded, images), reference.forward(spec, weights, images)["output"]) <= TOL
+    assert (
+        rel_err(_hf_output(loaded, images), reference.forward(spec, weights, images)["output"])
+        <= TOL
+    )
 
 
 def test_hf_reads_transformers5_in_memory_names(tmp_path: Path) -> None:
     model = _hf_model({"num_labels": 4}, "ViTForImageClassification")
-    save_file(model.state_dict(), tmp_path / "model.safetensors")  # layers.{i}.attention.q_proj ... names
+    save_file(
+        model.state_dict(), tmp_path / "model.safetensors"
+    )  # layers.{i}.attention.q_proj ... names
     model.config.to_json_file(tmp_path / "config.json")
     weights, spec = formats.load(tmp_path / "model.safetensors")
     images = _images(spec)
-    assert rel_err(reference.forward(spec, weights, images)["output"], _hf_output(model, images)) <= TOL
+    assert (
+        rel_err(reference.forward(spec, weights, images)["output"], _hf_output(model, images))
+        <= TOL
+    )
 
 
 # ---- Google / big_vision npz through timm's loader -------------------------------------------
@@ -283,9 +364,21 @@ def test_hf_reads_transformers5_in_memory_names(tmp_path: Path) -> None:
 NPZ_CASES = {
     # format, vitspec family, timm options that build the same model
     "google_token": ("google", family("vit_paper", n_classes=5), {}),
-    "google_gap": ("google", family("big_vision_gap", n_classes=5), {"class_token": False, "global_pool": "avg", "fc_norm": False}),
-    "big_vision_tok": ("big_vision", family("timm_no_embed_class", n_classes=5), {"no_embed_class": True}),
-    "big_vision_gap": ("big_vision", family("big_vision_gap", n_classes=5), {"class_token": False, "global_pool": "avg", "fc_norm": False}),
+    "google_gap": (
+        "google",
+        family("big_vision_gap", n_classes=5),
+        {"class_token": False, "global_pool": "avg", "fc_norm": False},
+    ),
+    "big_vision_tok": (
+        "big_vision",
+        family("timm_no_embed_class", n_classes=5),
+        {"no_embed_class": True},
+    ),
+    "big_vision_gap": (
+        "big_vision",
+        family("big_vision_gap", n_classes=5),
+        {"class_token": False, "global_pool": "avg", "fc_norm": False},
+    ),
 }
 
 
@@ -300,7 +393,9 @@ def test_npz_written_by_vitspec_loads_in_timm_and_matches(tmp_path: Path, case: 
     npz = tmp_path / "w.npz"
     formats.convert(canonical, npz, to_format=fmt)
     assert formats.detect(npz) == fmt
-    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=5, **options).eval()
+    model = VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=5, **options
+    ).eval()
     model.load_pretrained(str(npz))
     images = _images(spec)
     with torch.no_grad():
@@ -316,40 +411,70 @@ def test_npz_written_by_vitspec_loads_in_timm_and_matches(tmp_path: Path, case: 
 # ---- position-embedding resampling vs timm ---------------------------------------------------
 
 
-RESIZES = [((4, 4), (6, 6)), ((6, 6), (4, 4)), ((4, 4), (3, 5)), ((2, 3), (7, 5)), ((14, 14), (24, 24)), ((24, 24), (14, 16)), ((14, 16), (7, 9)), ((7, 7), (7, 12))]
+RESIZES = [
+    ((4, 4), (6, 6)),
+    ((6, 6), (4, 4)),
+    ((4, 4), (3, 5)),
+    ((2, 3), (7, 5)),
+    ((14, 14), (24, 24)),
+    ((24, 24), (14, 16)),
+    ((14, 16), (7, 9)),
+    ((7, 7), (7, 12)),
+]
 # each algorithm and the timm call it equals (the first: timm's defaults, antialias=True)
 TIMM_CALLS = {"bicubic-antialias": {}, "bicubic": {"interpolation": "bicubic", "antialias": False}}
 
 
 @pytest.mark.parametrize("algorithm", list(TIMM_CALLS))
 @pytest.mark.parametrize(("old", "new"), RESIZES)
-def test_resampling_matches_timm_and_torch(old: tuple[int, int], new: tuple[int, int], algorithm: str) -> None:
+def test_resampling_matches_timm_and_torch(
+    old: tuple[int, int], new: tuple[int, int], algorithm: str
+) -> None:
     import torch.nn.functional as F
     from timm.layers import resample_abs_pos_embed
 
     table = np.random.default_rng(0).standard_normal((1 + old[0] * old[1], 16)).astype(np.float32)
     want = resample_abs_pos_embed(
-        torch.from_numpy(table[None]), new_size=list(new), old_size=list(old), num_prefix_tokens=1, **TIMM_CALLS[algorithm],
+        torch.from_numpy(table[None]),
+        new_size=list(new),
+        old_size=list(old),
+        num_prefix_tokens=1,
+        **TIMM_CALLS[algorithm],
     )[0].numpy()
-    spec = vitspec.Spec(image_size=(old[0] * 4, old[1] * 4), patch_size=4, hidden_dim=16, n_heads=2, depth=1)
+    spec = vitspec.Spec(
+        image_size=(old[0] * 4, old[1] * 4), patch_size=4, hidden_dim=16, n_heads=2, depth=1
+    )
     got = resample_pos_embed(spec, table, new, algorithm)
     assert got.shape == want.shape == (1 + new[0] * new[1], 16)
     assert np.array_equal(got[0], table[0])
     assert rel_err(got, want) <= 4e-6  # timm computes in float32: a few roundings of 6e-8 each
     # the kernel itself, against torch in float64
     grid = torch.from_numpy(table[1:].astype(np.float64).reshape(1, *old, 16)).permute(0, 3, 1, 2)
-    exact = F.interpolate(grid, size=new, mode="bicubic", align_corners=False, antialias=algorithm == "bicubic-antialias")
+    exact = F.interpolate(
+        grid,
+        size=new,
+        mode="bicubic",
+        align_corners=False,
+        antialias=algorithm == "bicubic-antialias",
+    )
     exact = exact.permute(0, 2, 3, 1).reshape(-1, 16).numpy()
     assert np.abs(resample_grid(table[1:], old, new, algorithm) - exact).max() <= 1e-12
-    assert np.array_equal(resample_grid(table[1:], old, old, algorithm), table[1:].astype(np.float64))
+    assert np.array_equal(
+        resample_grid(table[1:], old, old, algorithm), table[1:].astype(np.float64)
+    )
 
 
 @pytest.mark.parametrize(("old", "new"), [((4, 4), (6, 6)), ((6, 6), (4, 4))])
-def test_antialiasing_changes_the_numbers_up_and_down(old: tuple[int, int], new: tuple[int, int]) -> None:
+def test_antialiasing_changes_the_numbers_up_and_down(
+    old: tuple[int, int], new: tuple[int, int]
+) -> None:
     # torch's antialiased bicubic is Pillow's a=-0.5 filter, renormalised at the border: it differs
     # from plain bicubic when upsampling too, not only when the support is stretched
     table = np.random.default_rng(1).standard_normal((old[0] * old[1], 8))
-    difference = rel_err(resample_grid(table, old, new, "bicubic-antialias"), resample_grid(table, old, new, "bicubic"))
+    difference = rel_err(
+        resample_grid(table, old, new, "bicubic-antialias"),
+        resample_grid(table, old, new, "bicubic"),
+    )
     assert difference > 1e-2
 
 
@@ -365,5 +490,7 @@ def test_convert_resamples_as_timm_does_by_default(tmp_path: Path) -> None:
         options = {} if algorithm == "bicubic-antialias" else {"resample": algorithm}
         result = formats.convert(src, out, spec={"n_heads": 4}, image_size=(40, 56), **options)
         assert result.resampled.startswith(f"pos_embed grid (4, 4) -> (5, 7) ({algorithm}: ")
-        want = resample_abs_pos_embed(table, new_size=[5, 7], old_size=[4, 4], num_prefix_tokens=1, **call)[0].numpy()
+        want = resample_abs_pos_embed(
+            table, new_size=[5, 7], old_size=[4, 4], num_prefix_tokens=1, **call
+        )[0].numpy()
         assert rel_err(vitspec.load_weights(out)[0]["pos_embed"], want) <= 1e-6

@@ -85,7 +85,10 @@ def test_flax_format_is_the_flattened_nnx_state(tmp_path: Path, name: str) -> No
     formats.convert(canonical, out, to_format="flax")
     model = backend.build(spec)
     # The snippet docs/convert.md gives Flax users.
-    flat = {tuple(int(p) if p.isdigit() else p for p in k.split(".")): v for k, v in load_file(out).items()}
+    flat = {
+        tuple(int(p) if p.isdigit() else p for p in k.split(".")): v
+        for k, v in load_file(out).items()
+    }
     nnx.update(model, nnx.from_flat_state(flat))
     _same(backend.export(model), weights)
 

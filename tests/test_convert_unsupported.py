@@ -33,7 +33,15 @@ def torchvision_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
     from safetensors.torch import save_file
     from torchvision.models.vision_transformer import VisionTransformer
 
-    model = VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=5)
+    model = VisionTransformer(
+        image_size=32,
+        patch_size=8,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=32,
+        mlp_dim=64,
+        num_classes=5,
+    )
     folder = tmp_path_factory.mktemp("torchvision")
     save_file(model.state_dict(), folder / "vit.safetensors")
     torch.save(model.state_dict(), folder / "vit.pth")
@@ -44,7 +52,9 @@ def torchvision_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
 def keras_hub_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import keras_hub
 
-    backbone = keras_hub.models.ViTBackbone(image_shape=(32, 32, 3), patch_size=8, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64)
+    backbone = keras_hub.models.ViTBackbone(
+        image_shape=(32, 32, 3), patch_size=8, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64
+    )
     path = tmp_path_factory.mktemp("keras_hub") / "vit.weights.h5"
     backbone.save_weights(path)
     return path
@@ -62,7 +72,9 @@ def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, list[str]
 
 
 @pytest.mark.parametrize("kind", ["safetensors", "pth"])
-def test_a_torchvision_file_is_named_not_unknown(capsys, tmp_path: Path, torchvision_files: dict[str, Path], kind: str) -> None:
+def test_a_torchvision_file_is_named_not_unknown(
+    capsys, tmp_path: Path, torchvision_files: dict[str, Path], kind: str
+) -> None:
     path = torchvision_files[kind]
     with pytest.raises(FileFormatError) as info:
         formats.detect(path)
@@ -72,7 +84,9 @@ def test_a_torchvision_file_is_named_not_unknown(capsys, tmp_path: Path, torchvi
     assert not (tmp_path / "o.safetensors").exists()
 
 
-def test_a_torchvision_file_read_as_timm_or_hf_names_their_tensors(torchvision_files: dict[str, Path]) -> None:
+def test_a_torchvision_file_read_as_timm_or_hf_names_their_tensors(
+    torchvision_files: dict[str, Path],
+) -> None:
     path = torchvision_files["safetensors"]
     with pytest.raises(WeightsError) as info:
         formats.load(path, from_format="timm")
@@ -83,28 +97,45 @@ def test_a_torchvision_file_read_as_timm_or_hf_names_their_tensors(torchvision_f
     ]
     with pytest.raises(WeightsError) as info:
         formats.load(path, from_format="hf")
-    assert "missing tensor embeddings.patch_embeddings.projection.weight (canonical patch_embed.kernel, the patch projection)" in info.value.problems[1]
+    assert (
+        "missing tensor embeddings.patch_embeddings.projection.weight (canonical patch_embed.kernel, the patch projection)"
+        in info.value.problems[1]
+    )
     with pytest.raises(FileFormatError) as info:
         formats.load(torchvision_files["pth"], from_format="keras")
-    assert str(info.value).startswith(f"{torchvision_files['pth']}: is a torch.save file, which cannot hold a keras checkpoint")
+    assert str(info.value).startswith(
+        f"{torchvision_files['pth']}: is a torch.save file, which cannot hold a keras checkpoint"
+    )
     assert str(info.value).endswith(f"; check --from; {TORCHVISION}")
 
 
-def test_a_keras_hub_file_is_named_not_unknown(capsys, tmp_path: Path, keras_hub_file: Path) -> None:
+def test_a_keras_hub_file_is_named_not_unknown(
+    capsys, tmp_path: Path, keras_hub_file: Path
+) -> None:
     with pytest.raises(FileFormatError) as info:
         formats.detect(keras_hub_file)
     assert str(info.value) == f"{keras_hub_file}: {KERAS_HUB}; {READS}"
     code, lines = _cli(capsys, "inspect", str(keras_hub_file))
     assert code == 1 and lines == [f"error: {keras_hub_file}: {KERAS_HUB}; {READS}"]
     # read as vitspec's own Keras file: the dataset that file would have, canonical name beside it
-    code, lines = _cli(capsys, "convert", str(keras_hub_file), str(tmp_path / "o.safetensors"), "--from", "keras")
+    code, lines = _cli(
+        capsys, "convert", str(keras_hub_file), str(tmp_path / "o.safetensors"), "--from", "keras"
+    )
     assert code == 1 and lines == [
         f"error: {keras_hub_file}: read as keras, but {KERAS_HUB}",
         f"error: {keras_hub_file}: missing tensor layers/patch_embed/vars/1 (canonical patch_embed.bias, the patch embedding bias); "
         "is this file of the format it was read as?",
     ]
-    code, lines = _cli(capsys, "convert", str(keras_hub_file), str(tmp_path / "o.safetensors"), "--from", "timm")
-    assert code == 1 and len(lines) == 1 and lines[0].endswith(f"which cannot hold a timm checkpoint (timm VisionTransformer state_dict (safetensors or .pt/.pth)); check --from; {KERAS_HUB}")
+    code, lines = _cli(
+        capsys, "convert", str(keras_hub_file), str(tmp_path / "o.safetensors"), "--from", "timm"
+    )
+    assert (
+        code == 1
+        and len(lines) == 1
+        and lines[0].endswith(
+            f"which cannot hold a timm checkpoint (timm VisionTransformer state_dict (safetensors or .pt/.pth)); check --from; {KERAS_HUB}"
+        )
+    )
 
 
 def test_missing_tensors_are_named_as_the_format_names_them(tmp_path: Path) -> None:
@@ -112,7 +143,9 @@ def test_missing_tensors_are_named_as_the_format_names_them(tmp_path: Path) -> N
 
     spec = family("vit_paper")
     weights = vitspec.init_weights(spec, seed=0, scheme="random")
-    native = {k: np.ascontiguousarray(v) for k, v in formats.get_format("timm").to_native(spec, weights)}
+    native = {
+        k: np.ascontiguousarray(v) for k, v in formats.get_format("timm").to_native(spec, weights)
+    }
     del native["blocks.1.attn.qkv.weight"], native["blocks.0.norm1.bias"], native["norm.weight"]
     path = tmp_path / "timm.safetensors"
     save_file(native, path)

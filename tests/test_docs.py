@@ -49,7 +49,9 @@ def test_spec_page_documents_every_field_and_preset() -> None:
     for field in vitspec.Spec.model_fields:
         assert f"| `{field}` |" in page, field
     for variant, (hidden, depth, mlp, heads) in VARIANTS.items():
-        assert re.search(rf"\| {re.escape(variant)} \| {hidden} \| {depth} \| {mlp} \| {heads} \|", page), variant
+        assert re.search(
+            rf"\| {re.escape(variant)} \| {hidden} \| {depth} \| {mlp} \| {heads} \|", page
+        ), variant
 
 
 ROOT = DOCS.parent
@@ -70,7 +72,9 @@ def test_every_link_and_named_page_exists() -> None:
     broken = []
     for page in PAGES:
         text = page.read_text()
-        prose = re.sub(r"`[^`\n]*`", "", re.sub(r"```.*?```", "", text, flags=re.DOTALL))  # code is not links
+        prose = re.sub(
+            r"`[^`\n]*`", "", re.sub(r"```.*?```", "", text, flags=re.DOTALL)
+        )  # code is not links
         for target in re.findall(r"\]\(([^)\s]+)\)", prose):
             if "://" in target:
                 continue
@@ -88,7 +92,9 @@ def test_every_link_and_named_page_exists() -> None:
 
 def test_no_page_has_a_placeholder_left() -> None:
     for page in PAGES:
-        assert not re.search(r"\b[A-Z0-9]+_(?:TABLE|SECTION)\b|\bTODO\b|\bTBD\b", page.read_text()), page
+        assert not re.search(
+            r"\b[A-Z0-9]+_(?:TABLE|SECTION)\b|\bTODO\b|\bTBD\b", page.read_text()
+        ), page
 
 
 # ---- every snippet runs -----------------------------------------------------------------------
@@ -153,7 +159,15 @@ def snippets(page: Path) -> list[Snippet]:
         i += 1
         before = next((lines[j].strip() for j in range(start - 1, -1, -1) if lines[j].strip()), "")
         marked = NOT_RUN.match(before)
-        found.append(Snippet(page, start + 1, match.group(1), "\n".join(body), marked.group(1) if marked else None))
+        found.append(
+            Snippet(
+                page,
+                start + 1,
+                match.group(1),
+                "\n".join(body),
+                marked.group(1) if marked else None,
+            )
+        )
     return found
 
 
@@ -162,14 +176,24 @@ def test_snippets_are_python_console_or_data_and_every_skip_says_why() -> None:
     unmarked_shell, skipped = [], []
     for page in PAGES:
         for s in snippets(page):
-            if s.lang in {"bash", "sh", "shell"} or (s.lang == "console" and not s.commands() and s.not_run is None):
-                unmarked_shell.append(f"{s.where}: a {s.lang} block with no `$ ` command; mark it or write it as text")
+            if s.lang in {"bash", "sh", "shell"} or (
+                s.lang == "console" and not s.commands() and s.not_run is None
+            ):
+                unmarked_shell.append(
+                    f"{s.where}: a {s.lang} block with no `$ ` command; mark it or write it as text"
+                )
             if s.not_run is not None:
                 skipped.append(f"{s.where}: {s.not_run}")
-                assert s.lang in RUN_LANGS, f"{s.where}: only python and console blocks are run; the mark is not needed"
-                assert len(s.not_run) >= 15, f"{s.where}: say why the block cannot run here, found {s.not_run!r}"
+                assert s.lang in RUN_LANGS, (
+                    f"{s.where}: only python and console blocks are run; the mark is not needed"
+                )
+                assert len(s.not_run) >= 15, (
+                    f"{s.where}: say why the block cannot run here, found {s.not_run!r}"
+                )
     assert unmarked_shell == []
-    assert len(skipped) < 20, "\n".join(skipped)  # a few: hub downloads, a GPU, runs of many minutes
+    assert len(skipped) < 20, "\n".join(
+        skipped
+    )  # a few: hub downloads, a GPU, runs of many minutes
     for line in skipped:
         print("not run:", line)
 
@@ -192,7 +216,9 @@ def run_page(page: Path, workdir: Path) -> None:
                 try:
                     exec(compile(s.body, s.where, "exec"), namespace)
                 except Exception as exc:
-                    raise AssertionError(f"{s.where} (run {round_}): {type(exc).__name__}: {exc}") from exc
+                    raise AssertionError(
+                        f"{s.where} (run {round_}): {type(exc).__name__}: {exc}"
+                    ) from exc
             else:
                 for command, errors in s.commands():
                     code, out, err = _shell(command)
@@ -203,8 +229,14 @@ def run_page(page: Path, workdir: Path) -> None:
                     assert code == 1, said
                     for shown in errors:
                         pattern = ".*".join(re.escape(part) for part in shown.split("…"))
-                        assert any(re.fullmatch(pattern, line) for line in err.splitlines()), f"{said}\nexpected: {shown}"
-            print(f"{s.where} run {round_}: {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+                        assert any(re.fullmatch(pattern, line) for line in err.splitlines()), (
+                            f"{said}\nexpected: {shown}"
+                        )
+            print(
+                f"{s.where} run {round_}: {time.perf_counter() - t0:.1f}s",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def _shell(command: str) -> tuple[int, str, str]:
@@ -222,9 +254,13 @@ def _shell(command: str) -> tuple[int, str, str]:
         env = {
             **os.environ,
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),  # a prepared backend
+            "PYTHONPATH": os.pathsep.join(
+                [os.getcwd(), os.environ.get("PYTHONPATH", "")]
+            ),  # a prepared backend
         }
-        res = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env, timeout=600)
+        res = subprocess.run(
+            ["bash", "-c", command], capture_output=True, text=True, env=env, timeout=600
+        )
         return res.returncode, res.stdout, res.stderr
     from vitspec.cli.main import main
 
@@ -271,14 +307,20 @@ def _my_backend(path: Path) -> None:
     info = path.parent / "mypackage-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mypackage\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[vitspec.backends]\nmybackend = mypackage.vitspec_backend:MyBackend\n")
+    (info / "entry_points.txt").write_text(
+        "[vitspec.backends]\nmybackend = mypackage.vitspec_backend:MyBackend\n"
+    )
 
 
 # Stand-ins for the public checkpoints docs/convert.md names: the same formats, a small model.
-STAND_IN = vitspec.Spec(image_size=32, patch_size=16, hidden_dim=64, n_heads=1, depth=2, n_classes=10)
+STAND_IN = vitspec.Spec(
+    image_size=32, patch_size=16, hidden_dim=64, n_heads=1, depth=2, n_classes=10
+)
 
 
-def _checkpoint(to_format: str, *, tanh: bool = False, bare: bool = False) -> Callable[[Path], None]:
+def _checkpoint(
+    to_format: str, *, tanh: bool = False, bare: bool = False
+) -> Callable[[Path], None]:
     def make(path: Path) -> None:
         from vitspec.formats import save
 
@@ -305,8 +347,16 @@ def _training_checkpoint(path: Path) -> None:
 # Files that snippets name as the reader's own, made before a page runs.
 PREPARED: dict[str, dict[str, Callable[[Path], None]]] = {
     "docs/conformance.md": {"my_spec.yaml": _spec_file, "w.safetensors": _weights_file},
-    "docs/backend-authors.md": {"mypackage": _my_backend, "my.yaml": _spec_file, "my.safetensors": _weights_file},
-    "docs/build.md": {"huge.yaml": lambda path: path.write_text(vitspec.preset("B/16").replace(image_size=20000).to_yaml())},
+    "docs/backend-authors.md": {
+        "mypackage": _my_backend,
+        "my.yaml": _spec_file,
+        "my.safetensors": _weights_file,
+    },
+    "docs/build.md": {
+        "huge.yaml": lambda path: path.write_text(
+            vitspec.preset("B/16").replace(image_size=20000).to_yaml()
+        )
+    },
     "docs/convert.md": {
         "vit_base_patch16_224.safetensors": _checkpoint("timm", bare=True),
         "vit-base-patch16-224": _checkpoint("hf"),
@@ -323,7 +373,11 @@ def page_runs(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[Path, Future[subprocess.CompletedProcess[str]]]]:
     """The selected pages started at once, a few at a time: each is mostly one busy core (imports, compiles)."""
-    selected = {item.callspec.params["page"] for item in request.session.items if item.originalname == "test_every_snippet_runs_twice"}
+    selected = {
+        item.callspec.params["page"]
+        for item in request.session.items
+        if item.originalname == "test_every_snippet_runs_twice"
+    }
     pool = ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 1))))
     runs = {}
     for page in [p for p in RUNNABLE if p in selected]:
@@ -333,21 +387,33 @@ def page_runs(
             f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from pathlib import Path; "
             f"from test_docs import run_page; run_page(Path({str(page)!r}), Path({str(workdir)!r}))"
         )
-        runs[page] = pool.submit(subprocess.run, [sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+        runs[page] = pool.submit(
+            subprocess.run,
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
     yield runs
     pool.shutdown(cancel_futures=True)
 
 
 @pytest.mark.parametrize("page", RUNNABLE, ids=[p.relative_to(ROOT).as_posix() for p in RUNNABLE])
-def test_every_snippet_runs_twice(page: Path, page_runs: dict[Path, Future[subprocess.CompletedProcess[str]]]) -> None:
+def test_every_snippet_runs_twice(
+    page: Path, page_runs: dict[Path, Future[subprocess.CompletedProcess[str]]]
+) -> None:
     res = page_runs[page].result()
-    print("\n".join(line for line in res.stderr.splitlines() if re.search(r":\d+ run \d: [\d.]+s$", line)))
+    print(
+        "\n".join(
+            line for line in res.stderr.splitlines() if re.search(r":\d+ run \d: [\d.]+s$", line)
+        )
+    )
     assert res.returncode == 0, "\n".join(res.stderr.splitlines()[-30:])
 
 
 def test_readme_says_how_to_reach_the_command_after_make_demo() -> None:
     readme = (ROOT / "README.md").read_text()
-    setup = readme[readme.index("## Two commands"): readme.index("## A taste")]
+    setup = readme[readme.index("## Two commands") : readme.index("## A taste")]
     assert "source .venv/bin/activate" in setup and ".venv/bin/vitspec" in setup
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^VITSPEC := \$\(VENV\)/bin/vitspec$", makefile, re.MULTILINE)

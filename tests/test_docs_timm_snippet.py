@@ -40,11 +40,23 @@ SIZES = {"hidden_dim": 16, "n_heads": 2, "depth": 2}
 @pytest.mark.parametrize("name", [n for n in FAMILIES if n != "vit_paper_pre_logits"])
 def test_snippet_builds_the_same_model_in_timm(name: str) -> None:
     spec = family(name, **SIZES)
-    model = vitspec.backend("torch").build(spec, vitspec.init_weights(spec, seed=3, scheme="random"))
+    model = vitspec.backend("torch").build(
+        spec, vitspec.init_weights(spec, seed=3, scheme="random")
+    )
     timm_model = _run_snippet(spec, model)
-    if spec.pos_embed != "none":  # the bug: a sincos spec built a timm model without any position embedding
-        assert timm_model.pos_embed is not None and tuple(timm_model.pos_embed.shape) == (1, spec.n_positions or spec.n_patches, spec.hidden_dim)
-    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, spec.in_channels, *spec.image_size)).astype(np.float32))
+    if (
+        spec.pos_embed != "none"
+    ):  # the bug: a sincos spec built a timm model without any position embedding
+        assert timm_model.pos_embed is not None and tuple(timm_model.pos_embed.shape) == (
+            1,
+            spec.n_positions or spec.n_patches,
+            spec.hidden_dim,
+        )
+    x = torch.from_numpy(
+        np.random.default_rng(0)
+        .standard_normal((2, spec.in_channels, *spec.image_size))
+        .astype(np.float32)
+    )
     with torch.inference_mode():
         ours, theirs = model.eval()(x).numpy(), timm_model(x).numpy()
     assert ours.shape == theirs.shape == (2, spec.output_dim)
@@ -64,5 +76,7 @@ def test_the_sincos_table_is_the_one_ours_computes() -> None:
     timm_model = _run_snippet(spec, model)
     table = vitspec.reference.sincos2d(spec.grid, spec.hidden_dim)
     assert table.shape == (spec.n_patches, spec.hidden_dim)
-    np.testing.assert_array_equal(timm_model.pos_embed.detach().numpy()[0], table.astype(np.float32))
+    np.testing.assert_array_equal(
+        timm_model.pos_embed.detach().numpy()[0], table.astype(np.float32)
+    )
     np.testing.assert_array_equal(model.pos_embed.numpy()[0], table.astype(np.float32))

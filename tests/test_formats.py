@@ -36,7 +36,9 @@ def _hint(spec: vitspec.Spec, fmt: str) -> dict | None:
     return {k: getattr(spec, k) for k in NPZ_HINT} if fmt in ("google", "big_vision") else None
 
 
-def _canonical(tmp_path: Path, spec: vitspec.Spec, dtype: type = np.float32) -> tuple[Path, dict[str, np.ndarray]]:
+def _canonical(
+    tmp_path: Path, spec: vitspec.Spec, dtype: type = np.float32
+) -> tuple[Path, dict[str, np.ndarray]]:
     weights = vitspec.init_weights(spec, seed=4, scheme="random", dtype=dtype)
     path = tmp_path / "canonical.safetensors"
     vitspec.save_weights(path, weights, spec)
@@ -85,7 +87,9 @@ FAMILY_SPECS = {name: family(name) for name in vitspec.families.FAMILIES}
 
 @pytest.mark.parametrize("fmt", ALL)
 @pytest.mark.parametrize("name", list(FAMILY_SPECS))
-def test_every_family_round_trips_through_every_format_that_expresses_it(tmp_path: Path, fmt: str, name: str) -> None:
+def test_every_family_round_trips_through_every_format_that_expresses_it(
+    tmp_path: Path, fmt: str, name: str
+) -> None:
     spec = FAMILY_SPECS[name]
     canonical, weights = _canonical(tmp_path, spec)
     out = _out(tmp_path, "x", fmt)
@@ -96,7 +100,9 @@ def test_every_family_round_trips_through_every_format_that_expresses_it(tmp_pat
         return
     formats.convert(canonical, out, to_format=fmt)
     hint = _hint(spec, fmt)  # only the npz formats carry no spec of their own
-    if hint is not None and (spec.pos_embed != "learned" or spec.image_size[0] != spec.image_size[1]):
+    if hint is not None and (
+        spec.pos_embed != "learned" or spec.image_size[0] != spec.image_size[1]
+    ):
         hint["image_size"] = spec.image_size
     got, got_spec = formats.load(out, spec=hint)
     assert got_spec == spec
@@ -178,16 +184,29 @@ def test_timm_spec_inference_reports_what_came_from_defaults(tmp_path: Path) -> 
     assert inferred.spec.n_heads == 1  # width 64: head_dim 64, no preset has it
     # everything the tensors cannot tell is assumed and said so, down to the training-only rates
     assert set(inferred.assumed) == {
-        "n_heads", "norm_eps", "gelu", "pooling", "image_size", "pos_embed_class_slot", "dropout", "attn_dropout", "drop_path",
+        "n_heads",
+        "norm_eps",
+        "gelu",
+        "pooling",
+        "image_size",
+        "pos_embed_class_slot",
+        "dropout",
+        "attn_dropout",
+        "drop_path",
     }
     assert set(inferred.known) | set(inferred.assumed) == set(vitspec.Spec.model_fields)
     notes = "\n".join(inferred.notes())
     assert "n_heads = 1 (head_dim 64" in notes and "gelu = exact (timm's nn.GELU)" in notes
-    assert "image_size = 32, pos_embed_class_slot = true (17 position rows read as 16 patches plus a class-token row in a square 4x4 grid" in notes
+    assert (
+        "image_size = 32, pos_embed_class_slot = true (17 position rows read as 16 patches plus a class-token row in a square 4x4 grid"
+        in notes
+    )
     assert inferred.spec.replace(n_heads=1) == spec
 
 
-def test_partial_spec_fills_what_the_file_cannot_tell_and_refuses_contradictions(tmp_path: Path) -> None:
+def test_partial_spec_fills_what_the_file_cannot_tell_and_refuses_contradictions(
+    tmp_path: Path,
+) -> None:
     spec = family("gelu_tanh", norm_eps=1e-5)
     canonical, _weights = _canonical(tmp_path, spec)
     npz = tmp_path / "g.npz"
@@ -207,7 +226,9 @@ def test_partial_spec_fills_what_the_file_cannot_tell_and_refuses_contradictions
 
 def test_inline_and_preset_partial_specs() -> None:
     assert load_partial_spec("n_heads=4,image_size=[24, 40],gelu=tanh") == {
-        "n_heads": 4, "image_size": (24, 40), "gelu": "tanh",
+        "n_heads": 4,
+        "image_size": (24, 40),
+        "gelu": "tanh",
     }
     assert load_partial_spec("B/16")["n_heads"] == 12
 
@@ -228,21 +249,31 @@ def test_non_square_grid_needs_the_image_size(tmp_path: Path) -> None:
 
     bare = tmp_path / "bare.safetensors"
     write_safetensors(bare, read_safetensors(out)[0])
-    with pytest.raises(SpecError, match="cannot tell the image size: the position embedding has 21 rows"):
+    with pytest.raises(
+        SpecError, match="cannot tell the image size: the position embedding has 21 rows"
+    ):
         formats.load(bare, spec="n_heads=4")
     _got, got_spec = formats.load(bare, spec="n_heads=4,image_size=[24, 40]")
     assert got_spec == spec
-    with pytest.raises(SpecError, match=r"image_size: --spec says 24x24 \(12 patches of 6x8\), but the file's position embedding has 21 rows"):
+    with pytest.raises(
+        SpecError,
+        match=r"image_size: --spec says 24x24 \(12 patches of 6x8\), but the file's position embedding has 21 rows",
+    ):
         formats.load(bare, spec="n_heads=4,image_size=24")
 
 
-def _bare(tmp_path: Path, spec: vitspec.Spec, fmt: str = "timm") -> tuple[Path, dict[str, np.ndarray]]:
+def _bare(
+    tmp_path: Path, spec: vitspec.Spec, fmt: str = "timm"
+) -> tuple[Path, dict[str, np.ndarray]]:
     """A file of ``fmt`` as its library saves it: native tensors, no metadata, no spec."""
     from safetensors.numpy import save_file
 
     weights = vitspec.init_weights(spec, seed=5, scheme="random")
     path = tmp_path / f"bare-{fmt}.safetensors"
-    save_file({k: np.ascontiguousarray(v) for k, v in formats.get_format(fmt).to_native(spec, weights)}, path)
+    save_file(
+        {k: np.ascontiguousarray(v) for k, v in formats.get_format(fmt).to_native(spec, weights)},
+        path,
+    )
     return path, weights
 
 
@@ -252,43 +283,73 @@ def _sized(spec: vitspec.Spec) -> list[int]:
 
 # (grid, patch): grids of n x (n+2) patches, whose table plus a class-token row has (n+1)^2 rows,
 # so it also reads as a square grid without the row. Not the issue's 14x16: other heights and widths.
-TWO_READINGS = [((3, 5), (4, 4)), ((5, 3), (4, 4)), ((6, 8), (2, 3)), ((2, 4), (8, 8)), ((8, 6), (4, 2))]
+TWO_READINGS = [
+    ((3, 5), (4, 4)),
+    ((5, 3), (4, 4)),
+    ((6, 8), (2, 3)),
+    ((2, 4), (8, 8)),
+    ((8, 6), (4, 2)),
+]
 
 
 @pytest.mark.parametrize(("grid", "patch"), TWO_READINGS)
-def test_a_table_with_two_readings_is_listed_never_guessed(tmp_path: Path, grid: tuple[int, int], patch: tuple[int, int]) -> None:
-    spec = family("timm_token", image_size=[grid[0] * patch[0], grid[1] * patch[1]], patch_size=list(patch))
+def test_a_table_with_two_readings_is_listed_never_guessed(
+    tmp_path: Path, grid: tuple[int, int], patch: tuple[int, int]
+) -> None:
+    spec = family(
+        "timm_token", image_size=[grid[0] * patch[0], grid[1] * patch[1]], patch_size=list(patch)
+    )
     path, weights = _bare(tmp_path, spec)
     rows, side = grid[0] * grid[1] + 1, min(grid) + 1
     with pytest.raises(SpecError) as info:
         formats.load(path, spec="n_heads=4")
     message = str(info.value)
-    assert f"the position embedding has {rows} rows, which can be read two ways (vitspec does not guess)" in message
+    assert (
+        f"the position embedding has {rows} rows, which can be read two ways (vitspec does not guess)"
+        in message
+    )
     assert f"(a) {rows - 1} patches plus a class-token row in a non-square grid such as" in message
-    assert f"{grid[0]}x{grid[1]}" in message and f"[{spec.image_size[0]},{spec.image_size[1]}]" in message
+    assert (
+        f"{grid[0]}x{grid[1]}" in message
+        and f"[{spec.image_size[0]},{spec.image_size[1]}]" in message
+    )
     assert f"(b) {rows} patches without a class-token row in a square {side}x{side} grid" in message
     assert "--spec pos_embed_class_slot=false" in message
     # the image size picks reading (a); with the class slot given too it is accepted, not a contradiction
-    for given in ({"image_size": _sized(spec)}, {"image_size": _sized(spec), "pos_embed_class_slot": True}):
+    for given in (
+        {"image_size": _sized(spec)},
+        {"image_size": _sized(spec), "pos_embed_class_slot": True},
+    ):
         got, got_spec = formats.load(path, spec={"n_heads": 4, **given})
         assert got_spec == spec
         _assert_bits(got, weights)
     # the class slot alone still needs the grid: asked for by name, with an example that fits
-    with pytest.raises(SpecError, match=rf"cannot tell the image size: the position embedding has {rows} rows, {rows - 1} patches plus a class-token row, which is not a square grid; pass image_size with --spec \(for example --spec image_size=\["):
+    with pytest.raises(
+        SpecError,
+        match=rf"cannot tell the image size: the position embedding has {rows} rows, {rows - 1} patches plus a class-token row, which is not a square grid; pass image_size with --spec \(for example --spec image_size=\[",
+    ):
         formats.load(path, spec="n_heads=4,pos_embed_class_slot=true")
     # reading (b), chosen by the user: the square grid is taken and marked as assumed
     with formats.open_checkpoint(path, spec="n_heads=4,pos_embed_class_slot=false") as ckpt:
-        assert ckpt.spec.image_size == (side * patch[0], side * patch[1]) and not ckpt.spec.pos_embed_class_slot
+        assert (
+            ckpt.spec.image_size == (side * patch[0], side * patch[1])
+            and not ckpt.spec.pos_embed_class_slot
+        )
         assert set(ckpt.inference.assumed) >= {"image_size", "pooling"}
         assert "pos_embed_class_slot" in ckpt.inference.given
 
 
-def test_the_mirror_case_a_square_table_without_the_class_row_is_not_guessed_either(tmp_path: Path) -> None:
+def test_the_mirror_case_a_square_table_without_the_class_row_is_not_guessed_either(
+    tmp_path: Path,
+) -> None:
     # timm no_embed_class=True (DeiT III): 5x5 patches and a class token, but no row for it: 25 rows,
     # which timm's usual class row would read as 24 patches in a 4x6 grid.
     spec = family("timm_no_embed_class", image_size=40, patch_size=8)
     path, weights = _bare(tmp_path, spec)
-    with pytest.raises(SpecError, match=r"has 25 rows, which can be read two ways .*\(a\) 24 patches plus a class-token row in a non-square grid such as 4x6 or 6x4: --spec image_size=\[32,48\] or \[48,32\]; \(b\) 25 patches without a class-token row in a square 5x5 grid \(image_size 40\): --spec pos_embed_class_slot=false"):
+    with pytest.raises(
+        SpecError,
+        match=r"has 25 rows, which can be read two ways .*\(a\) 24 patches plus a class-token row in a non-square grid such as 4x6 or 6x4: --spec image_size=\[32,48\] or \[48,32\]; \(b\) 25 patches without a class-token row in a square 5x5 grid \(image_size 40\): --spec pos_embed_class_slot=false",
+    ):
         formats.load(path, spec="n_heads=4")
     got, got_spec = formats.load(path, spec="n_heads=4,pos_embed_class_slot=false")
     assert got_spec == spec
@@ -296,39 +357,66 @@ def test_the_mirror_case_a_square_table_without_the_class_row_is_not_guessed_eit
 
 
 @pytest.mark.parametrize("grid", [(3, 5), (4, 7), (6, 4)])
-def test_without_a_class_token_a_non_square_grid_needs_the_size(tmp_path: Path, grid: tuple[int, int]) -> None:
+def test_without_a_class_token_a_non_square_grid_needs_the_size(
+    tmp_path: Path, grid: tuple[int, int]
+) -> None:
     spec = family("big_vision_gap", image_size=[grid[0] * 4, grid[1] * 4], patch_size=4)
     path, weights = _bare(tmp_path, spec)
     n = grid[0] * grid[1]
-    with pytest.raises(SpecError, match=rf"cannot tell the image size: the position embedding has {n} rows, {n} patches without a class-token row, which is not a square grid"):
+    with pytest.raises(
+        SpecError,
+        match=rf"cannot tell the image size: the position embedding has {n} rows, {n} patches without a class-token row, which is not a square grid",
+    ):
         formats.load(path, spec="n_heads=4")
     got, got_spec = formats.load(path, spec={"n_heads": 4, "image_size": _sized(spec)})
     assert got_spec == spec
     _assert_bits(got, weights)
-    with pytest.raises(SpecError, match="the given spec contradicts the file: pos_embed_class_slot: the file says false, --spec says true"):
-        formats.load(path, spec={"n_heads": 4, "image_size": _sized(spec), "pos_embed_class_slot": True})
+    with pytest.raises(
+        SpecError,
+        match="the given spec contradicts the file: pos_embed_class_slot: the file says false, --spec says true",
+    ):
+        formats.load(
+            path, spec={"n_heads": 4, "image_size": _sized(spec), "pos_embed_class_slot": True}
+        )
 
 
-@pytest.mark.parametrize(("fmt", "family_name", "side"), [("timm", "timm_token", 4), ("timm", "big_vision_gap", 5), ("canonical", "vit_paper", 3)])
-def test_a_square_reading_is_taken_only_as_an_assumption(tmp_path: Path, fmt: str, family_name: str, side: int) -> None:
+@pytest.mark.parametrize(
+    ("fmt", "family_name", "side"),
+    [("timm", "timm_token", 4), ("timm", "big_vision_gap", 5), ("canonical", "vit_paper", 3)],
+)
+def test_a_square_reading_is_taken_only_as_an_assumption(
+    tmp_path: Path, fmt: str, family_name: str, side: int
+) -> None:
     spec = family(family_name, image_size=side * 8, patch_size=8)
     path, _ = _bare(tmp_path, spec, fmt)
     with formats.open_checkpoint(path, from_format=fmt, spec="n_heads=4") as ckpt:
         inference = ckpt.inference
     assert inference.spec == spec
-    assert inference.assumed["image_size"] == (side * 8, side * 8) and "image_size" not in inference.known
-    assert ("pos_embed_class_slot" in inference.assumed) == spec.class_token  # read from the file without one
+    assert (
+        inference.assumed["image_size"] == (side * 8, side * 8)
+        and "image_size" not in inference.known
+    )
+    assert (
+        "pos_embed_class_slot" in inference.assumed
+    ) == spec.class_token  # read from the file without one
     assert f"in a square {side}x{side} grid" in inference.why["image_size"]
 
 
-def test_big_vision_old_style_class_row_is_read_because_the_usual_layout_fits_no_grid(tmp_path: Path) -> None:
-    spec = family("vit_paper", image_size=32, patch_size=8)  # 16 patches + a class row: 17 rows, prime
+def test_big_vision_old_style_class_row_is_read_because_the_usual_layout_fits_no_grid(
+    tmp_path: Path,
+) -> None:
+    spec = family(
+        "vit_paper", image_size=32, patch_size=8
+    )  # 16 patches + a class row: 17 rows, prime
     canonical, _weights = _canonical(tmp_path, spec)
     npz = tmp_path / "bv.npz"
     formats.convert(canonical, npz, to_format="big_vision")
     with formats.open_checkpoint(npz, spec={"gelu": "exact"}) as ckpt:
         assert ckpt.spec == spec
-        assert "17 patches without a class-token row, big_vision's usual layout, make no plausible grid" in ckpt.inference.why["pos_embed_class_slot"]
+        assert (
+            "17 patches without a class-token row, big_vision's usual layout, make no plausible grid"
+            in ckpt.inference.why["pos_embed_class_slot"]
+        )
 
 
 def test_plausible_grids() -> None:
@@ -349,12 +437,16 @@ def test_hf_config_must_agree_with_the_tensors(tmp_path: Path) -> None:
     from vitspec.containers import read_safetensors, write_safetensors
 
     tensors, _meta = read_safetensors(folder / "model.safetensors")
-    write_safetensors(folder / "model.safetensors", tensors, {"format": "pt"}, overwrite=True)  # drop the embedded spec
+    write_safetensors(
+        folder / "model.safetensors", tensors, {"format": "pt"}, overwrite=True
+    )  # drop the embedded spec
     config = json.loads((folder / "config.json").read_text())
     assert formats.load(folder)[1] == spec  # everything from config.json
     config["num_hidden_layers"] = 3
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(SpecError, match="config.json has num_hidden_layers=3 but the tensors say depth 2"):
+    with pytest.raises(
+        SpecError, match="config.json has num_hidden_layers=3 but the tensors say depth 2"
+    ):
         formats.load(folder)
 
 
@@ -371,7 +463,14 @@ def test_big_vision_scanned_encoder_reads_block_by_block(tmp_path: Path) -> None
             _, leaf = rest.split("/", 1)
             key = f"{head}/encoderblock/{leaf}"
             if key not in scanned:
-                scanned[key] = np.stack([arrays[name.replace(f"encoderblock_{rest.split('/')[0]}", f"encoderblock_{i}")] for i in range(3)])
+                scanned[key] = np.stack(
+                    [
+                        arrays[
+                            name.replace(f"encoderblock_{rest.split('/')[0]}", f"encoderblock_{i}")
+                        ]
+                        for i in range(3)
+                    ]
+                )
         else:
             scanned[name] = arrays[name]
     scan = tmp_path / "scan.npz"
@@ -417,8 +516,16 @@ def test_resampling_keeps_constants_and_the_class_row(tmp_path: Path) -> None:
     # downsampling 8x with antialiasing averages every input row in; plain bicubic (4 taps) skips some
     assert (resample.antialiased_bicubic_matrix(32, 4) != 0).any(axis=0).all()
     assert not (resample.bicubic_matrix(32, 4) != 0).any(axis=0).all()
-    with pytest.raises(ValueError, match="unknown resampling algorithm 'lanczos'; expected one of bicubic-antialias, bicubic"):
-        formats.convert(_canonical(tmp_path, spec)[0], tmp_path / "o.safetensors", image_size=48, resample="lanczos")
+    with pytest.raises(
+        ValueError,
+        match="unknown resampling algorithm 'lanczos'; expected one of bicubic-antialias, bicubic",
+    ):
+        formats.convert(
+            _canonical(tmp_path, spec)[0],
+            tmp_path / "o.safetensors",
+            image_size=48,
+            resample="lanczos",
+        )
 
 
 def test_convert_with_image_size_resamples_and_runs(tmp_path: Path) -> None:
@@ -439,10 +546,21 @@ def test_convert_with_image_size_resamples_and_runs(tmp_path: Path) -> None:
 
 # ---- streaming -------------------------------------------------------------------------------
 
-STREAM_SPEC = vitspec.Spec(image_size=64, patch_size=8, hidden_dim=256, n_heads=4, depth=4, n_classes=100)
+STREAM_SPEC = vitspec.Spec(
+    image_size=64, patch_size=8, hidden_dim=256, n_heads=4, depth=4, n_classes=100
+)
 
 
-@pytest.mark.parametrize(("a", "b"), [("timm", "canonical"), ("canonical", "hf"), ("google", "timm"), ("canonical", "big_vision"), ("torch", "flax")])
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("timm", "canonical"),
+        ("canonical", "hf"),
+        ("google", "timm"),
+        ("canonical", "big_vision"),
+        ("torch", "flax"),
+    ],
+)
 def test_conversion_holds_about_one_block_not_the_model(tmp_path: Path, a: str, b: str) -> None:
     spec = STREAM_SPEC
     canonical, weights = _canonical(tmp_path, spec)
@@ -458,16 +576,25 @@ def test_conversion_holds_about_one_block_not_the_model(tmp_path: Path, a: str, 
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < block_bytes + model_bytes // 8, f"peak {peak} bytes for a {model_bytes}-byte model"
+    assert peak < block_bytes + model_bytes // 8, (
+        f"peak {peak} bytes for a {model_bytes}-byte model"
+    )
 
 
 def test_progress_reports_every_byte(tmp_path: Path) -> None:
     canonical, weights = _canonical(tmp_path, EVERYWHERE)
     seen: list[tuple[int, int]] = []
-    result = formats.convert(canonical, tmp_path / "t.safetensors", to_format="timm", progress=lambda d, t: seen.append((d, t)))
+    result = formats.convert(
+        canonical,
+        tmp_path / "t.safetensors",
+        to_format="timm",
+        progress=lambda d, t: seen.append((d, t)),
+    )
     assert len(seen) == result.n_tensors
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
-    assert seen[-1] == (result.nbytes, result.nbytes) == (sum(w.nbytes for w in weights.values()),) * 2
+    assert (
+        seen[-1] == (result.nbytes, result.nbytes) == (sum(w.nbytes for w in weights.values()),) * 2
+    )
 
 
 def test_load_gives_the_numbers_of_the_original(tmp_path: Path) -> None:
@@ -477,7 +604,13 @@ def test_load_gives_the_numbers_of_the_original(tmp_path: Path) -> None:
     formats.convert(canonical, out, to_format="timm")
     got, got_spec = formats.load(out)
     images = np.random.default_rng(1).standard_normal((2, 32, 32, 3))
-    assert rel_err(reference.forward(got_spec, got, images)["output"], reference.forward(spec, weights, images)["output"]) == 0.0
+    assert (
+        rel_err(
+            reference.forward(got_spec, got, images)["output"],
+            reference.forward(spec, weights, images)["output"],
+        )
+        == 0.0
+    )
 
 
 # ---- the docs name what the code writes --------------------------------------------------------
@@ -485,7 +618,12 @@ def test_load_gives_the_numbers_of_the_original(tmp_path: Path) -> None:
 
 def _stem(name: str) -> str:
     """A native name as the docs write it: block 0 as {i}, key/value like query, the leaf dropped."""
-    for block, generic in (("blocks.0.", "blocks.{i}."), ("blocks_0", "blocks_{i}"), ("encoder.layer.0.", "encoder.layer.{i}."), ("encoderblock_0", "encoderblock_{i}")):
+    for block, generic in (
+        ("blocks.0.", "blocks.{i}."),
+        ("blocks_0", "blocks_{i}"),
+        ("encoder.layer.0.", "encoder.layer.{i}."),
+        ("encoderblock_0", "encoderblock_{i}"),
+    ):
         name = name.replace(block, generic)
     name = name.removeprefix("vit.").removeprefix("params/")
     for part in ("key", "value"):
@@ -498,18 +636,28 @@ def test_convert_docs_name_every_native_tensor() -> None:
 
     page = (Path(__file__).resolve().parent.parent / "docs" / "convert.md").read_text()
     headings = [line for line in page.splitlines() if line.startswith("#### ")]
-    specs = [family("vit_paper", depth=1), family("vit_paper_pre_logits", depth=1), family("timm_avg_fc_norm", depth=1),
-             family("vit_paper_pre_logits", depth=1, n_classes=0)]
+    specs = [
+        family("vit_paper", depth=1),
+        family("vit_paper_pre_logits", depth=1),
+        family("timm_avg_fc_norm", depth=1),
+        family("vit_paper_pre_logits", depth=1, n_classes=0),
+    ]
     for fmt in ALL:
         assert fmt == "canonical" or any(f"`{fmt}`" in h for h in headings), fmt
         module = formats.get_format(fmt)
         for spec in specs:
             if not _expressible(fmt, spec):
                 continue
-            names = [d for _, d in h5_layout(spec)] if fmt == "keras" else [n for n, _ in module.native_layout(spec)]
+            names = (
+                [d for _, d in h5_layout(spec)]
+                if fmt == "keras"
+                else [n for n, _ in module.native_layout(spec)]
+            )
             for name in names:
                 stem = _stem(name)
-                if fmt in ("flax", "canonical") and not stem.startswith(("patch_embed", "blocks.{i}.attn.qkv")):
+                if fmt in ("flax", "canonical") and not stem.startswith(
+                    ("patch_embed", "blocks.{i}.attn.qkv")
+                ):
                     continue  # documented as "every other canonical name: itself"
                 assert stem in page, (fmt, name, stem)
 
@@ -523,7 +671,9 @@ def test_formats_import_no_framework() -> None:
         "for name in f.FORMATS: f.get_format(name)\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'tensorflow', 'keras', 'jax', 'flax')))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "[]"
 
 

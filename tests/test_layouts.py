@@ -59,7 +59,9 @@ def test_the_fused_qkv_rows_put_query_key_value_where_each_family_expects() -> N
     torch_qkv = dict(TORCH.to_native(spec, w))["blocks.0.attn.qkv.weight"]
     np.testing.assert_array_equal(torch_qkv[d : 2 * d], k.T)  # rows q, k, v of an (out, in) weight
     keras_qkv = dict(KERAS.to_native(spec, w))["blocks_0/attn/qkv/kernel"]
-    np.testing.assert_array_equal(keras_qkv[:, 2 * d :], v)  # columns q, k, v of an (in, out) kernel
+    np.testing.assert_array_equal(
+        keras_qkv[:, 2 * d :], v
+    )  # columns q, k, v of an (in, out) kernel
     flax_qkv = dict(FLAX.to_native(spec, w))["blocks.0.attn.qkv.kernel"]
     np.testing.assert_array_equal(flax_qkv[:, :d], q)
 
@@ -80,7 +82,14 @@ def test_every_move_inverts_its_forward(shape: tuple[int, ...], seed: int) -> No
     rng = np.random.default_rng(seed)
     a, b = rng.standard_normal(shape), rng.standard_normal(shape)
     axes = tuple(int(i) for i in rng.permutation(len(shape)))
-    moves = [SAME, Reshape((int(np.prod(shape)),)), Transpose(axes), Concat(0), Concat(-1), Concat(0, Transpose(axes))]
+    moves = [
+        SAME,
+        Reshape((int(np.prod(shape)),)),
+        Transpose(axes),
+        Concat(0),
+        Concat(-1),
+        Concat(0, Transpose(axes)),
+    ]
     if len(shape) == 2:
         moves.append(DENSE)
     if len(shape) == 4:

@@ -32,22 +32,40 @@ def problems(data: dict) -> list[str]:
         ({"image_size": [32, 30]}, "image_size 32x30 is not divisible by patch_size 8"),
         ({"hidden_dim": 0}, "hidden_dim must be greater than 0, found 0"),
         ({"depth": -3}, "depth must be greater than 0, found -3"),
-        ({"patch_size": 16.0}, "patch_size must be a positive integer or a pair [height, width], found a float (16.0)"),
+        (
+            {"patch_size": 16.0},
+            "patch_size must be a positive integer or a pair [height, width], found a float (16.0)",
+        ),
         ({"depth": 2.0}, "depth must be an integer, found a float (2.0)"),
         ({"depth": "2"}, "depth must be an integer, found a string ('2')"),
         ({"depth": True}, "depth must be an integer, found a boolean (True)"),
-        ({"image_size": [32, 32, 32]}, "image_size must be a positive integer or a pair [height, width], found a list"),
+        (
+            {"image_size": [32, 32, 32]},
+            "image_size must be a positive integer or a pair [height, width], found a list",
+        ),
         ({"image_size": [32, 0]}, "image_size[1] must be greater than 0, found 0"),
         ({"n_classes": -1}, "n_classes must be at least 0, found -1"),
-        ({"mlp_ratio": 0.01}, "hidden_dim * mlp_ratio must be a whole number, found 48 * 0.01 = 0.48"),
+        (
+            {"mlp_ratio": 0.01},
+            "hidden_dim * mlp_ratio must be a whole number, found 48 * 0.01 = 0.48",
+        ),
         ({"mlp_ratio": 2.5, "hidden_dim": 50, "n_heads": 5}, None),
         ({"mlp_ratio": "4"}, "mlp_ratio must be a number, found a string ('4')"),
         ({"pooling": "mean"}, "pooling must be one of 'token' or 'avg', found 'mean'"),
         ({"gelu": "approx"}, "gelu must be one of 'exact' or 'tanh', found 'approx'"),
         ({"class_token": "yes"}, "class_token must be true or false, found a string ('yes')"),
-        ({"pooling": "token", "class_token": False}, "pooling 'token' needs class_token true, found class_token false"),
-        ({"pos_embed": "sincos2d", "hidden_dim": 42, "n_heads": 2}, "pos_embed 'sincos2d' needs hidden_dim divisible by 4"),
-        ({"pos_embed_class_slot": True, "pos_embed": "none"}, "pos_embed_class_slot true needs class_token true and pos_embed 'learned', found pos_embed 'none'"),
+        (
+            {"pooling": "token", "class_token": False},
+            "pooling 'token' needs class_token true, found class_token false",
+        ),
+        (
+            {"pos_embed": "sincos2d", "hidden_dim": 42, "n_heads": 2},
+            "pos_embed 'sincos2d' needs hidden_dim divisible by 4",
+        ),
+        (
+            {"pos_embed_class_slot": True, "pos_embed": "none"},
+            "pos_embed_class_slot true needs class_token true and pos_embed 'learned', found pos_embed 'none'",
+        ),
         ({"norm_eps": 0.0}, "norm_eps must be greater than 0.0, found 0.0"),
         ({"norm_eps": float("nan")}, "norm_eps must be a finite number"),
         ({"dropout": 1.0}, "dropout must be less than 1.0, found 1.0"),
@@ -74,7 +92,16 @@ def test_missing_fields_are_each_named() -> None:
 
 
 def test_every_problem_is_reported_at_once() -> None:
-    found = problems({**BASE, "hidden_dim": 50, "n_heads": 4, "image_size": 30, "pooling": "token", "class_token": False})
+    found = problems(
+        {
+            **BASE,
+            "hidden_dim": 50,
+            "n_heads": 4,
+            "image_size": 30,
+            "pooling": "token",
+            "class_token": False,
+        }
+    )
     assert len(found) == 3
     assert any("not divisible by n_heads" in p for p in found)
     assert any("image_size 30" in p for p in found)
@@ -129,8 +156,15 @@ def test_n_params_equals_timm_model_for_every_family() -> None:
         (family("timm_no_embed_class"), {"no_embed_class": True}),
         (family("big_vision_gap"), {"class_token": False, "global_pool": "avg", "fc_norm": False}),
     ]:
-        args = {"img_size": spec.image_size, "patch_size": spec.patch_size, "embed_dim": spec.hidden_dim,
-                "depth": spec.depth, "num_heads": spec.n_heads, "num_classes": spec.n_classes, **kwargs}
+        args = {
+            "img_size": spec.image_size,
+            "patch_size": spec.patch_size,
+            "embed_dim": spec.hidden_dim,
+            "depth": spec.depth,
+            "num_heads": spec.n_heads,
+            "num_classes": spec.n_classes,
+            **kwargs,
+        }
         model = VisionTransformer(**args)
         with torch.no_grad():
             assert sum(p.numel() for p in model.parameters()) == spec.n_params, spec
@@ -138,7 +172,13 @@ def test_n_params_equals_timm_model_for_every_family() -> None:
 
 def test_derived_values() -> None:
     spec = preset("B/16")
-    assert (spec.grid, spec.n_patches, spec.seq_len, spec.head_dim, spec.mlp_dim) == ((14, 14), 196, 197, 64, 3072)
+    assert (spec.grid, spec.n_patches, spec.seq_len, spec.head_dim, spec.mlp_dim) == (
+        (14, 14),
+        196,
+        197,
+        64,
+        3072,
+    )
     # 17.58 GMACs is the usual figure for ViT-B/16 at 224 (fvcore counts MACs).
     assert spec.macs == 17_563_828_224
     assert spec.flops == 2 * spec.macs
@@ -152,7 +192,13 @@ def test_presets_follow_the_paper_table() -> None:
     b, large, h = preset("B/16"), preset("ViT-L/16"), preset("H/14")
     assert (b.hidden_dim, b.depth, b.mlp_dim, b.n_heads) == (768, 12, 3072, 12)
     assert (large.hidden_dim, large.depth, large.mlp_dim, large.n_heads) == (1024, 24, 4096, 16)
-    assert (h.hidden_dim, h.depth, h.mlp_dim, h.n_heads, h.patch_size) == (1280, 32, 5120, 16, (14, 14))
+    assert (h.hidden_dim, h.depth, h.mlp_dim, h.n_heads, h.patch_size) == (
+        1280,
+        32,
+        5120,
+        16,
+        (14, 14),
+    )
     for variant in VARIANTS:
         spec = preset(f"{variant}/16")
         assert spec.n_classes == 1000 and spec.class_token and spec.pos_embed_class_slot
@@ -191,18 +237,32 @@ def _write(tmp_path: Path, name: str, content: str | bytes) -> Path:
     [
         ("empty.yaml", "", "empty.yaml: is empty, expected a YAML or JSON spec"),
         ("blank.yaml", "  \n\n", "is empty"),
-        ("binary.yaml", b"\x89PNG\r\n\x1a\n\x00\x00", "is a binary file, expected a YAML or JSON spec"),
+        (
+            "binary.yaml",
+            b"\x89PNG\r\n\x1a\n\x00\x00",
+            "is a binary file, expected a YAML or JSON spec",
+        ),
         ("latin1.yaml", b"image_size: \xe9", "is not UTF-8 text"),
         ("list.yaml", "- 1\n- 2\n", "a spec must be a mapping of field: value, found a list"),
         ("scalar.yaml", "224\n", "found an integer (224)"),
         ("null.yaml", "~\n", "found nothing"),
-        ("syntax.yaml", "image_size: 32\npatch_size: [8,\n", "syntax.yaml: line 3 column 1: invalid YAML"),
+        (
+            "syntax.yaml",
+            "image_size: 32\npatch_size: [8,\n",
+            "syntax.yaml: line 3 column 1: invalid YAML",
+        ),
         ("tab.yaml", "image_size: 32\n\tdepth: 2\n", "line 2"),
         ("bad.json", '{"image_size": 32,}', "bad.json: line 1 column 19: invalid JSON"),
-        ("alias.yaml", "a: &x 1\nb: *x\n", "line 1 column 4: YAML anchors and aliases are not allowed"),
+        (
+            "alias.yaml",
+            "a: &x 1\nb: *x\n",
+            "line 1 column 4: YAML anchors and aliases are not allowed",
+        ),
     ],
 )
-def test_bad_files_give_one_line_errors(tmp_path: Path, name: str, content: str | bytes, message: str) -> None:
+def test_bad_files_give_one_line_errors(
+    tmp_path: Path, name: str, content: str | bytes, message: str
+) -> None:
     path = _write(tmp_path, name, content)
     with pytest.raises(SpecError) as info:
         load_spec(path)
@@ -259,20 +319,34 @@ def test_public_api_is_lazy_and_complete() -> None:
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("1e-5", 1e-5), ("1E-5", 1e-5), ("5e-1", 0.5), (".5", 0.5), ("+.5", 0.5), ("1.0e-5", 1e-5), ("2.5E+0", 2.5)],
+    [
+        ("1e-5", 1e-5),
+        ("1E-5", 1e-5),
+        ("5e-1", 0.5),
+        (".5", 0.5),
+        ("+.5", 0.5),
+        ("1.0e-5", 1e-5),
+        ("2.5E+0", 2.5),
+    ],
 )
-def test_every_float_notation_is_a_number_in_yaml_and_in_spec_pairs(tmp_path: Path, text: str, value: float) -> None:
+def test_every_float_notation_is_a_number_in_yaml_and_in_spec_pairs(
+    tmp_path: Path, text: str, value: float
+) -> None:
     from vitspec.formats.infer import load_partial_spec
 
     field = "norm_eps" if value < 1 else "mlp_ratio"
-    path = _write(tmp_path, "s.yaml", "".join(f"{k}: {v}\n" for k, v in BASE.items()) + f"{field}: {text}\n")
+    path = _write(
+        tmp_path, "s.yaml", "".join(f"{k}: {v}\n" for k, v in BASE.items()) + f"{field}: {text}\n"
+    )
     assert getattr(load_spec(path), field) == value
     assert load_partial_spec(f"{field}={text}") == {field: value}
 
 
 @pytest.mark.parametrize("text", ["abc", "'1e-5'", '"0.5"', "1e-5x", "e-5", "1e"])
 def test_real_strings_are_still_refused_where_a_number_belongs(tmp_path: Path, text: str) -> None:
-    path = _write(tmp_path, "s.yaml", "".join(f"{k}: {v}\n" for k, v in BASE.items()) + f"norm_eps: {text}\n")
+    path = _write(
+        tmp_path, "s.yaml", "".join(f"{k}: {v}\n" for k, v in BASE.items()) + f"norm_eps: {text}\n"
+    )
     with pytest.raises(SpecError, match=r"norm_eps must be a number, found a string"):
         load_spec(path)
 
@@ -281,7 +355,14 @@ def test_integers_stay_integers_and_strings_stay_strings_in_yaml(tmp_path: Path)
     from vitspec.spec import load_yaml
 
     assert load_yaml("a: 12\nb: 012\nc: 09\nd: 1_000\ne: 1e3\nf: -2E-2\ng: .inf\nh: B/16\n") == {
-        "a": 12, "b": 10, "c": "09", "d": 1000, "e": 1000.0, "f": -0.02, "g": float("inf"), "h": "B/16"
+        "a": 12,
+        "b": 10,
+        "c": "09",
+        "d": 1000,
+        "e": 1000.0,
+        "f": -0.02,
+        "g": float("inf"),
+        "h": "B/16",
     }
 
 
@@ -300,5 +381,16 @@ def test_replace_re_derives_defaults_that_were_not_set() -> None:
         slot.replace(class_token=False, pooling="avg")
     # None asks for the derived value again.
     assert no_slot.replace(pos_embed_class_slot=None).pos_embed_class_slot is True
-    assert gap == Spec.from_dict({**BASE, "image_size": 224, "patch_size": 16, "hidden_dim": 768, "n_heads": 12, "depth": 12,
-                                  "mlp_ratio": 4.0, "class_token": False, "pooling": "avg"})
+    assert gap == Spec.from_dict(
+        {
+            **BASE,
+            "image_size": 224,
+            "patch_size": 16,
+            "hidden_dim": 768,
+            "n_heads": 12,
+            "depth": 12,
+            "mlp_ratio": 4.0,
+            "class_token": False,
+            "pooling": "avg",
+        }
+    )

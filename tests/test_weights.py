@@ -67,7 +67,9 @@ def test_init_distributions() -> None:
     assert np.abs(w["class_token"]).max() < 1e-5
     assert abs(w["head.kernel"].std() - 0.02) < 0.001 and np.all(w["head.bias"] == 0)
     # Every kernel is drawn from the documented distributions: none is left at zero.
-    assert all(np.any(w[p.name] != 0) for p in vitspec.param_table(spec) if p.name.endswith("kernel"))
+    assert all(
+        np.any(w[p.name] != 0) for p in vitspec.param_table(spec) if p.name.endswith("kernel")
+    )
     r = vitspec.init_weights(family("vit_paper"), seed=0, scheme="random")
     assert all(np.any(v != 0) and np.any(v != 1) for v in r.values())
 
@@ -75,7 +77,9 @@ def test_init_distributions() -> None:
 def test_init_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="seed must be a non-negative integer, found -1"):
         vitspec.init_weights(family("vit_paper"), seed=-1)
-    with pytest.raises(ValueError, match="init scheme must be 'default' or 'random', found 'xavier'"):
+    with pytest.raises(
+        ValueError, match="init scheme must be 'default' or 'random', found 'xavier'"
+    ):
         vitspec.init_weights(family("vit_paper"), scheme="xavier")  # type: ignore[arg-type]
 
 
@@ -106,7 +110,11 @@ def test_files_are_readable_by_the_safetensors_library(tmp_path: Path) -> None:
     with safe_open(str(ours), framework="np") as f:
         assert json.loads(f.metadata()["vitspec.spec"]) == json.loads(spec.to_json())
     # ...and we read theirs, float64 and float16 included.
-    mixed = {"a": np.arange(6, dtype=np.float64).reshape(2, 3), "b": np.ones(4, np.float16), "c": np.zeros((0, 2), np.float32)}
+    mixed = {
+        "a": np.arange(6, dtype=np.float64).reshape(2, 3),
+        "b": np.ones(4, np.float16),
+        "c": np.zeros((0, 2), np.float32),
+    }
     save_file(mixed, str(tmp_path / "theirs.safetensors"), metadata={"k": "v"})
     back, meta = read_safetensors(tmp_path / "theirs.safetensors")
     assert meta == {"k": "v"}
@@ -125,8 +133,12 @@ def test_streaming_write_takes_a_generator(tmp_path: Path) -> None:
     write_safetensors(tmp_path / "s.safetensors", gen(), layout=layout)
     back, _ = read_safetensors(tmp_path / "s.safetensors")
     assert [float(back[f"t{i}"][0, 0]) for i in range(3)] == [0.0, 1.0, 2.0]
-    with pytest.raises(ValueError, match="tensor 't0': float32\\[3\\] written, the layout says float32\\[2, 2\\]"):
-        write_safetensors(tmp_path / "bad.safetensors", [("t0", np.zeros(3, np.float32))], layout=layout[:1])
+    with pytest.raises(
+        ValueError, match="tensor 't0': float32\\[3\\] written, the layout says float32\\[2, 2\\]"
+    ):
+        write_safetensors(
+            tmp_path / "bad.safetensors", [("t0", np.zeros(3, np.float32))], layout=layout[:1]
+        )
     assert not (tmp_path / "bad.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]
 
@@ -208,14 +220,18 @@ def test_nan_and_inf_are_reported_by_name(tmp_path: Path) -> None:
     vitspec.save_weights(tmp_path / "w.safetensors", w, spec)
     with pytest.raises(WeightsError) as info:
         vitspec.load_weights(tmp_path / "w.safetensors")
-    assert "blocks.1.mlp.fc1.kernel: 1 NaN and 0 Inf values (first at index [3, 5])" in str(info.value)
+    assert "blocks.1.mlp.fc1.kernel: 1 NaN and 0 Inf values (first at index [3, 5])" in str(
+        info.value
+    )
     assert "head.bias: 0 NaN and 1 Inf values (first at index [2])" in str(info.value)
 
 
 def test_spec_in_file_and_given_spec_must_agree(tmp_path: Path) -> None:
     spec = family("vit_paper")
     vitspec.save_weights(tmp_path / "w.safetensors", vitspec.init_weights(spec), spec)
-    with pytest.raises(SpecError, match="contradicts the embedded one \\(norm_eps: file 1e-06, given 1e-05\\)"):
+    with pytest.raises(
+        SpecError, match="contradicts the embedded one \\(norm_eps: file 1e-06, given 1e-05\\)"
+    ):
         vitspec.load_weights(tmp_path / "w.safetensors", spec.replace(norm_eps=1e-5))
     write_safetensors(tmp_path / "bare.safetensors", vitspec.init_weights(spec))
     with pytest.raises(SpecError, match="has no embedded vitspec spec"):
@@ -259,8 +275,17 @@ def test_spec_round_trips_through_metadata_for_every_family(tmp_path: Path) -> N
 
 
 def test_spec_is_equal_after_json() -> None:
-    spec = Spec.from_dict({"image_size": [8, 12], "patch_size": [4, 2], "hidden_dim": 24, "n_heads": 2, "depth": 1,
-                           "mlp_ratio": 35 / 24, "norm_eps": 1e-12})
+    spec = Spec.from_dict(
+        {
+            "image_size": [8, 12],
+            "patch_size": [4, 2],
+            "hidden_dim": 24,
+            "n_heads": 2,
+            "depth": 1,
+            "mlp_ratio": 35 / 24,
+            "norm_eps": 1e-12,
+        }
+    )
     assert spec.mlp_dim == 35
     assert Spec.from_dict(json.loads(spec.to_json())) == spec
 
@@ -284,6 +309,9 @@ def test_files_and_folders_get_the_usual_modes(tmp_path: Path, umask: int) -> No
         os.umask(old)
     mode = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}
     assert mode == {
-        "w.safetensors": 0o666 & ~umask, "plain.txt": 0o666 & ~umask, "folder": 0o777 & ~umask,
-        "inside.txt": 0o666 & ~umask, "kept.safetensors": 0o640,
+        "w.safetensors": 0o666 & ~umask,
+        "plain.txt": 0o666 & ~umask,
+        "folder": 0o777 & ~umask,
+        "inside.txt": 0o666 & ~umask,
+        "kept.safetensors": 0o640,
     }

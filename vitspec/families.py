@@ -12,12 +12,27 @@ from vitspec.spec import Spec
 
 FAMILIES: dict[str, dict[str, Any]] = {
     # Dosovitskiy et al. 2021; Google's npz checkpoints; the presets.
-    "vit_paper": {"class_token": True, "pooling": "token", "pos_embed": "learned", "pos_embed_class_slot": True},
+    "vit_paper": {
+        "class_token": True,
+        "pooling": "token",
+        "pos_embed": "learned",
+        "pos_embed_class_slot": True,
+    },
     # ViT paper with the ImageNet-21k representation layer (dense + tanh before the head).
     "vit_paper_pre_logits": {"class_token": True, "pooling": "token", "pre_logits_dim": 24},
     # big_vision: global average pooling, no class token, norm before pooling.
-    "big_vision_gap": {"class_token": False, "pooling": "avg", "pos_embed": "learned", "final_norm": "before_pool"},
-    "big_vision_sincos": {"class_token": False, "pooling": "avg", "pos_embed": "sincos2d", "final_norm": "before_pool"},
+    "big_vision_gap": {
+        "class_token": False,
+        "pooling": "avg",
+        "pos_embed": "learned",
+        "final_norm": "before_pool",
+    },
+    "big_vision_sincos": {
+        "class_token": False,
+        "pooling": "avg",
+        "pos_embed": "sincos2d",
+        "final_norm": "before_pool",
+    },
     # timm VisionTransformer defaults (global_pool="token").
     "timm_token": {"class_token": True, "pooling": "token", "final_norm": "before_pool"},
     # timm global_pool="avg": fc_norm, i.e. the norm comes after pooling; the class token is not pooled.
@@ -35,7 +50,14 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "non_square": {"image_size": [24, 40], "patch_size": [6, 8]},
 }
 
-_TINY = {"image_size": 32, "patch_size": 8, "hidden_dim": 32, "n_heads": 4, "depth": 2, "n_classes": 10}
+_TINY = {
+    "image_size": 32,
+    "patch_size": 8,
+    "hidden_dim": 32,
+    "n_heads": 4,
+    "depth": 2,
+    "n_classes": 10,
+}
 
 
 def family(name: str, **overrides: Any) -> Spec:

@@ -91,7 +91,9 @@ def atomic_output(path: str | os.PathLike[str], overwrite: bool = False) -> Iter
     folder there (a framework's artifact); move what it made to ``path`` only if the block succeeds."""
     path = Path(path)
     check_destination(path, overwrite)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent or "."))
+    staging = Path(
+        tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent or ".")
+    )
     try:
         made = staging / path.name
         yield made

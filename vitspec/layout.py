@@ -40,27 +40,62 @@ def param_table(spec: Spec) -> list[Param]:
     """Every parameter of ``spec`` in forward order."""
     d, m, ph, pw, c = spec.hidden_dim, spec.mlp_dim, *spec.patch_size, spec.in_channels
     table = [
-        Param("patch_embed.kernel", (ph, pw, c, d), "patch projection, HWIO: patch (row, col, channel) -> token", "lecun"),
+        Param(
+            "patch_embed.kernel",
+            (ph, pw, c, d),
+            "patch projection, HWIO: patch (row, col, channel) -> token",
+            "lecun",
+        ),
         Param("patch_embed.bias", (d,), "patch projection bias", "zeros"),
     ]
     if spec.class_token:
-        table.append(Param("class_token", (d,), "learned class token, prepended to the patch tokens", "tiny"))
+        table.append(
+            Param("class_token", (d,), "learned class token, prepended to the patch tokens", "tiny")
+        )
     if spec.pos_embed == "learned":
-        rows = "class token then patches, row-major" if spec.pos_embed_class_slot else "patches, row-major"
-        table.append(Param("pos_embed", (spec.n_positions, d), f"learned position embedding ({rows})", "posemb"))
+        rows = (
+            "class token then patches, row-major"
+            if spec.pos_embed_class_slot
+            else "patches, row-major"
+        )
+        table.append(
+            Param(
+                "pos_embed", (spec.n_positions, d), f"learned position embedding ({rows})", "posemb"
+            )
+        )
     for i in range(spec.depth):
         b = f"blocks.{i}"
         table += [
-            Param(f"{b}.norm1.scale", (d,), f"block {i}: LayerNorm before attention, scale", "ones"),
+            Param(
+                f"{b}.norm1.scale", (d,), f"block {i}: LayerNorm before attention, scale", "ones"
+            ),
             Param(f"{b}.norm1.bias", (d,), f"block {i}: LayerNorm before attention, bias", "zeros"),
         ]
         for part in ("query", "key", "value"):
-            table.append(Param(f"{b}.attn.{part}.kernel", (d, d), f"block {i}: {part} projection, heads contiguous on the output axis", "dense"))
+            table.append(
+                Param(
+                    f"{b}.attn.{part}.kernel",
+                    (d, d),
+                    f"block {i}: {part} projection, heads contiguous on the output axis",
+                    "dense",
+                )
+            )
             if spec.qkv_bias:
-                table.append(Param(f"{b}.attn.{part}.bias", (d,), f"block {i}: {part} projection bias", "zeros"))
+                table.append(
+                    Param(
+                        f"{b}.attn.{part}.bias", (d,), f"block {i}: {part} projection bias", "zeros"
+                    )
+                )
         table += [
-            Param(f"{b}.attn.out.kernel", (d, d), f"block {i}: attention output projection, heads contiguous on the input axis", "dense"),
-            Param(f"{b}.attn.out.bias", (d,), f"block {i}: attention output projection bias", "zeros"),
+            Param(
+                f"{b}.attn.out.kernel",
+                (d, d),
+                f"block {i}: attention output projection, heads contiguous on the input axis",
+                "dense",
+            ),
+            Param(
+                f"{b}.attn.out.bias", (d,), f"block {i}: attention output projection bias", "zeros"
+            ),
             Param(f"{b}.norm2.scale", (d,), f"block {i}: LayerNorm before the MLP, scale", "ones"),
             Param(f"{b}.norm2.bias", (d,), f"block {i}: LayerNorm before the MLP, bias", "zeros"),
             Param(f"{b}.mlp.fc1.kernel", (d, m), f"block {i}: MLP expansion", "dense"),
@@ -68,7 +103,11 @@ def param_table(spec: Spec) -> list[Param]:
             Param(f"{b}.mlp.fc2.kernel", (m, d), f"block {i}: MLP projection", "dense"),
             Param(f"{b}.mlp.fc2.bias", (d,), f"block {i}: MLP projection bias", "tiny"),
         ]
-    where = "every token, before pooling" if spec.final_norm == "before_pool" else "the pooled vector (timm fc_norm)"
+    where = (
+        "every token, before pooling"
+        if spec.final_norm == "before_pool"
+        else "the pooled vector (timm fc_norm)"
+    )
     table += [
         Param("norm.scale", (d,), f"final LayerNorm on {where}, scale", "ones"),
         Param("norm.bias", (d,), f"final LayerNorm on {where}, bias", "zeros"),
@@ -76,7 +115,9 @@ def param_table(spec: Spec) -> list[Param]:
     if spec.pre_logits_dim:
         r = spec.pre_logits_dim
         table += [
-            Param("pre_logits.kernel", (d, r), "pre-logits dense layer (followed by tanh)", "dense"),
+            Param(
+                "pre_logits.kernel", (d, r), "pre-logits dense layer (followed by tanh)", "dense"
+            ),
             Param("pre_logits.bias", (r,), "pre-logits bias", "zeros"),
         ]
     if spec.n_classes:
@@ -109,7 +150,10 @@ def capture_points(spec: Spec) -> list[str]:
 def capture_shapes(spec: Spec, batch: int) -> dict[str, tuple[int, ...]]:
     """The shape of every capture point for a batch of ``batch`` images."""
     n, d, h = spec.seq_len, spec.hidden_dim, spec.n_heads
-    shapes: dict[str, tuple[int, ...]] = {"patch_embed": (batch, spec.n_patches, d), "embed": (batch, n, d)}
+    shapes: dict[str, tuple[int, ...]] = {
+        "patch_embed": (batch, spec.n_patches, d),
+        "embed": (batch, n, d),
+    }
     for i in range(spec.depth):
         b = f"blocks.{i}"
         shapes[f"{b}.attn_probs"] = (batch, h, n, n)
@@ -136,14 +180,29 @@ def drop_path_rates(spec: Spec) -> list[float]:
 # Every capture point's shape and meaning, as docs/layout.md tables them (tests/test_docs.py checks
 # the page against this) and `vitspec layout` prints them. B batch, N seq_len, D hidden_dim.
 CAPTURE_MEANINGS: dict[str, tuple[str, str]] = {
-    "patch_embed": ("(B, patches, D)", "patch tokens after the patch projection, before class token and position"),
-    "embed": ("(B, N, D)", "tokens entering block 0: class token prepended, position embedding added"),
+    "patch_embed": (
+        "(B, patches, D)",
+        "patch tokens after the patch projection, before class token and position",
+    ),
+    "embed": (
+        "(B, N, D)",
+        "tokens entering block 0: class token prepended, position embedding added",
+    ),
     "blocks.{i}.attn_probs": ("(B, heads, N, N)", "softmax attention probabilities per head"),
-    "blocks.{i}.attn_heads": ("(B, heads, N, D/heads)", "each head's output before the output projection"),
-    "blocks.{i}.attn": ("(B, N, D)", "attention output after the output projection, before the residual add"),
+    "blocks.{i}.attn_heads": (
+        "(B, heads, N, D/heads)",
+        "each head's output before the output projection",
+    ),
+    "blocks.{i}.attn": (
+        "(B, N, D)",
+        "attention output after the output projection, before the residual add",
+    ),
     "blocks.{i}.mlp": ("(B, N, D)", "MLP output, before the residual add"),
     "blocks.{i}": ("(B, N, D)", "block output, after both residual adds"),
-    "encoded": ("(B, N, D)", "tokens after the encoder (after the final norm when it comes before pooling)"),
+    "encoded": (
+        "(B, N, D)",
+        "tokens after the encoder (after the final norm when it comes before pooling)",
+    ),
     "pooled": ("(B, D)", "pooled vector (after the final norm when it comes after pooling)"),
     "pre_logits": ("(B, pre_logits_dim)", "dense + tanh layer output, when the spec has one"),
     "output": ("(B, n_classes)", "logits; with `n_classes: 0`, the pooled or pre-logits vector"),

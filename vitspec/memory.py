@@ -34,7 +34,9 @@ class MemoryEstimate:
         return self.parameters + self.activations
 
     def __add__(self, other: MemoryEstimate) -> MemoryEstimate:
-        return MemoryEstimate(self.parameters + other.parameters, self.activations + other.activations)
+        return MemoryEstimate(
+            self.parameters + other.parameters, self.activations + other.activations
+        )
 
     def __str__(self) -> str:
         return (
@@ -66,7 +68,12 @@ def estimate_memory(
 
     n, d, m = spec.seq_len, spec.hidden_dim, spec.mlp_dim
     (h, w), c = spec.image_size, spec.in_channels
-    per_image = h * w * c + n * spec.patch_dim + 4 * n * d + max(3 * n * d + 2 * spec.n_heads * n * n, 2 * n * m)
+    per_image = (
+        h * w * c
+        + n * spec.patch_dim
+        + 4 * n * d
+        + max(3 * n * d + 2 * spec.n_heads * n * n, 2 * n * m)
+    )
     names = capture_points(spec) if captures == "all" else list(captures)
     per_image += sum(_capture_size(spec, name) for name in names)
     return MemoryEstimate(spec.n_params * itemsize * weight_copies, batch * itemsize * per_image)
@@ -77,7 +84,12 @@ def _capture_size(spec: Spec, name: str) -> int:
     n, d = spec.seq_len, spec.hidden_dim
     if name.endswith(".attn_probs"):
         return spec.n_heads * n * n
-    sizes = {"patch_embed": spec.n_patches * d, "pooled": d, "pre_logits": spec.pre_logits_dim, "output": spec.output_dim}
+    sizes = {
+        "patch_embed": spec.n_patches * d,
+        "pooled": d,
+        "pre_logits": spec.pre_logits_dim,
+        "output": spec.output_dim,
+    }
     return sizes.get(name, n * d)
 
 
@@ -93,7 +105,10 @@ def available_memory() -> int | None:
         pass
     for limit, usage in (
         ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        ),
     ):
         try:
             room = int(Path(limit).read_text()) - int(Path(usage).read_text())
@@ -103,7 +118,9 @@ def available_memory() -> int | None:
             found.append(max(room, 0))
     if not found:
         try:
-            found.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))  # macOS: the total
+            found.append(
+                os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            )  # macOS: the total
         except (OSError, ValueError, AttributeError):
             return None
     return min(found)

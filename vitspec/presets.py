@@ -49,7 +49,9 @@ def preset(name: str, n_classes: int = 1000) -> Spec:
     match = _NAME.match(name)
     if not match or match["variant"] not in VARIANTS:
         known = ", ".join(VARIANTS)
-        raise SpecError([f"unknown preset {name!r}: expected VARIANT/PATCH[@IMAGE] with VARIANT one of {known}"])
+        raise SpecError(
+            [f"unknown preset {name!r}: expected VARIANT/PATCH[@IMAGE] with VARIANT one of {known}"]
+        )
     hidden, depth, mlp, heads = VARIANTS[match["variant"]]
     image = int(match["image"] or 224)
     return Spec.from_dict(
@@ -90,5 +92,7 @@ def load_spec(source: str | Path | dict[str, Any] | Spec) -> Spec:
     if path.suffix.lower() in {".yaml", ".yml", ".json"}:
         raise SpecError([f"no such spec file: {text}"])
     raise SpecError(
-        [f"{text!r} is neither a spec file nor a preset name (presets look like 'B/16'; `vitspec presets` lists them)"]
+        [
+            f"{text!r} is neither a spec file nor a preset name (presets look like 'B/16'; `vitspec presets` lists them)"
+        ]
     )

@@ -48,7 +48,9 @@ def sincos2d(grid: tuple[int, int], width: int, temperature: float = 10_000.0) -
     are ``temperature ** -(k / (width/4 - 1))`` for k = 0 .. width/4 - 1.
     """
     rows, cols = grid
-    y, x = np.meshgrid(np.arange(rows, dtype=np.float64), np.arange(cols, dtype=np.float64), indexing="ij")
+    y, x = np.meshgrid(
+        np.arange(rows, dtype=np.float64), np.arange(cols, dtype=np.float64), indexing="ij"
+    )
     quarter = width // 4
     omega = 1.0 / temperature ** (np.arange(quarter, dtype=np.float64) / (quarter - 1))
     xs = x.reshape(-1)[:, None] * omega[None, :]
@@ -69,7 +71,9 @@ def check_images(spec: Spec, images: object) -> np.ndarray:
     arr = np.asarray(images)
     want = (*spec.image_size, spec.in_channels)
     if arr.ndim != 4 or arr.shape[1:] != want:
-        raise InputError(f"images: expected shape (batch, {want[0]}, {want[1]}, {want[2]}) NHWC, found {arr.shape}")
+        raise InputError(
+            f"images: expected shape (batch, {want[0]}, {want[1]}, {want[2]}) NHWC, found {arr.shape}"
+        )
     if arr.shape[0] == 0:
         raise InputError("images: the batch is empty")
     if not np.issubdtype(arr.dtype, np.floating):
@@ -129,7 +133,10 @@ def forward(
         keep(f"{p}.attn_probs", probs)
         per_head = probs @ v
         keep(f"{p}.attn_heads", per_head)
-        attn = per_head.transpose(0, 2, 1, 3).reshape(b, n, d) @ w[f"{p}.attn.out.kernel"] + w[f"{p}.attn.out.bias"]
+        attn = (
+            per_head.transpose(0, 2, 1, 3).reshape(b, n, d) @ w[f"{p}.attn.out.kernel"]
+            + w[f"{p}.attn.out.bias"]
+        )
         keep(f"{p}.attn", attn)
         tokens = tokens + attn
 
@@ -143,7 +150,9 @@ def forward(
     if spec.final_norm == "before_pool":
         tokens = layer_norm(tokens, w["norm.scale"], w["norm.bias"], spec.norm_eps)
     keep("encoded", tokens)
-    pooled = tokens[:, 0] if spec.pooling == "token" else tokens[:, spec.n_prefix_tokens :].mean(axis=1)
+    pooled = (
+        tokens[:, 0] if spec.pooling == "token" else tokens[:, spec.n_prefix_tokens :].mean(axis=1)
+    )
     if spec.final_norm == "after_pool":
         pooled = layer_norm(pooled, w["norm.scale"], w["norm.bias"], spec.norm_eps)
     keep("pooled", pooled)

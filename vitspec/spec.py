@@ -67,7 +67,8 @@ class Spec(BaseModel):
     depth: PositiveInt = Field(description="Number of encoder blocks (the paper's 'Layers').")
     in_channels: PositiveInt = Field(default=3, description="Channels of the input image.")
     n_classes: NonNegativeInt = Field(
-        default=1000, description="Classes of the linear head; 0 means no head (output = pooled features)."
+        default=1000,
+        description="Classes of the linear head; 0 means no head (output = pooled features).",
     )
     pooling: Pooling = Field(
         default="token",
@@ -92,7 +93,8 @@ class Spec(BaseModel):
         default=True, description="Query, key and value projections have a bias."
     )
     norm_eps: Annotated[float, Strict(), Field(gt=0, lt=1, allow_inf_nan=False)] = Field(
-        default=1e-6, description="LayerNorm epsilon (timm, big_vision: 1e-6; HF transformers: 1e-12)."
+        default=1e-6,
+        description="LayerNorm epsilon (timm, big_vision: 1e-6; HF transformers: 1e-12).",
     )
     gelu: Gelu = Field(
         default="exact", description="GELU form: 'exact' (erf) or 'tanh' (the tanh approximation)."
@@ -109,7 +111,9 @@ class Spec(BaseModel):
         default=0.0,
         description="Dropout after the position embedding, the attention output and each MLP layer (training only).",
     )
-    attn_dropout: Rate = Field(default=0.0, description="Dropout on attention probabilities (training only).")
+    attn_dropout: Rate = Field(
+        default=0.0, description="Dropout on attention probabilities (training only)."
+    )
     drop_path: Rate = Field(
         default=0.0,
         description="Stochastic depth: the last block's rate; block i uses drop_path * i / (depth - 1), 0 when depth is 1 (training only).",
@@ -138,7 +142,9 @@ class Spec(BaseModel):
                 f"image_size {_fmt_pair(self.image_size)} is not divisible by patch_size {_fmt_pair(self.patch_size)}"
             )
         if self.hidden_dim % self.n_heads:
-            problems.append(f"hidden_dim {self.hidden_dim} is not divisible by n_heads {self.n_heads}")
+            problems.append(
+                f"hidden_dim {self.hidden_dim} is not divisible by n_heads {self.n_heads}"
+            )
         mlp = self.hidden_dim * self.mlp_ratio
         if abs(mlp - round(mlp)) > 1e-6 or round(mlp) < 1:
             problems.append(
@@ -149,7 +155,9 @@ class Spec(BaseModel):
                 f"pos_embed 'sincos2d' needs hidden_dim divisible by 4 and at least 8, found {self.hidden_dim}"
             )
         if self.pooling == "token" and not self.class_token:
-            problems.append("pooling 'token' needs class_token true, found class_token false (use pooling 'avg')")
+            problems.append(
+                "pooling 'token' needs class_token true, found class_token false (use pooling 'avg')"
+            )
         if self.pos_embed_class_slot and not (self.class_token and self.pos_embed == "learned"):
             found = "class_token false" if not self.class_token else f"pos_embed {self.pos_embed!r}"
             problems.append(
@@ -320,13 +328,19 @@ def _describe_errors(exc: ValidationError, data: dict[str, Any]) -> list[str]:
             continue
         if kind == "extra_forbidden":
             close = difflib.get_close_matches(field, known, n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known fields: {', '.join(known)}"
+            hint = (
+                f"; did you mean {close[0]!r}?" if close else f"; known fields: {', '.join(known)}"
+            )
             problems.append(f"unknown field {field!r}{hint}")
             continue
         if kind == "missing":
             problems.append(f"{field} is required (for example {_EXAMPLES.get(field, '...')})")
             continue
-        if field in ("image_size", "patch_size") and kind in {"tuple_type", "too_long", "too_short"}:
+        if field in ("image_size", "patch_size") and kind in {
+            "tuple_type",
+            "too_long",
+            "too_short",
+        }:
             problems.append(
                 f"{field} must be a positive integer or a pair [height, width], found {_kind(data.get(field))}"
             )
@@ -371,7 +385,9 @@ def read_mapping(path: Path) -> Any:
     try:
         size = path.stat().st_size
         if size > MAX_SPEC_FILE_BYTES:
-            raise SpecError([f"file is {size} bytes; a spec file is at most {MAX_SPEC_FILE_BYTES} bytes"], name)
+            raise SpecError(
+                [f"file is {size} bytes; a spec file is at most {MAX_SPEC_FILE_BYTES} bytes"], name
+            )
         raw = path.read_bytes()
     except OSError as exc:
         raise SpecError([f"cannot read the file: {exc.strerror or exc}"], name) from None
@@ -380,14 +396,18 @@ def read_mapping(path: Path) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise SpecError([f"is not UTF-8 text (byte {exc.start}), expected a YAML or JSON spec"], name) from None
+        raise SpecError(
+            [f"is not UTF-8 text (byte {exc.start}), expected a YAML or JSON spec"], name
+        ) from None
     if not text.strip():
         raise SpecError(["is empty, expected a YAML or JSON spec"], name)
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise SpecError([f"line {exc.lineno} column {exc.colno}: invalid JSON: {exc.msg}"], name) from None
+            raise SpecError(
+                [f"line {exc.lineno} column {exc.colno}: invalid JSON: {exc.msg}"], name
+            ) from None
     else:
         data = _safe_yaml(text, name)
     if not isinstance(data, dict):
@@ -444,7 +464,9 @@ def _safe_yaml(text: str, name: str) -> Any:
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
                 mark = event.start_mark
                 raise SpecError(
-                    [f"line {mark.line + 1} column {mark.column + 1}: YAML anchors and aliases are not allowed in a spec"],
+                    [
+                        f"line {mark.line + 1} column {mark.column + 1}: YAML anchors and aliases are not allowed in a spec"
+                    ],
                     name,
                 )
         return load_yaml(text)

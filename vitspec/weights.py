@@ -51,7 +51,9 @@ def check_weights(
             problems.append(f"{name}: expected shape {list(shape)}, found {list(got_shape)}")
         dtype = str(getattr(value, "dtype", type(value).__name__))
         if dtype not in FLOAT_KINDS:
-            problems.append(f"{name}: expected a float dtype ({', '.join(FLOAT_KINDS)}), found {dtype}")
+            problems.append(
+                f"{name}: expected a float dtype ({', '.join(FLOAT_KINDS)}), found {dtype}"
+            )
         elif check_values:
             bad = nonfinite_summary(np.asarray(value))
             if bad:
@@ -100,7 +102,11 @@ def load_weights(
     source = str(path)
     with open_safetensors(path) as tensors:
         use = _agreed_spec(spec_from_metadata(tensors.metadata, source), spec, source)
-        check_weights(use, {name: _Shaped(shape, str(dtype)) for name, (shape, dtype) in tensors.entries.items()}, source=source)
+        check_weights(
+            use,
+            {name: _Shaped(shape, str(dtype)) for name, (shape, dtype) in tensors.entries.items()},
+            source=source,
+        )
         # copies of their own (a mapped array is read-only and would keep the file open); each
         # checked for NaN/Inf as it is read
         weights = {p.name: np.array(tensors[p.name]) for p in param_table(use)}
@@ -122,12 +128,20 @@ def read_spec(path: str | os.PathLike[str], spec: Spec | None = None) -> Spec:
 def _agreed_spec(embedded: Spec | None, spec: Spec | None, source: str) -> Spec:
     if embedded is None and spec is None:
         raise SpecError(
-            ["has no embedded vitspec spec; pass a spec, or use `vitspec convert` to read a foreign checkpoint"],
+            [
+                "has no embedded vitspec spec; pass a spec, or use `vitspec convert` to read a foreign checkpoint"
+            ],
             source,
         )
     if embedded is not None and spec is not None and embedded != spec:
-        diff = [f"{k}: file {getattr(embedded, k)!r}, given {getattr(spec, k)!r}" for k in Spec.model_fields if getattr(embedded, k) != getattr(spec, k)]
-        raise SpecError([f"the given spec contradicts the embedded one ({'; '.join(diff)})"], source)
+        diff = [
+            f"{k}: file {getattr(embedded, k)!r}, given {getattr(spec, k)!r}"
+            for k in Spec.model_fields
+            if getattr(embedded, k) != getattr(spec, k)
+        ]
+        raise SpecError(
+            [f"the given spec contradicts the embedded one ({'; '.join(diff)})"], source
+        )
     use = embedded or spec
     assert use is not None
     return use

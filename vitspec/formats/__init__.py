@@ -113,7 +113,9 @@ def detect(path: str | os.PathLike[str]) -> str:
             return name
     family = unsupported.recognise(names)
     if family is not None:
-        raise FileFormatError(f"{path}: {unsupported.not_supported(family)}; the formats vitspec reads: {', '.join(FORMATS)}")
+        raise FileFormatError(
+            f"{path}: {unsupported.not_supported(family)}; the formats vitspec reads: {', '.join(FORMATS)}"
+        )
     shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
     raise FileFormatError(
         f"{path}: cannot tell which checkpoint format this {container} file is (tensors: {shown}); "
@@ -142,9 +144,13 @@ def destination_format(path: str | os.PathLike[str]) -> str:
     if name.endswith(".safetensors"):
         return "canonical"
     if name.endswith(".npz"):
-        raise FileFormatError(f"{path}: an .npz output can be --to google or --to big_vision; say which")
+        raise FileFormatError(
+            f"{path}: an .npz output can be --to google or --to big_vision; say which"
+        )
     if name.endswith((".pt", ".pth")):
-        raise FileFormatError(f"{path}: a .pt/.pth output can be --to timm or --to torch; say which")
+        raise FileFormatError(
+            f"{path}: a .pt/.pth output can be --to timm or --to torch; say which"
+        )
     if path.suffix == "" or path.is_dir():
         return "hf"
     raise FileFormatError(
@@ -250,10 +256,14 @@ def infer_spec(record: Format, source: containers.Source, given: dict[str, Any])
             problems = list(exc.problems)
             family = unsupported.recognise(source.names)
             if family is not None:  # the file was read as a format it is not (--from)
-                problems.insert(0, f"read as {record.name}, but {unsupported.not_supported(family)}")
+                problems.insert(
+                    0, f"read as {record.name}, but {unsupported.not_supported(family)}"
+                )
             if exc.source is not None and family is None:
                 raise
-            raise type(exc)(problems, exc.source or str(source.path)) from None  # name the file the problem is in
+            raise type(exc)(
+                problems, exc.source or str(source.path)
+            ) from None  # name the file the problem is in
     return resolve(facts, given, str(source.path))
 
 
@@ -280,9 +290,13 @@ def check_layout(record: Format, spec: Spec, source: containers.Source) -> None:
         if tuple(found) != tuple(shape):
             problems.append(f"{name}: expected shape {list(shape)}, found {list(found)}")
         if not containers.is_float(dtype):
-            problems.append(f"{name}: expected a float dtype ({', '.join(containers.FLOAT_KINDS)}), found {dtype}")
+            problems.append(
+                f"{name}: expected a float dtype ({', '.join(containers.FLOAT_KINDS)}), found {dtype}"
+            )
     if problems:
-        raise WeightsError(problems, f"{source.path} ({record.name} format, spec inferred as above)")
+        raise WeightsError(
+            problems, f"{source.path} ({record.name} format, spec inferred as above)"
+        )
 
 
 def load(
@@ -366,7 +380,9 @@ def convert(
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
     if resample not in ALGORITHMS:
-        raise ValueError(f"unknown resampling algorithm {resample!r}; expected one of {', '.join(ALGORITHMS)}")
+        raise ValueError(
+            f"unknown resampling algorithm {resample!r}; expected one of {', '.join(ALGORITHMS)}"
+        )
     to_name = to_format or destination_format(dst)
     target = get_format(to_name)
     _check_output(src, dst, target, overwrite)
@@ -398,12 +414,23 @@ def convert(
         items = _checked(target.to_native(out_spec, weights), ckpt.source)
         target.write(dst, out_spec, items, dtype, overwrite=overwrite, progress=tick)
         return Conversion(
-            src, dst, ckpt.format, to_name, ckpt.inference, out_spec, len(layout), total,
-            time.perf_counter() - start, str(dtype), how,
+            src,
+            dst,
+            ckpt.format,
+            to_name,
+            ckpt.inference,
+            out_spec,
+            len(layout),
+            total,
+            time.perf_counter() - start,
+            str(dtype),
+            how,
         )
 
 
-def _resized(spec: Spec, image_size: int | tuple[int, int] | list[int] | None, algorithm: str) -> tuple[Spec, str | None]:
+def _resized(
+    spec: Spec, image_size: int | tuple[int, int] | list[int] | None, algorithm: str
+) -> tuple[Spec, str | None]:
     if image_size is None:
         return spec, None
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
@@ -411,13 +438,18 @@ def _resized(spec: Spec, image_size: int | tuple[int, int] | list[int] | None, a
         return spec, None
     new = spec.replace(image_size=size)
     if spec.pos_embed != "learned":
-        return new, f"image size {spec.image_size} -> {new.image_size}; pos_embed {spec.pos_embed!r} has no table to resample"
+        return (
+            new,
+            f"image size {spec.image_size} -> {new.image_size}; pos_embed {spec.pos_embed!r} has no table to resample",
+        )
     from vitspec.formats.resample import describe
 
     return new, f"pos_embed grid {spec.grid} -> {new.grid} ({describe(algorithm)})"
 
 
-def _checked(items: Iterator[tuple[str, np.ndarray]], source: containers.Source) -> Iterator[tuple[str, np.ndarray]]:
+def _checked(
+    items: Iterator[tuple[str, np.ndarray]], source: containers.Source
+) -> Iterator[tuple[str, np.ndarray]]:
     """Pass items through; after the last one, fail if any source tensor held NaN or Inf.
 
     The writer is still inside its temporary file then, so a failure leaves nothing behind.
@@ -428,7 +460,9 @@ def _checked(items: Iterator[tuple[str, np.ndarray]], source: containers.Source)
 
 def _raise_nonfinite(source: containers.Source) -> None:
     if source.nonfinite:
-        raise WeightsError([f"{name}: {what}" for name, what in source.nonfinite.items()], str(source.path))
+        raise WeightsError(
+            [f"{name}: {what}" for name, what in source.nonfinite.items()], str(source.path)
+        )
 
 
 def _output_dtype(dtypes: set[np.dtype]) -> np.dtype:
@@ -452,8 +486,14 @@ def _check_output(src: Path | None, dst: Path, target: Format, overwrite: bool) 
     if dst.is_dir() and not overwrite:
         raise FolderExistsError(dst, target)
     check_destination(dst, overwrite)
-    if src is not None and src.exists() and any(_same_file(src, out) for out in [dst, *target.touches(dst)] if out.exists()):
-        raise FileFormatError(f"{dst}: refusing to convert a checkpoint onto itself (writing it would replace {src})")
+    if (
+        src is not None
+        and src.exists()
+        and any(_same_file(src, out) for out in [dst, *target.touches(dst)] if out.exists())
+    ):
+        raise FileFormatError(
+            f"{dst}: refusing to convert a checkpoint onto itself (writing it would replace {src})"
+        )
 
 
 _SUFFIX = {"keras": ".weights.h5", "google": ".npz", "big_vision": ".npz"}
@@ -466,7 +506,8 @@ class FolderExistsError(OutputExistsError):
         names = [p.name for p in target.touches(path)]
         shown = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
         VitspecError.__init__(
-            self, f"{path} already exists; pass --force (overwrite=True) to replace {shown} in it (nothing else there is touched)"
+            self,
+            f"{path} already exists; pass --force (overwrite=True) to replace {shown} in it (nothing else there is touched)",
         )
 
 

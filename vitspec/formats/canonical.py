@@ -36,7 +36,10 @@ def infer(source: containers.Source, given: dict[str, Any]) -> Facts:
 
 
 def infer_from_shapes(
-    shapes: Mapping[str, tuple[int, ...]], given: dict[str, Any], family: str, why: str,
+    shapes: Mapping[str, tuple[int, ...]],
+    given: dict[str, Any],
+    family: str,
+    why: str,
     native: Mapping[str, str] | None = None,
 ) -> Facts:
     """Facts from canonical names and shapes (only those present); vitspec's defaults for the rest.
@@ -75,7 +78,11 @@ def infer_from_shapes(
         if "patch_size" in k:
             place_positions(facts, rows, k["patch_size"], k["class_token"], given)
     else:
-        facts.default("pos_embed", "none", "no pos_embed tensor; pass --spec pos_embed=sincos2d for a fixed table")
+        facts.default(
+            "pos_embed",
+            "none",
+            "no pos_embed tensor; pass --spec pos_embed=sincos2d for a fixed table",
+        )
         facts.default("image_size", 224, "no position embedding to read it from")
     add_default_heads(facts, d)
     for name in ("pooling", "final_norm", "norm_eps", "gelu"):
@@ -84,11 +91,27 @@ def infer_from_shapes(
     return facts
 
 
-def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype: np.dtype, *, overwrite: bool, progress: containers.Progress | None = None) -> None:
+def write(
+    path: Path,
+    spec: Spec,
+    items: Iterator[tuple[str, np.ndarray]],
+    dtype: np.dtype,
+    *,
+    overwrite: bool,
+    progress: containers.Progress | None = None,
+) -> None:
     from vitspec import __version__
 
     metadata = {"format": FORMAT_TAG, SPEC_KEY: spec.to_json(), "vitspec.version": __version__}
-    streaming.write_safetensors(path, CANONICAL.native_layout(spec), items, dtype, metadata, overwrite=overwrite, progress=progress)
+    streaming.write_safetensors(
+        path,
+        CANONICAL.native_layout(spec),
+        items,
+        dtype,
+        metadata,
+        overwrite=overwrite,
+        progress=progress,
+    )
 
 
 FORMAT = Format(

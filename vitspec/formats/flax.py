@@ -48,14 +48,22 @@ def infer(source: containers.Source, given: dict[str, Any]) -> Facts:
             shapes[name.replace(".qkv.", ".query.")] = (shape[0] // 3,)
         elif name != "patch_embed.kernel":
             shapes[name] = shape
-    facts = infer_from_shapes(shapes, given, NAME, "the file has no embedded spec", {"blocks.{i}": "blocks.{i}"})
-    patch_dim = source.shape("patch_embed.kernel")[0] if "patch_embed.kernel" in source.shapes else 0
+    facts = infer_from_shapes(
+        shapes, given, NAME, "the file has no embedded spec", {"blocks.{i}": "blocks.{i}"}
+    )
+    patch_dim = (
+        source.shape("patch_embed.kernel")[0] if "patch_embed.kernel" in source.shapes else 0
+    )
     channels = given.get("in_channels", 3)
     if "in_channels" not in given:
         facts.default("in_channels", 3, "the patch kernel is flattened (patch_h * patch_w * C, D)")
     side = math.isqrt(patch_dim // channels) if patch_dim % channels == 0 else 0
     if "patch_size" not in given and side * side * channels == patch_dim and side:
-        facts.default("patch_size", side, f"a square patch of {channels} channels from the flattened patch kernel")
+        facts.default(
+            "patch_size",
+            side,
+            f"a square patch of {channels} channels from the flattened patch kernel",
+        )
     patch = given.get("patch_size", facts.defaults.get("patch_size"))
     if "pos_embed" in shapes and patch:
         patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
@@ -63,9 +71,25 @@ def infer(source: containers.Source, given: dict[str, Any]) -> Facts:
     return facts
 
 
-def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype: np.dtype, *, overwrite: bool, progress: containers.Progress | None = None) -> None:
+def write(
+    path: Path,
+    spec: Spec,
+    items: Iterator[tuple[str, np.ndarray]],
+    dtype: np.dtype,
+    *,
+    overwrite: bool,
+    progress: containers.Progress | None = None,
+) -> None:
     metadata = {"vitspec.format": NAME, "vitspec.spec": spec.to_json()}
-    streaming.write_safetensors(path, FLAX.native_layout(spec), items, dtype, metadata, overwrite=overwrite, progress=progress)
+    streaming.write_safetensors(
+        path,
+        FLAX.native_layout(spec),
+        items,
+        dtype,
+        metadata,
+        overwrite=overwrite,
+        progress=progress,
+    )
 
 
 FORMAT = Format(

@@ -96,9 +96,11 @@ def _open(s: Scheme, path: Path) -> containers.Source:
     """The npz with its checkpoint prefix (``params/``, ``opt/target/`` ...) replaced by ``s.prefix``."""
     source = containers.open_npz(path)
     names = source.names
-    strip = next((p for p in s.read_prefixes if p and names and all(n.startswith(p) for n in names)), "")
+    strip = next(
+        (p for p in s.read_prefixes if p and names and all(n.startswith(p) for n in names)), ""
+    )
     if strip != s.prefix:
-        source = source.renamed({n: s.prefix + n[len(strip):] for n in names})
+        source = source.renamed({n: s.prefix + n[len(strip) :] for n in names})
     return source
 
 
@@ -110,18 +112,39 @@ def _infer(s: Scheme, source: containers.Source, given: dict[str, Any]) -> Facts
     reject_features(names, UNSUPPORTED[s.name], s.name)
     facts = Facts(s.name)
     k = facts.known
-    ph, pw, c, d = need(shapes, "embedding/kernel", 4, "the patch embedding", "patch_embed.kernel", p + "embedding/kernel")
+    ph, pw, c, d = need(
+        shapes,
+        "embedding/kernel",
+        4,
+        "the patch embedding",
+        "patch_embed.kernel",
+        p + "embedding/kernel",
+    )
     k.update(hidden_dim=d, in_channels=c, patch_size=(ph, pw), final_norm="before_pool")
     depth = block_count(names, r"^Transformer/encoderblock_(\d+)/", "Transformer/encoderblock")
     if not depth:
-        raise WeightsError([f"no {p}Transformer/encoderblock_{{i}}/* arrays found: not a {s.name} ViT checkpoint"])
+        raise WeightsError(
+            [f"no {p}Transformer/encoderblock_{{i}}/* arrays found: not a {s.name} ViT checkpoint"]
+        )
     k["depth"] = depth
 
     query = native_name(s, "blocks.0.attn.query.kernel")
-    _, heads, _ = need(shapes, query.removeprefix(p), 3, "the first query kernel (D, heads, head_dim)", "blocks.0.attn.query.kernel", query)
+    _, heads, _ = need(
+        shapes,
+        query.removeprefix(p),
+        3,
+        "the first query kernel (D, heads, head_dim)",
+        "blocks.0.attn.query.kernel",
+        query,
+    )
     k["n_heads"] = heads
     fc1 = native_name(s, "blocks.0.mlp.fc1.kernel")
-    k["mlp_ratio"] = need(shapes, fc1.removeprefix(p), 2, "the first MLP layer", "blocks.0.mlp.fc1.kernel", fc1)[1] / d
+    k["mlp_ratio"] = (
+        need(shapes, fc1.removeprefix(p), 2, "the first MLP layer", "blocks.0.mlp.fc1.kernel", fc1)[
+            1
+        ]
+        / d
+    )
     k["qkv_bias"] = native_name(s, "blocks.0.attn.query.bias").removeprefix(p) in shapes
     k["class_token"] = "cls" in shapes
     k["pooling"] = "token" if k["class_token"] else "avg"
@@ -131,7 +154,9 @@ def _infer(s: Scheme, source: containers.Source, given: dict[str, Any]) -> Facts
         k["pos_embed"] = "learned"
         rows = need(shapes, s.pos, 3, "the position embedding", "pos_embed", p + s.pos)[1]
         slot = k["class_token"] if s.slot_with_cls else None
-        place_positions(facts, rows, (ph, pw), k["class_token"], given, slot=slot, usual_slot=s.slot_with_cls)
+        place_positions(
+            facts, rows, (ph, pw), k["class_token"], given, slot=slot, usual_slot=s.slot_with_cls
+        )
     return facts
 
 
@@ -144,11 +169,17 @@ def _flax_vit_limits(spec: Spec, who: str) -> list[str]:
     """What both Flax ViTs lack: token-free 'gap' only, the norm before pooling, qkv biases."""
     problems = []
     if spec.pooling == "avg" and spec.class_token:
-        problems.append(f"{who}'s 'gap' pooling has no class token (spec has pooling 'avg' with class_token true)")
+        problems.append(
+            f"{who}'s 'gap' pooling has no class token (spec has pooling 'avg' with class_token true)"
+        )
     if spec.final_norm != "before_pool":
-        problems.append(f"{who} applies encoder_norm before pooling (spec has final_norm 'after_pool')")
+        problems.append(
+            f"{who} applies encoder_norm before pooling (spec has final_norm 'after_pool')"
+        )
     if not spec.qkv_bias:
-        problems.append("Flax's MultiHeadDotProductAttention always has query/key/value biases (spec has qkv_bias false)")
+        problems.append(
+            "Flax's MultiHeadDotProductAttention always has query/key/value biases (spec has qkv_bias false)"
+        )
     return problems
 
 
@@ -158,24 +189,36 @@ def _flax_vit_limits(spec: Spec, who: str) -> list[str]:
 def google_check_spec(spec: Spec) -> None:
     problems = []
     if spec.pos_embed == "sincos2d":
-        problems.append("the original ViT has no sin-cos position embedding (use the big_vision format)")
+        problems.append(
+            "the original ViT has no sin-cos position embedding (use the big_vision format)"
+        )
     if spec.class_token and not spec.pos_embed_class_slot and spec.pos_embed == "learned":
-        problems.append("the original ViT's position table has a class-token row (spec has pos_embed_class_slot false; use big_vision)")
+        problems.append(
+            "the original ViT's position table has a class-token row (spec has pos_embed_class_slot false; use big_vision)"
+        )
     refuse(problems + _flax_vit_limits(spec, "the original ViT"), "google")
 
 
 def google_looks_like(names: list[str]) -> bool:
     names = [n.removeprefix("opt/target/") for n in names]
-    return "embedding/kernel" in names and find_names(names, r"^Transformer/encoderblock_\d+/MultiHeadDotProductAttention_1/")
+    return "embedding/kernel" in names and find_names(
+        names, r"^Transformer/encoderblock_\d+/MultiHeadDotProductAttention_1/"
+    )
 
 
 def google_infer(source: containers.Source, given: dict[str, Any]) -> Facts:
     facts = _infer(GOOGLE, source, given)
     if facts.known.get("pos_embed") != "learned":
         facts.known["pos_embed"] = "none"
-        facts.default("image_size", 224, "no position embedding to read it from; the ViT paper's 224")
+        facts.default(
+            "image_size", 224, "no position embedding to read it from; the ViT paper's 224"
+        )
     facts.default("norm_eps", 1e-6, "Flax LayerNorm's epsilon, which the original ViT uses")
-    facts.default("gelu", "tanh", "Flax's nn.gelu is the tanh approximation; timm and HF use exact, pass --spec gelu=exact to match them")
+    facts.default(
+        "gelu",
+        "tanh",
+        "Flax's nn.gelu is the tanh approximation; timm and HF use exact, pass --spec gelu=exact to match them",
+    )
     return facts
 
 
@@ -185,12 +228,16 @@ def google_infer(source: containers.Source, given: dict[str, Any]) -> Facts:
 def big_vision_check_spec(spec: Spec) -> None:
     problems = []
     if spec.pos_embed == "none":
-        problems.append("big_vision's ViT has a learned or a sincos2d position embedding (spec has pos_embed 'none')")
+        problems.append(
+            "big_vision's ViT has a learned or a sincos2d position embedding (spec has pos_embed 'none')"
+        )
     refuse(problems + _flax_vit_limits(spec, "big_vision"), "big_vision")
 
 
 def big_vision_looks_like(names: list[str]) -> bool:
-    if any(n.startswith(("params/", "opt/target/")) for n in names) and any(n.endswith("embedding/kernel") for n in names):
+    if any(n.startswith(("params/", "opt/target/")) for n in names) and any(
+        n.endswith("embedding/kernel") for n in names
+    ):
         return not any("MultiHeadDotProductAttention_1/" in n for n in names)
     return any("MultiHeadDotProductAttention_0/" in n for n in names) or "pos_embedding" in names
 
@@ -199,12 +246,22 @@ def big_vision_infer(source: containers.Source, given: dict[str, Any]) -> Facts:
     facts = _infer(BIG_VISION, source, given)
     if facts.known.get("pos_embed") != "learned":
         facts.known["pos_embed"] = "sincos2d"
-        facts.default("image_size", 224, "a sincos2d table has no arrays to read the grid from; 224 assumed")
+        facts.default(
+            "image_size", 224, "a sincos2d table has no arrays to read the grid from; 224 assumed"
+        )
     if not facts.known["class_token"]:
         del facts.known["pooling"]
-        facts.default("pooling", "avg", "no cls: big_vision's pool_type='gap'; pool_type='0' (the first token) has the same arrays and no vitspec equivalent")
+        facts.default(
+            "pooling",
+            "avg",
+            "no cls: big_vision's pool_type='gap'; pool_type='0' (the first token) has the same arrays and no vitspec equivalent",
+        )
     facts.default("norm_eps", 1e-6, "Flax LayerNorm's epsilon, which big_vision uses")
-    facts.default("gelu", "tanh", "Flax's nn.gelu, which big_vision's MlpBlock uses, is the tanh approximation")
+    facts.default(
+        "gelu",
+        "tanh",
+        "Flax's nn.gelu, which big_vision's MlpBlock uses, is the tanh approximation",
+    )
     return facts
 
 
@@ -218,7 +275,11 @@ def _unscan(source: containers.Source, stacked: dict[str, re.Match[str]]) -> con
     """A scanned encoder (one array per parameter, stacked over depth) seen as per-block arrays."""
     depths = {source.shape(n)[0] for n in stacked}
     if len(depths) != 1:
-        raise WeightsError([f"{source.path}: the scanned Transformer/encoderblock/* arrays disagree on depth: {sorted(depths)}"])
+        raise WeightsError(
+            [
+                f"{source.path}: the scanned Transformer/encoderblock/* arrays disagree on depth: {sorted(depths)}"
+            ]
+        )
     depth = depths.pop()
     entries: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
     where: dict[str, tuple[str, int | None]] = {}
@@ -237,10 +298,25 @@ def _unscan(source: containers.Source, stacked: dict[str, re.Match[str]]) -> con
         array = source._read(real)
         return array if i is None else array[i]
 
-    return containers.Source(source.path, entries, read, metadata=source.metadata, close=source.close, container=source.container)
+    return containers.Source(
+        source.path,
+        entries,
+        read,
+        metadata=source.metadata,
+        close=source.close,
+        container=source.container,
+    )
 
 
-def write(path: Path, spec: Spec, items: Any, dtype: np.dtype, *, overwrite: bool, progress: containers.Progress | None = None) -> None:
+def write(
+    path: Path,
+    spec: Spec,
+    items: Any,
+    dtype: np.dtype,
+    *,
+    overwrite: bool,
+    progress: containers.Progress | None = None,
+) -> None:
     streaming.write_npz(path, items, overwrite=overwrite, progress=progress)
 
 

@@ -82,5 +82,7 @@ class Format:
         """A lazy canonical view of a file's native tensors (each computed when asked for)."""
         return self.layout.canonical(spec, native)
 
-    def from_native(self, spec: Spec, native: Mapping[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
+    def from_native(
+        self, spec: Spec, native: Mapping[str, Any]
+    ) -> Iterator[tuple[str, np.ndarray]]:
         return self.layout.from_native(spec, native)

@@ -68,11 +68,15 @@ UNSUPPORTED = {
 def check_spec(spec: Spec) -> None:
     problems = []
     if not spec.class_token or not spec.pos_embed_class_slot or spec.pos_embed != "learned":
-        problems.append("HF ViT always has a class token and a learned position embedding with a class-token row")
+        problems.append(
+            "HF ViT always has a class token and a learned position embedding with a class-token row"
+        )
     if spec.pooling != "token":
         problems.append("HF ViT pools the class token (spec has pooling 'avg')")
     if spec.final_norm != "before_pool":
-        problems.append("HF ViT's layernorm comes before pooling (spec has final_norm 'after_pool')")
+        problems.append(
+            "HF ViT's layernorm comes before pooling (spec has final_norm 'after_pool')"
+        )
     if spec.pre_logits_dim and spec.n_classes:
         problems.append(
             "HF ViT has either a classifier (ViTForImageClassification) or a dense+tanh pooler (ViTModel), not both"
@@ -85,7 +89,10 @@ def check_spec(spec: Spec) -> None:
 # transformers 5 in-memory names -> the names save_pretrained writes
 _V5 = [
     (re.compile(r"^(vit\.)?layers\.(\d+)\.attention\.([qkv])_proj\."), None),
-    (re.compile(r"^(vit\.)?layers\.(\d+)\.attention\.o_proj\."), r"\1encoder.layer.\2.attention.output.dense."),
+    (
+        re.compile(r"^(vit\.)?layers\.(\d+)\.attention\.o_proj\."),
+        r"\1encoder.layer.\2.attention.output.dense.",
+    ),
     (re.compile(r"^(vit\.)?layers\.(\d+)\.mlp\.fc1\."), r"\1encoder.layer.\2.intermediate.dense."),
     (re.compile(r"^(vit\.)?layers\.(\d+)\.mlp\.fc2\."), r"\1encoder.layer.\2.output.dense."),
     (re.compile(r"^(vit\.)?layers\.(\d+)\."), r"\1encoder.layer.\2."),
@@ -99,7 +106,10 @@ def _legacy_name(name: str) -> str:
         if not m:
             continue
         if repl is None:
-            return f"{m.group(1) or ''}encoder.layer.{m.group(2)}.attention.attention.{_QKV[m.group(3)]}." + name[m.end():]
+            return (
+                f"{m.group(1) or ''}encoder.layer.{m.group(2)}.attention.attention.{_QKV[m.group(3)]}."
+                + name[m.end() :]
+            )
         return rx.sub(repl, name, count=1)
     return name
 
@@ -127,7 +137,9 @@ def find_weights(path: Path) -> tuple[Path, Path | None]:
             if (path / name).is_file():
                 config = path / "config.json"
                 return path / name, config if config.is_file() else None
-        raise FileFormatError(f"{path}: folder has none of {', '.join(WEIGHT_FILES)} (not a save_pretrained folder)")
+        raise FileFormatError(
+            f"{path}: folder has none of {', '.join(WEIGHT_FILES)} (not a save_pretrained folder)"
+        )
     config = path.parent / "config.json"
     return path, config if config.is_file() else None
 
@@ -140,7 +152,9 @@ def read_config(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise FileFormatError(f"{path}: expected a JSON object")
     if data.get("model_type", "vit") != "vit":
-        raise FileFormatError(f"{path}: model_type is {data.get('model_type')!r}, expected 'vit' (HF ViTModel)")
+        raise FileFormatError(
+            f"{path}: model_type is {data.get('model_type')!r}, expected 'vit' (HF ViTModel)"
+        )
     return data
 
 
@@ -172,20 +186,46 @@ def infer(source: containers.Source, given: dict[str, Any]) -> Facts:
     k = facts.known
     classifier = "classifier.weight" in shapes
     p = "vit." if classifier else ""
-    d, c, ph, pw = need(shapes, f"{p}embeddings.patch_embeddings.projection.weight", 4, "the patch projection", "patch_embed.kernel")
-    k.update(hidden_dim=d, in_channels=c, patch_size=(ph, pw), class_token=True, pooling="token", pos_embed="learned")
+    d, c, ph, pw = need(
+        shapes,
+        f"{p}embeddings.patch_embeddings.projection.weight",
+        4,
+        "the patch projection",
+        "patch_embed.kernel",
+    )
+    k.update(
+        hidden_dim=d,
+        in_channels=c,
+        patch_size=(ph, pw),
+        class_token=True,
+        pooling="token",
+        pos_embed="learned",
+    )
     k.update(final_norm="before_pool", drop_path=0.0)  # HF ViT has no stochastic depth
     depth = block_count(names, rf"^{re.escape(p)}encoder\.layer\.(\d+)\.", "encoder.layer")
     if not depth:
         raise WeightsError([f"no {p}encoder.layer.{{i}}.* tensors found: not an HF ViT checkpoint"])
     k["depth"] = depth
-    k["mlp_ratio"] = need(shapes, f"{p}encoder.layer.0.intermediate.dense.weight", 2, "the first MLP layer", "blocks.0.mlp.fc1.kernel")[0] / d
+    k["mlp_ratio"] = (
+        need(
+            shapes,
+            f"{p}encoder.layer.0.intermediate.dense.weight",
+            2,
+            "the first MLP layer",
+            "blocks.0.mlp.fc1.kernel",
+        )[0]
+        / d
+    )
     k["qkv_bias"] = f"{p}encoder.layer.0.attention.attention.query.bias" in shapes
     k["n_classes"] = shapes["classifier.weight"][0] if classifier else 0
     k["pre_logits_dim"] = shapes["pooler.dense.weight"][0] if "pooler.dense.weight" in shapes else 0
     if classifier and k["pre_logits_dim"]:
-        raise WeightsError(["found both classifier.* and pooler.*: ViTForImageClassification has no pooler"])
-    rows = need(shapes, f"{p}embeddings.position_embeddings", 3, "the position embedding", "pos_embed")[1]
+        raise WeightsError(
+            ["found both classifier.* and pooler.*: ViTForImageClassification has no pooler"]
+        )
+    rows = need(
+        shapes, f"{p}embeddings.position_embeddings", 3, "the position embedding", "pos_embed"
+    )[1]
     config = source.config
     if config is not None:
         _from_config(facts, config, source)
@@ -206,7 +246,9 @@ def _from_config(facts: Facts, config: dict[str, Any], source: containers.Source
 
     def agree(key: str, field: str, value: Any) -> None:
         if field in k and k[field] != value:
-            problems.append(f"{where} has {key}={config[key]!r} but the tensors say {field} {k[field]!r}")
+            problems.append(
+                f"{where} has {key}={config[key]!r} but the tensors say {field} {k[field]!r}"
+            )
 
     if "hidden_size" in config:
         agree("hidden_size", "hidden_dim", config["hidden_size"])
@@ -218,8 +260,13 @@ def _from_config(facts: Facts, config: dict[str, Any], source: containers.Source
         agree("num_hidden_layers", "depth", config["num_hidden_layers"])
     if "qkv_bias" in config:
         agree("qkv_bias", "qkv_bias", bool(config["qkv_bias"]))
-    if "intermediate_size" in config and round(k["mlp_ratio"] * k["hidden_dim"]) != config["intermediate_size"]:
-        problems.append(f"{where} has intermediate_size={config['intermediate_size']} but the tensors say {round(k['mlp_ratio'] * k['hidden_dim'])}")
+    if (
+        "intermediate_size" in config
+        and round(k["mlp_ratio"] * k["hidden_dim"]) != config["intermediate_size"]
+    ):
+        problems.append(
+            f"{where} has intermediate_size={config['intermediate_size']} but the tensors say {round(k['mlp_ratio'] * k['hidden_dim'])}"
+        )
     if problems:
         raise SpecError(problems, str(source.path))
     k["n_heads"] = int(config.get("num_attention_heads", 12))
@@ -232,9 +279,19 @@ def _from_config(facts: Facts, config: dict[str, Any], source: containers.Source
     elif act in TANH_ACTS:
         k["gelu"] = "tanh"
     else:
-        raise SpecError([f"{where}: hidden_act {act!r} is not a GELU vitspec knows ({', '.join(EXACT_ACTS + TANH_ACTS)})"], str(source.path))
+        raise SpecError(
+            [
+                f"{where}: hidden_act {act!r} is not a GELU vitspec knows ({', '.join(EXACT_ACTS + TANH_ACTS)})"
+            ],
+            str(source.path),
+        )
     if k["pre_logits_dim"] and config.get("pooler_act", "tanh") != "tanh":
-        raise SpecError([f"{where}: pooler_act {config['pooler_act']!r}; vitspec's pre-logits layer is dense + tanh"], str(source.path))
+        raise SpecError(
+            [
+                f"{where}: pooler_act {config['pooler_act']!r}; vitspec's pre-logits layer is dense + tanh"
+            ],
+            str(source.path),
+        )
     if "image_size" in config:
         k["image_size"] = _pair(config["image_size"])
 
@@ -256,8 +313,12 @@ def config_for(spec: Spec) -> dict[str, Any]:
         "hidden_dropout_prob": spec.dropout,
         "attention_probs_dropout_prob": spec.attn_dropout,
         "layer_norm_eps": spec.norm_eps,
-        "image_size": list(spec.image_size) if spec.image_size[0] != spec.image_size[1] else spec.image_size[0],
-        "patch_size": list(spec.patch_size) if spec.patch_size[0] != spec.patch_size[1] else spec.patch_size[0],
+        "image_size": list(spec.image_size)
+        if spec.image_size[0] != spec.image_size[1]
+        else spec.image_size[0],
+        "patch_size": list(spec.patch_size)
+        if spec.patch_size[0] != spec.patch_size[1]
+        else spec.patch_size[0],
         "num_channels": spec.in_channels,
         "qkv_bias": spec.qkv_bias,
         "pooler_output_size": spec.pre_logits_dim or spec.hidden_dim,
@@ -289,7 +350,11 @@ def stale_files(folder: Path) -> list[Path]:
             f"{index}: an earlier output's index that cannot be read, so its shards cannot be told apart "
             "from other files; remove it (and its shards) or write to another folder"
         ) from None
-    named = [folder / s for s in sorted(shards) if isinstance(s, str) and Path(s).name == s and s != WRITTEN[1]]
+    named = [
+        folder / s
+        for s in sorted(shards)
+        if isinstance(s, str) and Path(s).name == s and s != WRITTEN[1]
+    ]
     return [index, *(p for p in named if p.is_file())]
 
 
@@ -300,7 +365,15 @@ def outputs(path: Path) -> list[Path]:
     return [path / name for name in WRITTEN] + stale_files(path)
 
 
-def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype: np.dtype, *, overwrite: bool, progress: containers.Progress | None = None) -> None:
+def write(
+    path: Path,
+    spec: Spec,
+    items: Iterator[tuple[str, np.ndarray]],
+    dtype: np.dtype,
+    *,
+    overwrite: bool,
+    progress: containers.Progress | None = None,
+) -> None:
     """A save_pretrained folder: config.json and model.safetensors.
 
     A new folder is made next to ``path`` and moved into place when complete. Into an existing
@@ -315,14 +388,30 @@ def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype
     if not path.is_dir():
         with atomic_dir(path, overwrite=overwrite) as tmp:
             (tmp / "config.json").write_text(text)
-            streaming.write_safetensors(tmp / "model.safetensors", layout, items, dtype, metadata, overwrite=True, progress=progress)
+            streaming.write_safetensors(
+                tmp / "model.safetensors",
+                layout,
+                items,
+                dtype,
+                metadata,
+                overwrite=True,
+                progress=progress,
+            )
         return
     check_destination(path, overwrite)
     stale = stale_files(path)
     # config.json is moved into place right after the weights, so the two never disagree for long
     with atomic_file(path / "config.json", overwrite=True) as tmp:
         tmp.write_text(text)
-        streaming.write_safetensors(path / "model.safetensors", layout, items, dtype, metadata, overwrite=True, progress=progress)
+        streaming.write_safetensors(
+            path / "model.safetensors",
+            layout,
+            items,
+            dtype,
+            metadata,
+            overwrite=True,
+            progress=progress,
+        )
     for old in stale:
         old.unlink(missing_ok=True)
 

@@ -132,7 +132,9 @@ def resolve(facts: Facts, given: dict[str, Any] | None, source: str) -> Inferenc
     for name in _FIELDS:
         if name in facts.known or name in given:
             continue
-        if name == "pos_embed_class_slot" and not (spec.class_token and spec.pos_embed == "learned"):
+        if name == "pos_embed_class_slot" and not (
+            spec.class_token and spec.pos_embed == "learned"
+        ):
             continue  # no class token or no table: the slot follows, nothing is assumed
         assumed[name] = getattr(spec, name)
         why.setdefault(name, _UNSET_WHY.get(name, "vitspec's default; the file does not say"))
@@ -225,8 +227,10 @@ def place_positions(
         if not fits:
             row = f" {_with_row(slots[0])}" if len(slots) == 1 else ""
             raise SpecError(
-                [f"image_size: {by} says {ih}x{iw} ({patches} patches of {patch[0]}x{patch[1]}{row}), "
-                 f"but the file's position embedding has {rows} rows"]
+                [
+                    f"image_size: {by} says {ih}x{iw} ({patches} patches of {patch[0]}x{patch[1]}{row}), "
+                    f"but the file's position embedding has {rows} rows"
+                ]
             )
         if len(slots) > 1:
             facts.known["pos_embed_class_slot"] = fits[0]
@@ -236,22 +240,33 @@ def place_positions(
         s = slots[0]
         if square[s] is None:
             raise SpecError(
-                [f"cannot tell the image size: the position embedding has {rows} rows, {rows - int(s)} patches "
-                 f"{_with_row(s)}, which is not a square grid; pass image_size with --spec "
-                 f"({_example(rows - int(s), patch)})"]
+                [
+                    f"cannot tell the image size: the position embedding has {rows} rows, {rows - int(s)} patches "
+                    f"{_with_row(s)}, which is not a square grid; pass image_size with --spec "
+                    f"({_example(rows - int(s), patch)})"
+                ]
             )
         _assume_square(facts, rows, patch, s, square[s] or 0, "")
         return
     usual, other = slots
     if square[usual] is not None:
         alt = plausible_grids(rows - int(other))
-        also = (f"; {rows - int(other)} patches {_with_row(other)} in a {alt[0][0]}x{alt[0][1]} grid would fit too"
-                if alt else "")
-        _assume_square(facts, rows, patch, usual, square[usual] or 0, f"{facts.family}'s usual layout{also}")
+        also = (
+            f"; {rows - int(other)} patches {_with_row(other)} in a {alt[0][0]}x{alt[0][1]} grid would fit too"
+            if alt
+            else ""
+        )
+        _assume_square(
+            facts, rows, patch, usual, square[usual] or 0, f"{facts.family}'s usual layout{also}"
+        )
         return
     if square[other] is not None and not plausible_grids(rows - int(usual)):
         _assume_square(
-            facts, rows, patch, other, square[other] or 0,
+            facts,
+            rows,
+            patch,
+            other,
+            square[other] or 0,
             f"{rows - int(usual)} patches {_with_row(usual)}, {facts.family}'s usual layout, make no plausible grid",
         )
         return
@@ -259,13 +274,17 @@ def place_positions(
     if len(fitting) < 2:
         example = rows - int(fitting[0] if fitting else usual)
         raise SpecError(
-            [f"cannot tell the image size: the position embedding has {rows} rows, which is not a square grid with "
-             f"or without a class-token row; pass image_size with --spec ({_example(example, patch)})"]
+            [
+                f"cannot tell the image size: the position embedding has {rows} rows, which is not a square grid with "
+                f"or without a class-token row; pass image_size with --spec ({_example(example, patch)})"
+            ]
         )
     readings = [_reading(rows, patch, s, square[s]) for s in fitting]
     raise SpecError(
-        [f"the position embedding has {rows} rows, which can be read two ways (vitspec does not guess): "
-         f"(a) {readings[0]}; (b) {readings[1]}"]
+        [
+            f"the position embedding has {rows} rows, which can be read two ways (vitspec does not guess): "
+            f"(a) {readings[0]}; (b) {readings[1]}"
+        ]
     )
 
 
@@ -275,18 +294,24 @@ def _reading(rows: int, patch: tuple[int, int], slot: bool, side: int | None) ->
     if side is not None:
         h, w = side * patch[0], side * patch[1]
         size = str(h) if h == w else f"[{h},{w}]"
-        return (f"{n} patches {_with_row(slot)} in a square {side}x{side} grid (image_size {size}): "
-                f"--spec pos_embed_class_slot={str(slot).lower()}")
+        return (
+            f"{n} patches {_with_row(slot)} in a square {side}x{side} grid (image_size {size}): "
+            f"--spec pos_embed_class_slot={str(slot).lower()}"
+        )
     grids = plausible_grids(n)[:2]
     shown = " or ".join(f"{h}x{w}" for h, w in grids)
     sizes = " or ".join(f"[{h * patch[0]},{w * patch[1]}]" for h, w in grids)
     return f"{n} patches {_with_row(slot)} in a non-square grid such as {shown}: --spec image_size={sizes}"
 
 
-def _assume_square(facts: Facts, rows: int, patch: tuple[int, int], slot: bool, side: int, why: str) -> None:
+def _assume_square(
+    facts: Facts, rows: int, patch: tuple[int, int], slot: bool, side: int, why: str
+) -> None:
     """image_size (and the class-token row, unless known) from a square-grid reading, marked as assumed."""
-    reason = (f"{rows} position rows read as {rows - int(slot)} patches {_with_row(slot)} in a square "
-              f"{side}x{side} grid{f', {why}' if why else ''}; --spec image_size=[H,W] for another grid")
+    reason = (
+        f"{rows} position rows read as {rows - int(slot)} patches {_with_row(slot)} in a square "
+        f"{side}x{side} grid{f', {why}' if why else ''}; --spec image_size=[H,W] for another grid"
+    )
     facts.default("image_size", (side * patch[0], side * patch[1]), reason)
     if "pos_embed_class_slot" not in facts.known:
         facts.default("pos_embed_class_slot", slot, reason)
@@ -321,7 +346,9 @@ def load_partial_spec(value: str | Path | dict[str, Any] | Spec | None) -> dict[
 
             if not is_preset_name(text):
                 raise SpecError(
-                    [f"--spec {text!r} is neither a spec file, a preset name (such as B/16) nor field=value pairs"]
+                    [
+                        f"--spec {text!r} is neither a spec file, a preset name (such as B/16) nor field=value pairs"
+                    ]
                 )
             data, source = preset(text).to_dict(), f"preset {text}"
     unknown = [k for k in data if k not in _FIELDS]
@@ -349,7 +376,9 @@ def _parse_inline(text: str) -> dict[str, Any]:
         try:
             out[key.strip()] = load_yaml(raw.strip())
         except yaml.YAMLError:
-            raise SpecError([f"--spec: cannot read the value of {key.strip()}: {raw.strip()!r}"]) from None
+            raise SpecError(
+                [f"--spec: cannot read the value of {key.strip()}: {raw.strip()!r}"]
+            ) from None
     return out
 
 
@@ -366,20 +395,33 @@ def block_count(names: list[str], pattern: str, what: str) -> int:
         return 0
     if found != list(range(len(found))):
         gaps = sorted(set(range(max(found) + 1)) - set(found))
-        raise WeightsError([f"{what} indices are not contiguous: missing block(s) {', '.join(map(str, gaps))}"])
+        raise WeightsError(
+            [f"{what} indices are not contiguous: missing block(s) {', '.join(map(str, gaps))}"]
+        )
     return len(found)
 
 
-def need(shapes: Mapping[str, Shape], name: str, ndim: int, what: str, canonical: str, native: str | None = None) -> Shape:
+def need(
+    shapes: Mapping[str, Shape],
+    name: str,
+    ndim: int,
+    what: str,
+    canonical: str,
+    native: str | None = None,
+) -> Shape:
     """The shape of a tensor the format requires, or an error naming it by the format's own name
     (``native``, when ``shapes`` is keyed otherwise; else ``name``) with the canonical name beside it."""
     shown = native or name
     beside = f"canonical {canonical}, " if canonical != shown else ""
     if name not in shapes:
-        raise WeightsError([f"missing tensor {shown} ({beside}{what}); is this file of the format it was read as?"])
+        raise WeightsError(
+            [f"missing tensor {shown} ({beside}{what}); is this file of the format it was read as?"]
+        )
     shape = shapes[name]
     if len(shape) != ndim:
-        raise WeightsError([f"{shown}: expected {ndim} dimensions ({beside}{what}), found shape {list(shape)}"])
+        raise WeightsError(
+            [f"{shown}: expected {ndim} dimensions ({beside}{what}), found shape {list(shape)}"]
+        )
     return shape
 
 
@@ -390,6 +432,8 @@ def reject_features(names: list[str], features: Mapping[str, str], fmt: str) -> 
         hits = [n for n in names if re.search(pattern, n)]
         if hits:
             shown = ", ".join(hits[:3]) + (f" and {len(hits) - 3} more" if len(hits) > 3 else "")
-            problems.append(f"this {fmt} checkpoint uses {feature} ({shown}), which a vitspec spec cannot express")
+            problems.append(
+                f"this {fmt} checkpoint uses {feature} ({shown}), which a vitspec spec cannot express"
+            )
     if problems:
         raise WeightsError(problems)

@@ -69,7 +69,9 @@ def infer(source: containers.Source, given: dict[str, Any]) -> Facts:
         shapes["pre_logits.kernel"] = raw["layers/dense/vars/0"]
     if "head/vars/0" in raw:
         shapes["head.kernel"] = raw["head/vars/0"]
-    return infer_from_shapes(shapes, given, NAME, "a .weights.h5 file has no spec of its own", NATIVE)
+    return infer_from_shapes(
+        shapes, given, NAME, "a .weights.h5 file has no spec of its own", NATIVE
+    )
 
 
 # The datasets errors name, for the canonical names inference needs.
@@ -81,7 +83,15 @@ NATIVE = {
 }
 
 
-def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype: np.dtype, *, overwrite: bool, progress: containers.Progress | None = None) -> None:
+def write(
+    path: Path,
+    spec: Spec,
+    items: Iterator[tuple[str, np.ndarray]],
+    dtype: np.dtype,
+    *,
+    overwrite: bool,
+    progress: containers.Progress | None = None,
+) -> None:
     """A ``.weights.h5`` laid out as Keras writes it, filled one dataset at a time."""
     import h5py
 

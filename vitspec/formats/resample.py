@@ -54,7 +54,9 @@ def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
         x = (o + 0.5) * scale - 0.5
         i = math.floor(x)
         t = x - i
-        for k, w in zip(range(i - 1, i + 3), _cubic(np.array([t + 1, t, 1 - t, 2 - t]), -0.75), strict=True):
+        for k, w in zip(
+            range(i - 1, i + 3), _cubic(np.array([t + 1, t, 1 - t, 2 - t]), -0.75), strict=True
+        ):
             matrix[o, min(max(k, 0), n_in - 1)] += w
     return matrix
 
@@ -105,7 +107,9 @@ def _algorithm(name: str) -> tuple[Callable[[int, int], np.ndarray], str]:
     return ALGORITHMS[name]
 
 
-def resample_grid(table: np.ndarray, old: tuple[int, int], new: tuple[int, int], algorithm: str = DEFAULT) -> np.ndarray:
+def resample_grid(
+    table: np.ndarray, old: tuple[int, int], new: tuple[int, int], algorithm: str = DEFAULT
+) -> np.ndarray:
     """(old_h * old_w, D) -> (new_h * new_w, D), in float64, rows in row-major grid order."""
     matrix = _algorithm(algorithm)[0]
     d = table.shape[-1]
@@ -115,14 +119,18 @@ def resample_grid(table: np.ndarray, old: tuple[int, int], new: tuple[int, int],
     return out.reshape(new[0] * new[1], d)
 
 
-def resample_pos_embed(spec: Spec, table: np.ndarray, new_grid: tuple[int, int], algorithm: str = DEFAULT) -> np.ndarray:
+def resample_pos_embed(
+    spec: Spec, table: np.ndarray, new_grid: tuple[int, int], algorithm: str = DEFAULT
+) -> np.ndarray:
     """A canonical ``pos_embed`` of ``spec`` for ``new_grid``; a class-token row stays as it is."""
     lead = int(bool(spec.pos_embed_class_slot))
     patches = resample_grid(table[lead:], spec.grid, new_grid, algorithm).astype(table.dtype)
     return np.concatenate([table[:lead], patches], axis=0) if lead else patches
 
 
-def resampled(spec: Spec, new_spec: Spec, weights: Mapping[str, np.ndarray], algorithm: str = DEFAULT) -> Mapping[str, np.ndarray]:
+def resampled(
+    spec: Spec, new_spec: Spec, weights: Mapping[str, np.ndarray], algorithm: str = DEFAULT
+) -> Mapping[str, np.ndarray]:
     """``weights`` of ``spec`` seen as weights of ``new_spec`` (same model, another image size)."""
     _algorithm(algorithm)
 

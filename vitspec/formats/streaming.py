@@ -47,7 +47,9 @@ _PARALLEL_BYTES = 1 << 20  # below this a second thread costs more than it saves
 
 @functools.cache
 def _pool() -> concurrent.futures.ThreadPoolExecutor:
-    return concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="vitspec-transpose")
+    return concurrent.futures.ThreadPoolExecutor(
+        max_workers=2, thread_name_prefix="vitspec-transpose"
+    )
 
 
 def contiguous(array: Any) -> np.ndarray:

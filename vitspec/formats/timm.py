@@ -69,9 +69,13 @@ UNSUPPORTED = {
 def check_spec(spec: Spec) -> None:
     problems = []
     if spec.pre_logits_dim:
-        problems.append("timm's VisionTransformer has no pre-logits layer (spec has pre_logits_dim > 0)")
+        problems.append(
+            "timm's VisionTransformer has no pre-logits layer (spec has pre_logits_dim > 0)"
+        )
     if spec.pos_embed == "sincos2d":
-        problems.append("timm's VisionTransformer has no fixed sin-cos position embedding (spec has pos_embed 'sincos2d')")
+        problems.append(
+            "timm's VisionTransformer has no fixed sin-cos position embedding (spec has pos_embed 'sincos2d')"
+        )
     refuse(problems, NAME)
 
 
@@ -89,13 +93,19 @@ def infer(source: containers.Source, given: dict[str, Any]) -> Facts:
     reject_features(names, UNSUPPORTED, NAME)
     facts = Facts(NAME)
     k = facts.known
-    d, c, ph, pw = need(shapes, "patch_embed.proj.weight", 4, "the patch projection", "patch_embed.kernel")
+    d, c, ph, pw = need(
+        shapes, "patch_embed.proj.weight", 4, "the patch projection", "patch_embed.kernel"
+    )
     k.update(hidden_dim=d, in_channels=c, patch_size=(ph, pw))
     depth = block_count(names, r"^blocks\.(\d+)\.", "blocks")
     if not depth:
-        raise WeightsError(["no blocks.{i}.* tensors found: not a timm VisionTransformer state_dict"])
+        raise WeightsError(
+            ["no blocks.{i}.* tensors found: not a timm VisionTransformer state_dict"]
+        )
     k["depth"] = depth
-    mlp = need(shapes, "blocks.0.mlp.fc1.weight", 2, "the first MLP layer", "blocks.0.mlp.fc1.kernel")[0]
+    mlp = need(
+        shapes, "blocks.0.mlp.fc1.weight", 2, "the first MLP layer", "blocks.0.mlp.fc1.kernel"
+    )[0]
     k["mlp_ratio"] = mlp / d
     k["qkv_bias"] = "blocks.0.attn.qkv.bias" in shapes
     k["class_token"] = "cls_token" in shapes
@@ -109,7 +119,9 @@ def infer(source: containers.Source, given: dict[str, Any]) -> Facts:
         place_positions(facts, rows, (ph, pw), k["class_token"], given)
     else:
         k["pos_embed"] = "none"
-        facts.default("image_size", 224, "no position embedding to read it from; timm's default img_size")
+        facts.default(
+            "image_size", 224, "no position embedding to read it from; timm's default img_size"
+        )
     add_default_heads(facts, d)
     facts.default("norm_eps", 1e-6, "timm's VisionTransformer LayerNorm eps")
     facts.default("gelu", "exact", "timm's nn.GELU")
@@ -126,9 +138,15 @@ def _pooling(class_token: bool, fc_norm: bool) -> tuple[str, str]:
     if not class_token:
         value, usual = "avg", "without a class token timm pools with global_pool='avg'"
     elif fc_norm:
-        value, usual = "avg", "fc_norm comes with timm's global_pool='avg'; --spec pooling=token for global_pool='token' with fc_norm=True"
+        value, usual = (
+            "avg",
+            "fc_norm comes with timm's global_pool='avg'; --spec pooling=token for global_pool='token' with fc_norm=True",
+        )
     else:
-        value, usual = "token", "no fc_norm: timm's default global_pool='token'; --spec pooling=avg for global_pool='avg' with fc_norm=False"
+        value, usual = (
+            "token",
+            "no fc_norm: timm's default global_pool='token'; --spec pooling=avg for global_pool='avg' with fc_norm=False",
+        )
     return value, f"a timm state_dict does not record global_pool; {usual}. {INEXPRESSIBLE_POOLING}"
 
 
@@ -142,12 +160,28 @@ def read(path: Path) -> containers.Source:
 def state_dict_writer(layout: Layout) -> Writer:
     """safetensors (with ``format: pt`` as safetensors.torch writes), or ``torch.save`` for .pt/.pth/.bin."""
 
-    def write(path: Path, spec: Spec, items: Iterator[tuple[str, np.ndarray]], dtype: np.dtype, *, overwrite: bool, progress: containers.Progress | None = None) -> None:
+    def write(
+        path: Path,
+        spec: Spec,
+        items: Iterator[tuple[str, np.ndarray]],
+        dtype: np.dtype,
+        *,
+        overwrite: bool,
+        progress: containers.Progress | None = None,
+    ) -> None:
         if path.suffix.lower() in (".pt", ".pth", ".bin"):
             streaming.write_torch_pickle(path, items, overwrite=overwrite, progress=progress)
             return
         metadata = {"format": "pt", "vitspec.format": layout.name, "vitspec.spec": spec.to_json()}
-        streaming.write_safetensors(path, layout.native_layout(spec), items, dtype, metadata, overwrite=overwrite, progress=progress)
+        streaming.write_safetensors(
+            path,
+            layout.native_layout(spec),
+            items,
+            dtype,
+            metadata,
+            overwrite=overwrite,
+            progress=progress,
+        )
 
     return write
 

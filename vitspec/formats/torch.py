@@ -28,10 +28,14 @@ def looks_like(names: list[str]) -> bool:
 def infer(source: containers.Source, given: dict[str, Any]) -> Facts:
     """As timm, plus the pre-logits layer timm has no name for."""
     shapes = source.shapes
-    facts = timm.infer(source.subset(n for n in shapes if not n.startswith("pre_logits.fc.")), given)
+    facts = timm.infer(
+        source.subset(n for n in shapes if not n.startswith("pre_logits.fc.")), given
+    )
     facts.family = NAME
     if "pre_logits.fc.weight" in shapes:
-        facts.known["pre_logits_dim"] = need(shapes, "pre_logits.fc.weight", 2, "the pre-logits layer", "pre_logits.kernel")[0]
+        facts.known["pre_logits_dim"] = need(
+            shapes, "pre_logits.fc.weight", 2, "the pre-logits layer", "pre_logits.kernel"
+        )[0]
     return facts
 
 

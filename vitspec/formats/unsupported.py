@@ -20,7 +20,9 @@ class Family:
 
 
 def _torchvision(names: list[str]) -> bool:
-    return "conv_proj.weight" in names and any(n.startswith("encoder.layers.encoder_layer_") for n in names)
+    return "conv_proj.weight" in names and any(
+        n.startswith("encoder.layers.encoder_layer_") for n in names
+    )
 
 
 def _keras_hub(names: list[str]) -> bool:

@@ -46,7 +46,9 @@ class Table:
             r.native: r.move.shape([self.canonical_shapes[c] for c in r.canonical]) for r in rows
         }
         # canonical name -> (row, index of the part within the row)
-        self.where: dict[str, tuple[Row, int]] = {c: (r, j) for r in rows for j, c in enumerate(r.canonical)}
+        self.where: dict[str, tuple[Row, int]] = {
+            c: (r, j) for r in rows for j, c in enumerate(r.canonical)
+        }
 
     def native_layout(self) -> list[tuple[str, Shape]]:
         """(native name, native shape) of every native tensor, in the family's own order."""
@@ -118,7 +120,9 @@ class Layout:
     def to_native(self, spec: Spec, weights: Mapping[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
         return self.table(spec).to_native(weights)
 
-    def from_native(self, spec: Spec, native: Mapping[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
+    def from_native(
+        self, spec: Spec, native: Mapping[str, Any]
+    ) -> Iterator[tuple[str, np.ndarray]]:
         return self.table(spec).from_native(native)
 
     def canonical(self, spec: Spec, native: Mapping[str, Any]) -> Mapping[str, np.ndarray]:

@@ -22,7 +22,13 @@ def rows(spec: Spec) -> list[Row]:
         block, _, rest = p.name.partition(".attn.")
         part, _, leaf = rest.partition(".")
         if part == "query":
-            out.append(row(f"{block}.attn.qkv.{leaf}", tuple(f"{block}.attn.{q}.{leaf}" for q in QKV), FUSED))
+            out.append(
+                row(
+                    f"{block}.attn.qkv.{leaf}",
+                    tuple(f"{block}.attn.{q}.{leaf}" for q in QKV),
+                    FUSED,
+                )
+            )
         elif part in ("key", "value"):
             continue
         elif p.name == "patch_embed.kernel":

@@ -26,7 +26,9 @@ class Scheme:
     mha: str
     ln2: str
     mlp: str
-    slot_with_cls: bool  # the position table has a class-token row exactly when there is a class token
+    slot_with_cls: (
+        bool  # the position table has a class-token row exactly when there is a class token
+    )
 
 
 GOOGLE = Scheme(
@@ -107,6 +109,9 @@ def _move(spec: Spec, name: str, shape: tuple[int, ...]) -> Move:
 
 def layout(s: Scheme) -> Layout:
     def rows(spec: Spec) -> list[Row]:
-        return [row(native_name(s, p.name), p.name, _move(spec, p.name, p.shape)) for p in param_table(spec)]
+        return [
+            row(native_name(s, p.name), p.name, _move(spec, p.name, p.shape))
+            for p in param_table(spec)
+        ]
 
     return Layout(s.name, rows)

@@ -46,12 +46,26 @@ def rows(spec: Spec) -> list[Row]:
     ]
     for i in range(spec.depth):
         for suffix, native in BLOCK.items():
-            if suffix.startswith("attn.") and suffix.endswith(".bias") and "out" not in suffix and not spec.qkv_bias:
+            if (
+                suffix.startswith("attn.")
+                and suffix.endswith(".bias")
+                and "out" not in suffix
+                and not spec.qkv_bias
+            ):
                 continue
-            out.append(row(f"{p}encoder.layer.{i}.{native}", f"blocks.{i}.{suffix}", DENSE if suffix.endswith("kernel") else SAME))
+            out.append(
+                row(
+                    f"{p}encoder.layer.{i}.{native}",
+                    f"blocks.{i}.{suffix}",
+                    DENSE if suffix.endswith("kernel") else SAME,
+                )
+            )
     out += [row(f"{p}layernorm.weight", "norm.scale"), row(f"{p}layernorm.bias", "norm.bias")]
     if spec.pre_logits_dim:
-        out += [row("pooler.dense.weight", "pre_logits.kernel", DENSE), row("pooler.dense.bias", "pre_logits.bias")]
+        out += [
+            row("pooler.dense.weight", "pre_logits.kernel", DENSE),
+            row("pooler.dense.bias", "pre_logits.bias"),
+        ]
     if spec.n_classes:
         out += [row("classifier.weight", "head.kernel", DENSE), row("classifier.bias", "head.bias")]
     return out

@@ -17,22 +17,45 @@ FUSED = Concat(-1)  # [query | key | value] along the output axis, heads contigu
 
 def rows(spec: Spec) -> list[Row]:
     """Every Keras variable in forward (creation) order."""
-    out: list[Row] = [row("patch_embed/kernel", "patch_embed.kernel"), row("patch_embed/bias", "patch_embed.bias")]
+    out: list[Row] = [
+        row("patch_embed/kernel", "patch_embed.kernel"),
+        row("patch_embed/bias", "patch_embed.bias"),
+    ]
     if spec.class_token:
         out.append(row("class_token", "class_token"))
     if spec.pos_embed == "learned":
         out.append(row("pos_embed", "pos_embed"))
     for i in range(spec.depth):
         b, n = f"blocks.{i}", f"blocks_{i}"
-        out += [row(f"{n}/norm1/scale", f"{b}.norm1.scale"), row(f"{n}/norm1/bias", f"{b}.norm1.bias")]
+        out += [
+            row(f"{n}/norm1/scale", f"{b}.norm1.scale"),
+            row(f"{n}/norm1/bias", f"{b}.norm1.bias"),
+        ]
         out.append(row(f"{n}/attn/qkv/kernel", tuple(f"{b}.attn.{p}.kernel" for p in QKV), FUSED))
         if spec.qkv_bias:
             out.append(row(f"{n}/attn/qkv/bias", tuple(f"{b}.attn.{p}.bias" for p in QKV), FUSED))
-        for leaf in ("attn/out/kernel", "attn/out/bias", "norm2/scale", "norm2/bias",
-                     "mlp/fc1/kernel", "mlp/fc1/bias", "mlp/fc2/kernel", "mlp/fc2/bias"):
+        for leaf in (
+            "attn/out/kernel",
+            "attn/out/bias",
+            "norm2/scale",
+            "norm2/bias",
+            "mlp/fc1/kernel",
+            "mlp/fc1/bias",
+            "mlp/fc2/kernel",
+            "mlp/fc2/bias",
+        ):
             out.append(row(f"{n}/{leaf}", f"{b}.{leaf.replace('/', '.')}"))
-    for name in ("norm.scale", "norm.bias", "pre_logits.kernel", "pre_logits.bias", "head.kernel", "head.bias"):
-        if (name.startswith("pre_logits") and not spec.pre_logits_dim) or (name.startswith("head") and not spec.n_classes):
+    for name in (
+        "norm.scale",
+        "norm.bias",
+        "pre_logits.kernel",
+        "pre_logits.bias",
+        "head.kernel",
+        "head.bias",
+    ):
+        if (name.startswith("pre_logits") and not spec.pre_logits_dim) or (
+            name.startswith("head") and not spec.n_classes
+        ):
             continue
         out.append(row(name.replace(".", "/"), name))
     return out
@@ -42,7 +65,11 @@ KERAS = Layout("keras", rows)
 
 # Where a .weights.h5 file keeps each top-level layer: blocks_{i} and head keep their attribute
 # name; layers whose attribute sorts after "layers" go under layers/<class name>.
-_H5_GROUPS = {"patch_embed": "layers/patch_embed", "norm": "layers/layer_norm", "pre_logits": "layers/dense"}
+_H5_GROUPS = {
+    "patch_embed": "layers/patch_embed",
+    "norm": "layers/layer_norm",
+    "pre_logits": "layers/dense",
+}
 
 
 def h5_layout(spec: Spec) -> list[tuple[str, str]]:

@@ -27,7 +27,10 @@ def rows(spec: Spec, pre_logits: bool = False) -> list[Row]:
         out.append(row("cls_token", "class_token", Reshape((1, 1, d))))
     if spec.pos_embed == "learned":
         out.append(row("pos_embed", "pos_embed", Reshape((1, spec.n_positions, d))))
-    out += [row("patch_embed.proj.weight", "patch_embed.kernel", CONV), row("patch_embed.proj.bias", "patch_embed.bias")]
+    out += [
+        row("patch_embed.proj.weight", "patch_embed.kernel", CONV),
+        row("patch_embed.proj.bias", "patch_embed.bias"),
+    ]
     for i in range(spec.depth):
         b = f"blocks.{i}"
         out += [
@@ -36,7 +39,9 @@ def rows(spec: Spec, pre_logits: bool = False) -> list[Row]:
             row(f"{b}.attn.qkv.weight", tuple(f"{b}.attn.{p}.kernel" for p in QKV), FUSED_WEIGHT),
         ]
         if spec.qkv_bias:
-            out.append(row(f"{b}.attn.qkv.bias", tuple(f"{b}.attn.{p}.bias" for p in QKV), FUSED_BIAS))
+            out.append(
+                row(f"{b}.attn.qkv.bias", tuple(f"{b}.attn.{p}.bias" for p in QKV), FUSED_BIAS)
+            )
         out += [
             row(f"{b}.attn.proj.weight", f"{b}.attn.out.kernel", DENSE),
             row(f"{b}.attn.proj.bias", f"{b}.attn.out.bias"),
@@ -50,7 +55,10 @@ def rows(spec: Spec, pre_logits: bool = False) -> list[Row]:
     norm = final_norm_name(spec)
     out += [row(f"{norm}.weight", "norm.scale"), row(f"{norm}.bias", "norm.bias")]
     if pre_logits and spec.pre_logits_dim:
-        out += [row("pre_logits.fc.weight", "pre_logits.kernel", DENSE), row("pre_logits.fc.bias", "pre_logits.bias")]
+        out += [
+            row("pre_logits.fc.weight", "pre_logits.kernel", DENSE),
+            row("pre_logits.fc.bias", "pre_logits.bias"),
+        ]
     if spec.n_classes:
         out += [row("head.weight", "head.kernel", DENSE), row("head.bias", "head.bias")]
     return out
