@@ -7,13 +7,10 @@ vitspec's own defaults for heads, norm eps and GELU.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
-from vitspec import containers
+from vitspec import __version__, containers
 from vitspec.errors import WeightsError
 from vitspec.formats import streaming
 from vitspec.formats.format import Format
@@ -21,7 +18,6 @@ from vitspec.formats.infer import Facts, add_default_heads, block_count, need, p
 from vitspec.layouts import CANONICAL
 from vitspec.spec import Spec
 from vitspec.weights import FORMAT as FORMAT_TAG
-from vitspec.weights import SPEC_KEY
 
 NAME = "canonical"
 
@@ -91,29 +87,6 @@ def infer_from_shapes(
     return facts
 
 
-def write(
-    path: Path,
-    spec: Spec,
-    items: Iterator[tuple[str, np.ndarray]],
-    dtype: np.dtype,
-    *,
-    overwrite: bool,
-    progress: containers.Progress | None = None,
-) -> None:
-    from vitspec import __version__
-
-    metadata = {"format": FORMAT_TAG, SPEC_KEY: spec.to_json(), "vitspec.version": __version__}
-    streaming.write_safetensors(
-        path,
-        CANONICAL.native_layout(spec),
-        items,
-        dtype,
-        metadata,
-        overwrite=overwrite,
-        progress=progress,
-    )
-
-
 FORMAT = Format(
     name=NAME,
     summary="vitspec canonical safetensors (spec in the metadata)",
@@ -122,5 +95,7 @@ FORMAT = Format(
     looks_like=looks_like,
     infer=infer,
     read=containers.open_safetensors,
-    write=write,
+    write=streaming.safetensors_writer(
+        CANONICAL, {"format": FORMAT_TAG, "vitspec.version": __version__}
+    ),
 )

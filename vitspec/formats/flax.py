@@ -17,11 +17,7 @@ in Flax 0.12 anyway. Load it in plain Flax with::
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from vitspec import containers
 from vitspec.formats import streaming
@@ -29,7 +25,6 @@ from vitspec.formats.canonical import infer_from_shapes
 from vitspec.formats.format import Format
 from vitspec.formats.infer import Facts, place_positions
 from vitspec.layouts.flax import FLAX
-from vitspec.spec import Spec
 
 NAME = "flax"
 
@@ -71,27 +66,6 @@ def infer(source: containers.Source, given: dict[str, Any]) -> Facts:
     return facts
 
 
-def write(
-    path: Path,
-    spec: Spec,
-    items: Iterator[tuple[str, np.ndarray]],
-    dtype: np.dtype,
-    *,
-    overwrite: bool,
-    progress: containers.Progress | None = None,
-) -> None:
-    metadata = {"vitspec.format": NAME, "vitspec.spec": spec.to_json()}
-    streaming.write_safetensors(
-        path,
-        FLAX.native_layout(spec),
-        items,
-        dtype,
-        metadata,
-        overwrite=overwrite,
-        progress=progress,
-    )
-
-
 FORMAT = Format(
     name=NAME,
     summary="vitspec's Flax NNX model state (safetensors of flattened nnx.state paths)",
@@ -100,5 +74,5 @@ FORMAT = Format(
     looks_like=looks_like,
     infer=infer,
     read=containers.open_safetensors,
-    write=write,
+    write=streaming.safetensors_writer(FLAX, {"vitspec.format": NAME}),
 )

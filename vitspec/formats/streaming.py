@@ -14,7 +14,9 @@ import numpy as np
 
 from vitspec import containers
 from vitspec.containers import Progress, Shape
+from vitspec.formats.format import Writer
 from vitspec.layout import param_table
+from vitspec.layouts import Layout
 from vitspec.spec import Spec
 
 
@@ -156,3 +158,35 @@ def write_torch_pickle(
     containers.write_torch_pickle(
         path, prepared(items, None, None), overwrite=overwrite, progress=progress
     )
+
+
+def safetensors_writer(
+    layout: Layout, tags: Mapping[str, str], *, torch_save: bool = False
+) -> Writer:
+    """A format's writer: one safetensors file in ``layout`` order, ``tags`` and the spec in its
+    metadata; with ``torch_save``, a ``torch.save`` file when the path ends in .pt/.pth/.bin."""
+
+    def write(
+        path: Path,
+        spec: Spec,
+        items: Iterator[tuple[str, np.ndarray]],
+        dtype: np.dtype,
+        *,
+        overwrite: bool,
+        progress: Progress | None = None,
+    ) -> None:
+        if torch_save and path.suffix.lower() in (".pt", ".pth", ".bin"):
+            write_torch_pickle(path, items, overwrite=overwrite, progress=progress)
+            return
+        metadata = {**tags, "vitspec.spec": spec.to_json()}
+        write_safetensors(
+            path,
+            layout.native_layout(spec),
+            items,
+            dtype,
+            metadata,
+            overwrite=overwrite,
+            progress=progress,
+        )
+
+    return write

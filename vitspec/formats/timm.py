@@ -29,16 +29,13 @@ patch grid (``vitspec.formats.infer.place_positions``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from vitspec import containers
 from vitspec.errors import WeightsError
 from vitspec.formats import streaming
-from vitspec.formats.format import Format, Writer, refuse
+from vitspec.formats.format import Format, refuse
 from vitspec.formats.infer import (
     Facts,
     add_default_heads,
@@ -47,7 +44,6 @@ from vitspec.formats.infer import (
     place_positions,
     reject_features,
 )
-from vitspec.layouts import Layout
 from vitspec.layouts.timm import TIMM
 from vitspec.spec import Spec
 
@@ -157,35 +153,6 @@ def read(path: Path) -> containers.Source:
     return containers.open_safetensors(path)
 
 
-def state_dict_writer(layout: Layout) -> Writer:
-    """safetensors (with ``format: pt`` as safetensors.torch writes), or ``torch.save`` for .pt/.pth/.bin."""
-
-    def write(
-        path: Path,
-        spec: Spec,
-        items: Iterator[tuple[str, np.ndarray]],
-        dtype: np.dtype,
-        *,
-        overwrite: bool,
-        progress: containers.Progress | None = None,
-    ) -> None:
-        if path.suffix.lower() in (".pt", ".pth", ".bin"):
-            streaming.write_torch_pickle(path, items, overwrite=overwrite, progress=progress)
-            return
-        metadata = {"format": "pt", "vitspec.format": layout.name, "vitspec.spec": spec.to_json()}
-        streaming.write_safetensors(
-            path,
-            layout.native_layout(spec),
-            items,
-            dtype,
-            metadata,
-            overwrite=overwrite,
-            progress=progress,
-        )
-
-    return write
-
-
 FORMAT = Format(
     name=NAME,
     summary="timm VisionTransformer state_dict (safetensors or .pt/.pth)",
@@ -194,6 +161,8 @@ FORMAT = Format(
     looks_like=looks_like,
     infer=infer,
     read=read,
-    write=state_dict_writer(TIMM),
+    write=streaming.safetensors_writer(
+        TIMM, {"format": "pt", "vitspec.format": NAME}, torch_save=True
+    ),
     check_spec=check_spec,
 )

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from vitspec import containers
-from vitspec.formats import timm
+from vitspec.formats import streaming, timm
 from vitspec.formats.format import Format
 from vitspec.formats.infer import Facts, need
 from vitspec.layouts.timm import TORCH
@@ -47,5 +47,7 @@ FORMAT = Format(
     looks_like=looks_like,
     infer=infer,
     read=timm.read,
-    write=timm.state_dict_writer(TORCH),
+    write=streaming.safetensors_writer(
+        TORCH, {"format": "pt", "vitspec.format": NAME}, torch_save=True
+    ),
 )
