@@ -7,7 +7,7 @@ VITSPEC := $(VENV)/bin/vitspec
 CONSTRAINTS := constraints.txt
 PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q -c $(CONSTRAINTS)
 
-.PHONY: demo test test-core lint typecheck pytest install lock bench cases docs clean
+.PHONY: demo test test-core lint typecheck pytest install lock bench cases docs clean mutants
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,13 @@ test-core:
 lock: | $(PY)
 	$(PY) -m pip install -q -e ".[all,test]"
 	$(PY) -m pip freeze --exclude-editable | grep -vi '^vitspec' > $(CONSTRAINTS)
+
+# Mutation testing (cosmic-ray), one part at a time; not part of `make test` (minutes per part).
+# Prints the kill rate per module and every survivor. Parts: see PARTS in tests/mutants/run.py.
+PART ?= spec
+mutants: install
+	$(PIP_INSTALL) -e ".[mutants]"
+	nice -n 10 $(PY) tests/mutants/run.py $(PART)
 
 # Regenerate the conformance corpus from the float64 reference (`--check` only compares).
 cases: install

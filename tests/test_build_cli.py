@@ -370,3 +370,22 @@ def test_the_summary_folds_the_blocks_into_one_row(capsys, tmp_path: Path) -> No
     )
     assert sum(int(p.replace(",", "")) for _, p in rows.values() if p) == spec.n_params
     assert len(out.splitlines()) < 20
+
+
+def test_check_that_fails_exits_1_and_says_failed(capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vitspec.backends.numpy import NumpyBackend
+    from vitspec.conformance import broken
+
+    bad = broken.scale_block(NumpyBackend())  # the last block's output 1% off
+    monkeypatch.setattr(
+        vitspec, "backend", lambda name: bad if name == "bad" else pytest.fail(name)
+    )
+    code, out, err = vitspec_cli(capsys, "build", "--backend", "bad", MNIST, "--check")
+    assert code == 1, (out, err)
+    (check,) = [line for line in out.splitlines() if line.startswith("check:")]
+    assert "FAILED, limit 1e-05" in check
+    assert float(re.search(r"= ([0-9.e+-]+) \(FAILED", check).group(1)) > 1e-3
+    code, out, err = vitspec_cli(
+        capsys, "build", "--backend", "bad", MNIST
+    )  # no --check: nothing compared
+    assert code == 0 and "check:" not in out, err

@@ -380,6 +380,17 @@ def test_first_divergent_point_is_the_earliest_in_forward_order(tiny_case) -> No
     assert "first divergent capture point blocks.1.mlp" in result.summary()
 
 
+def test_first_divergent_point_can_be_the_first_capture_point(tiny_case) -> None:
+    out = {k: v.astype(np.float32) for k, v in tiny_case.expected.items()}
+    out["patch_embed"] = out["patch_embed"] + np.float32(0.01)
+    out["blocks.0.attn"] = out["blocks.0.attn"] + np.float32(0.01)
+    result = check_outputs("fake", out, tiny_case, load_tolerances())
+    assert result.points[0].name == "patch_embed"
+    assert result.first_divergent == "patch_embed"
+    assert [p.name for p in result.points if not p.passed] == ["patch_embed", "blocks.0.attn"]
+    assert "first divergent capture point patch_embed" in result.summary()
+
+
 def test_unknown_outputs_and_unknown_dtypes_fail(tiny_case) -> None:
     out = {k: v.astype(np.float32) for k, v in tiny_case.expected.items()}
     out["blocks.0.norm1"] = out["embed"]

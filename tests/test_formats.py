@@ -685,3 +685,66 @@ def test_strip_transpose_is_exact_at_every_size(shape: tuple[int, int]) -> None:
     got = contiguous(source.T)  # large ones go through two threads
     assert got.flags.c_contiguous and got.shape == shape
     assert np.array_equal(got, np.ascontiguousarray(source.T))
+
+
+# transformers' ViTConfig defaults, used when config.json leaves a key out.
+HF_DEFAULTS = [
+    ("num_attention_heads", "n_heads", 12),
+    ("layer_norm_eps", "norm_eps", 1e-12),
+    ("hidden_dropout_prob", "dropout", 0.0),
+    ("attention_probs_dropout_prob", "attn_dropout", 0.0),
+    ("hidden_act", "gelu", "exact"),
+]
+
+
+@pytest.mark.parametrize(
+    ("key", "field", "default"), HF_DEFAULTS, ids=[k for k, _, _ in HF_DEFAULTS]
+)
+def test_hf_config_without_a_key_gets_transformers_default(
+    tmp_path: Path, key: str, field: str, default
+) -> None:
+    # Every field differs from transformers' default, so only the default can produce the value read.
+    spec = family(
+        "hf_vit",
+        hidden_dim=48,
+        n_heads=4,
+        norm_eps=1e-6,
+        dropout=0.1,
+        attn_dropout=0.2,
+        gelu="tanh",
+    )
+    assert getattr(spec, field) != default
+    canonical, _ = _canonical(tmp_path, spec)
+    folder = tmp_path / "hf"
+    formats.convert(canonical, folder, to_format="hf")
+    from vitspec.containers import read_safetensors, write_safetensors
+
+    tensors, _meta = read_safetensors(folder / "model.safetensors")
+    write_safetensors(
+        folder / "model.safetensors", tensors, {"format": "pt"}, overwrite=True
+    )  # drop the embedded spec
+    config = json.loads((folder / "config.json").read_text())
+    del config[key]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert formats.load(folder)[1] == spec.replace(**{field: default})
+
+
+def test_hf_config_without_pooler_act_reads_tanh(tmp_path: Path) -> None:
+    spec = family("hf_vit", pre_logits_dim=32, n_classes=0)
+    canonical, _ = _canonical(tmp_path, spec)
+    folder = tmp_path / "hf"
+    formats.convert(canonical, folder, to_format="hf")
+    from vitspec.containers import read_safetensors, write_safetensors
+
+    tensors, _meta = read_safetensors(folder / "model.safetensors")
+    write_safetensors(folder / "model.safetensors", tensors, {"format": "pt"}, overwrite=True)
+    config = json.loads((folder / "config.json").read_text())
+    del config["pooler_act"]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert formats.load(folder)[1] == spec
+    config["pooler_act"] = "relu"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        SpecError, match="pooler_act 'relu'; vitspec's pre-logits layer is dense \\+ tanh"
+    ):
+        formats.load(folder)

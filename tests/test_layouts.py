@@ -100,3 +100,95 @@ def test_every_move_inverts_its_forward(shape: tuple[int, ...], seed: int) -> No
         assert native.shape == move.shape([p.shape for p in parts]), move
         for j, part in enumerate(parts):
             np.testing.assert_array_equal(move.inverse(native, j, [p.shape for p in parts]), part)
+
+
+# ---- vitspec.layout's helpers (killing the survivors of `make mutants PART=layout`) -----------
+
+
+def test_drop_path_rates_rise_linearly_from_zero_to_drop_path() -> None:
+    from vitspec.layout import drop_path_rates
+
+    assert drop_path_rates(family("vit_paper", depth=1, drop_path=0.2)) == [0.0]
+    assert drop_path_rates(family("vit_paper", depth=5, drop_path=0.2)) == pytest.approx(
+        [0.0, 0.05, 0.1, 0.15, 0.2]
+    )
+    assert drop_path_rates(family("vit_paper", depth=3, drop_path=0.3)) == pytest.approx(
+        [0.0, 0.15, 0.3]
+    )
+
+
+def test_check_capture_expands_all_and_refuses_other_names_listing_the_spec_points() -> None:
+    from vitspec.errors import InputError
+    from vitspec.layout import capture_points, check_capture
+
+    spec = family("vit_paper", depth=3)
+    assert check_capture(spec, "".join(["a", "ll"])) == capture_points(
+        spec
+    )  # equal, not the same object
+    assert check_capture(spec, "blocks.2.mlp") == ["blocks.2.mlp"]
+    assert check_capture(spec, []) == []
+    for name in ("aardvark", "a", "zebra"):  # sorting before or after "all" changes nothing
+        with pytest.raises(InputError) as info:
+            check_capture(spec, name)
+        assert str(info.value) == (
+            f"unknown capture point(s) {name!r}; this spec has: patch_embed, embed, "
+            "blocks.0..2[.attn_probs|.attn_heads|.attn|.mlp], encoded, pooled, output"
+        )
+    with pytest.raises(
+        InputError, match=r"blocks\.0\.\.0\[.*\], encoded, pooled, pre_logits, output$"
+    ):
+        check_capture(family("vit_paper", depth=1, pre_logits_dim=8), ["blocks.1"])
+
+
+def test_final_norm_meaning_names_where_it_applies() -> None:
+    table = {p.name: p.meaning for p in vitspec.param_table(family("vit_paper"))}
+    assert table["norm.scale"] == "final LayerNorm on every token, before pooling, scale"
+    after = family(
+        "vit_paper",
+        final_norm="after_pool",
+        pooling="avg",
+        class_token=False,
+        pos_embed_class_slot=False,
+    )
+    table = {p.name: p.meaning for p in vitspec.param_table(after)}
+    assert table["norm.scale"] == "final LayerNorm on the pooled vector (timm fc_norm), scale"
+
+
+def test_capture_points_and_shapes_list_pre_logits_only_when_the_spec_has_it() -> None:
+    from vitspec.layout import capture_points, capture_shapes
+
+    spec = family("vit_paper", depth=2)
+    block = ["attn_probs", "attn_heads", "attn", "mlp"]
+    expected = ["patch_embed", "embed"]
+    for i in range(2):
+        expected += [f"blocks.{i}.{p}" for p in block] + [f"blocks.{i}"]
+    assert capture_points(spec) == [*expected, "encoded", "pooled", "output"]
+    assert list(capture_shapes(spec, 3)) == capture_points(spec)
+    with_pre = spec.replace(pre_logits_dim=7)
+    assert capture_points(with_pre) == [*expected, "encoded", "pooled", "pre_logits", "output"]
+    shapes = capture_shapes(with_pre, 3)
+    assert list(shapes) == capture_points(with_pre)
+    n, d, h = spec.seq_len, spec.hidden_dim, spec.n_heads
+    assert shapes["blocks.1.attn_probs"] == (3, h, n, n)
+    assert shapes["blocks.1.attn_heads"] == (3, h, n, d // h)
+    assert shapes["pre_logits"] == (3, 7)
+    assert shapes["output"] == (3, spec.n_classes)
+
+
+def test_pos_embed_meaning_says_whether_the_class_token_has_a_row() -> None:
+    spec = family("vit_paper")
+    assert spec.pos_embed_class_slot
+    table = {p.name: p.meaning for p in vitspec.param_table(spec)}
+    assert table["pos_embed"] == "learned position embedding (class token then patches, row-major)"
+    table = {
+        p.name: p.meaning for p in vitspec.param_table(spec.replace(pos_embed_class_slot=False))
+    }
+    assert table["pos_embed"] == "learned position embedding (patches, row-major)"
+
+
+def test_param_rows_are_frozen() -> None:
+    import dataclasses
+
+    row = vitspec.param_table(family("vit_paper"))[0]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        row.name = "renamed"  # type: ignore[misc]

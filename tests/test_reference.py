@@ -103,12 +103,16 @@ def test_zero_blocks_are_the_identity_and_the_final_norm_is_known() -> None:
 
 
 def test_attention_worked_by_hand() -> None:
-    """Two tokens, one head, width 2: scores and the softmax follow from the weights by hand."""
+    """Two tokens, one head, width 2: scores and the softmax follow from the weights by hand.
+
+    A query bias makes the probabilities asymmetric, so a softmax over the wrong axis fails.
+    """
     spec = one_block()
     w = zero_weights(spec)
     w["patch_embed.kernel"][0, 0] = np.eye(2)
-    a = 1.5
+    a, b = 1.5, 0.7
     w["blocks.0.attn.query.kernel"] = np.array([[a, 0.0], [0.0, 0.0]])
+    w["blocks.0.attn.query.bias"] = np.array([0.0, b])
     w["blocks.0.attn.key.kernel"] = np.eye(2)
     w["blocks.0.attn.value.kernel"] = np.eye(2)
     w["blocks.0.attn.out.kernel"] = np.eye(2)
@@ -116,9 +120,11 @@ def test_attention_worked_by_hand() -> None:
     out = reference.forward(spec, w, images, capture="all")
     s = 1 / math.sqrt(0.25 + 1e-6) * 0.5  # LayerNorm of [1, 0] is [s, -s]
     h = np.array([[s, -s], [-s, s]])
-    # q_i = [a h_i0, 0], k = h: score(i, j) = a h_i0 h_j0 / sqrt(2).
-    p_same = 1 / (1 + math.exp(-2 * a * s * s / math.sqrt(2)))
-    expected_probs = np.array([[p_same, 1 - p_same], [1 - p_same, p_same]])
+    # q_0 = [a s, b], q_1 = [-a s, b], k = h: score(i, 0) - score(i, 1) = 2 q_i . k_0 / sqrt(2).
+    p0 = 1 / (1 + math.exp(-2 * (a * s * s - b * s) / math.sqrt(2)))
+    p1 = 1 / (1 + math.exp(-2 * (-a * s * s - b * s) / math.sqrt(2)))
+    expected_probs = np.array([[p0, 1 - p0], [p1, 1 - p1]])
+    assert abs(expected_probs[0, 1] - expected_probs[1, 0]) > 0.1  # not symmetric
     np.testing.assert_allclose(out["blocks.0.attn_probs"][0, 0], expected_probs, rtol=1e-13)
     np.testing.assert_allclose(out["blocks.0.attn_heads"][0, 0], expected_probs @ h, rtol=1e-13)
     np.testing.assert_allclose(out["blocks.0.attn"][0], expected_probs @ h, rtol=1e-13)

@@ -63,6 +63,10 @@ def problems(data: dict) -> list[str]:
             "pos_embed 'sincos2d' needs hidden_dim divisible by 4",
         ),
         (
+            {"pos_embed": "sincos2d", "hidden_dim": 4, "n_heads": 1},
+            "pos_embed 'sincos2d' needs hidden_dim divisible by 4 and at least 8, found 4",
+        ),
+        (
             {"pos_embed_class_slot": True, "pos_embed": "none"},
             "pos_embed_class_slot true needs class_token true and pos_embed 'learned', found pos_embed 'none'",
         ),

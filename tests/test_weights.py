@@ -315,3 +315,54 @@ def test_files_and_folders_get_the_usual_modes(tmp_path: Path, umask: int) -> No
         "inside.txt": 0o666 & ~umask,
         "kept.safetensors": 0o640,
     }
+
+
+# ---- killing the survivors of `make mutants PART=weights` -------------------------------------
+
+
+def test_weights_functions_take_their_arguments_by_keyword(tmp_path: Path) -> None:
+    spec = family("mnist", depth=1)
+    w = vitspec.init_weights(spec)
+    vitspec.check_weights(spec=spec, weights=w)
+    vitspec.save_weights(path=tmp_path / "w.safetensors", weights=w, spec=spec)
+    back, got = vitspec.load_weights(path=tmp_path / "w.safetensors", spec=spec.replace())
+    assert got == spec and all(np.array_equal(back[k], w[k]) for k in w)
+
+
+def test_check_weights_reports_every_tensor_after_a_missing_one_and_a_larger_shape() -> None:
+    from vitspec.weights import check_weights
+
+    spec = family("mnist", depth=1)
+    w = vitspec.init_weights(spec)
+    first = vitspec.param_table(spec)[0].name
+    del w[first]
+    w["norm.bias"] = np.zeros(spec.hidden_dim + 1, np.float32)  # larger: a tuple "<" would miss it
+    with pytest.raises(WeightsError) as info:
+        check_weights(spec, w)
+    text = str(info.value)
+    assert f"missing 1 tensor(s): {first}" in text
+    assert f"norm.bias: expected shape [{spec.hidden_dim}], found [{spec.hidden_dim + 1}]" in text
+    check_weights(spec, vitspec.init_weights(spec), check_values=True)  # finite values: no problem
+
+
+def test_embedded_spec_that_is_larger_in_a_field_than_the_given_one_is_a_contradiction(
+    tmp_path: Path,
+) -> None:
+    spec = family("mnist", depth=1, norm_eps=1e-5)
+    vitspec.save_weights(tmp_path / "w.safetensors", vitspec.init_weights(spec), spec)
+    with pytest.raises(
+        SpecError, match="contradicts the embedded one \\(norm_eps: file 1e-05, given 1e-06\\)"
+    ):
+        vitspec.load_weights(tmp_path / "w.safetensors", spec.replace(norm_eps=1e-6))
+
+
+def test_embedded_spec_that_is_not_json_is_a_spec_error(tmp_path: Path) -> None:
+    from vitspec.weights import SPEC_KEY
+
+    spec = family("mnist", depth=1)
+    w = vitspec.init_weights(spec)
+    write_safetensors(
+        tmp_path / "w.safetensors", list(w.items()), {"format": "vitspec", SPEC_KEY: "{not json"}
+    )
+    with pytest.raises(SpecError, match="the embedded spec is not JSON"):
+        vitspec.load_weights(tmp_path / "w.safetensors")
