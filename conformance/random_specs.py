@@ -25,6 +25,12 @@ MAX_CLASSES = 6
 MAX_PRE_LOGITS = 8
 MAX_BATCH = 3
 MAX_RATE = 0.5
+# A LayerNorm divides by its input's standard deviation, so a token whose values are large next to
+# their spread magnifies float32 rounding by max|x| / std. Weights and images are drawn again until
+# every LayerNorm input of the float64 run stays under this ratio (a pure float64 test: the same
+# cases on every machine); past MAX_DRAWS the best-conditioned draw is kept.
+MAX_NORM_CONDITION = 10.0
+MAX_DRAWS = 20
 
 
 def random_spec(rng: np.random.Generator) -> Spec:
@@ -65,20 +71,51 @@ def random_spec(rng: np.random.Generator) -> Spec:
     return Spec.from_dict(data)
 
 
+def norm_condition(spec: Spec, expected: dict[str, np.ndarray]) -> float:
+    """The largest ``max|x| / std(x)`` over the tokens entering any LayerNorm of a float64 run."""
+    inputs = [expected["embed"]]
+    for i in range(spec.depth):
+        before = expected[f"blocks.{i - 1}"] if i else expected["embed"]
+        inputs += [before + expected[f"blocks.{i}.attn"], expected[f"blocks.{i}"]]
+    last = expected[f"blocks.{spec.depth - 1}"]
+    if spec.final_norm == "after_pool":
+        inputs.append(
+            last[:, 0] if spec.pooling == "token" else last[:, spec.n_prefix_tokens :].mean(axis=1)
+        )
+    worst = 0.0
+    for x in inputs:
+        spread = np.sqrt(x.var(axis=-1) + spec.norm_eps)
+        worst = max(worst, float((np.abs(x).max(axis=-1) / spread).max()))
+    return worst
+
+
 def random_case(seed: int, index: int) -> Case:
-    """Random case ``index`` of ``seed``: its spec, batch, weights and images come from ``(seed, index)``."""
+    """Random case ``index`` of ``seed``: its spec, batch, weights and images come from ``(seed, index)``.
+
+    The data are drawn again (up to ``MAX_DRAWS`` times) while a LayerNorm input is badly
+    conditioned for float32 (``norm_condition`` above ``MAX_NORM_CONDITION``).
+    """
     rng = np.random.default_rng([seed, index])
     spec = random_spec(rng)
     batch = int(rng.integers(1, MAX_BATCH + 1))
-    data_seed = int(rng.integers(0, 2**31 - 1))
-    return make_case(
-        spec,
-        name=f"random-{seed}-{index}",
-        batch=batch,
-        seed=data_seed,
-        description=f"random case {index} of seed {seed} (vitspec conformance --random N --seed {seed})",
-        provenance={"random": {"seed": seed, "index": index}},
-    )
+    best: tuple[float, Case] | None = None
+    for draw in range(MAX_DRAWS):
+        data_seed = int(rng.integers(0, 2**31 - 1))
+        case = make_case(
+            spec,
+            name=f"random-{seed}-{index}",
+            batch=batch,
+            seed=data_seed,
+            description=f"random case {index} of seed {seed} (vitspec conformance --random N --seed {seed})",
+            provenance={"random": {"seed": seed, "index": index, "draw": draw}},
+        )
+        condition = norm_condition(spec, case.expected)
+        if condition <= MAX_NORM_CONDITION:
+            return case
+        if best is None or condition < best[0]:
+            best = (condition, case)
+    assert best is not None
+    return best[1]
 
 
 def random_cases(n: int, seed: int) -> list[Case]:

@@ -10,6 +10,12 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import importlib.util
+import subprocess
+
+# Children are started by fork, not vfork: CI once saw exec fail with EFAULT ("Bad address") while
+# other threads of this large process ran (a vfork child borrows the parent's memory until exec).
+if hasattr(subprocess, "_USE_VFORK"):
+    subprocess._USE_VFORK = False
 
 # triton's native library segfaults while loading if TensorFlow's was loaded first (torch.compile,
 # torch.export and torchvision import triton); loaded first, both work. See docs/backends/tensorflow.md.

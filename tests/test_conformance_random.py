@@ -27,7 +27,13 @@ from vitspec.conformance.case import (
     write_case,
 )
 from vitspec.conformance.corpus import FINGERPRINT, VERSION
-from vitspec.conformance.random_specs import random_case, random_cases, random_spec
+from vitspec.conformance.random_specs import (
+    MAX_NORM_CONDITION,
+    norm_condition,
+    random_case,
+    random_cases,
+    random_spec,
+)
 from vitspec.families import family
 from vitspec.reference import forward
 from vitspec.spec import Spec
@@ -70,9 +76,23 @@ def test_a_random_case_depends_on_seed_and_index_only() -> None:
         assert all(np.array_equal(x.weights[k], y.weights[k]) for k in x.weights)
     assert random_case(10, 0).spec != a[0].spec
     case = a[1]
-    assert case.manifest["inputs"]["random"] == {"seed": 9, "index": 1}
+    assert case.manifest["inputs"]["random"].items() >= {"seed": 9, "index": 1}.items()
     ref = forward(case.spec, case.weights, case.images, dtype=np.float64, capture="all")
     assert all(np.array_equal(ref[k], v, equal_nan=True) for k, v in case.expected.items())
+
+
+def test_random_cases_are_well_conditioned_for_float32() -> None:
+    # random-7-1's first draw has a token with std 0.026 entering a LayerNorm (condition 27): the
+    # float32 reference itself missed the float32 tolerance on it. Such draws are redrawn.
+    cases = random_cases(25, 7)
+    assert all(norm_condition(c.spec, c.expected) <= MAX_NORM_CONDITION for c in cases)
+    assert cases[1].manifest["inputs"]["random"]["draw"] >= 1
+    for case in cases:
+        out = forward(case.spec, case.weights, case.images, dtype=np.float32, capture="all")
+        for point, want in case.expected.items():
+            assert np.abs(out[point] - want).max() <= 0.5 * (1e-5 + 1e-5 * np.abs(want).max()), (
+                point
+            )
 
 
 def test_a_random_case_writes_as_a_case_folder(tmp_path: Path) -> None:
