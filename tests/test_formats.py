@@ -20,6 +20,7 @@ from vitspec import formats, reference
 from vitspec.errors import SpecError, WeightsError
 from vitspec.families import family
 from vitspec.formats import resample
+from vitspec import resample as resample_core
 from vitspec.formats.infer import default_heads, load_partial_spec
 
 ALL = list(formats.FORMATS)
@@ -511,11 +512,11 @@ def test_resampling_keeps_constants_and_the_class_row(tmp_path: Path) -> None:
             assert out.shape == (1 + grid[0] * grid[1], 32) and out.dtype == np.float32
             assert np.all(out[0] == 7.0) and np.allclose(out[1:], -2.5, atol=1e-6)
     for n_in, n_out in ((4, 6), (6, 4), (14, 5), (3, 16)):
-        assert np.allclose(resample.bicubic_matrix(n_in, n_out).sum(axis=1), 1.0)
-        assert np.allclose(resample.antialiased_bicubic_matrix(n_in, n_out).sum(axis=1), 1.0)
+        assert np.allclose(resample_core.bicubic_matrix(n_in, n_out).sum(axis=1), 1.0)
+        assert np.allclose(resample_core.antialiased_bicubic_matrix(n_in, n_out).sum(axis=1), 1.0)
     # downsampling 8x with antialiasing averages every input row in; plain bicubic (4 taps) skips some
-    assert (resample.antialiased_bicubic_matrix(32, 4) != 0).any(axis=0).all()
-    assert not (resample.bicubic_matrix(32, 4) != 0).any(axis=0).all()
+    assert (resample_core.antialiased_bicubic_matrix(32, 4) != 0).any(axis=0).all()
+    assert not (resample_core.bicubic_matrix(32, 4) != 0).any(axis=0).all()
     with pytest.raises(
         ValueError,
         match="unknown resampling algorithm 'lanczos'; expected one of bicubic-antialias, bicubic",

@@ -142,7 +142,7 @@ def test_check_capture_expands_all_and_refuses_other_names_listing_the_spec_poin
 
 def test_final_norm_meaning_names_where_it_applies() -> None:
     table = {p.name: p.meaning for p in vitspec.param_table(family("vit_paper"))}
-    assert table["norm.scale"] == "final LayerNorm on every token, before pooling, scale"
+    assert table["norm.scale"] == "final norm on every token, before pooling: LayerNorm scale"
     after = family(
         "vit_paper",
         final_norm="after_pool",
@@ -151,7 +151,7 @@ def test_final_norm_meaning_names_where_it_applies() -> None:
         pos_embed_class_slot=False,
     )
     table = {p.name: p.meaning for p in vitspec.param_table(after)}
-    assert table["norm.scale"] == "final LayerNorm on the pooled vector (timm fc_norm), scale"
+    assert table["norm.scale"] == "final norm on the pooled vector (timm fc_norm): LayerNorm scale"
 
 
 def test_capture_points_and_shapes_list_pre_logits_only_when_the_spec_has_it() -> None:
@@ -179,7 +179,7 @@ def test_pos_embed_meaning_says_whether_the_class_token_has_a_row() -> None:
     spec = family("vit_paper")
     assert spec.pos_embed_class_slot
     table = {p.name: p.meaning for p in vitspec.param_table(spec)}
-    assert table["pos_embed"] == "learned position embedding (class token then patches, row-major)"
+    assert table["pos_embed"] == "learned position embedding (prefix tokens then patches, row-major)"
     table = {
         p.name: p.meaning for p in vitspec.param_table(spec.replace(pos_embed_class_slot=False))
     }

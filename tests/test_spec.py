@@ -51,8 +51,8 @@ def problems(data: dict) -> list[str]:
         ),
         ({"mlp_ratio": 2.5, "hidden_dim": 50, "n_heads": 5}, None),
         ({"mlp_ratio": "4"}, "mlp_ratio must be a number, found a string ('4')"),
-        ({"pooling": "mean"}, "pooling must be one of 'token' or 'avg', found 'mean'"),
-        ({"gelu": "approx"}, "gelu must be one of 'exact' or 'tanh', found 'approx'"),
+        ({"pooling": "mean"}, "pooling must be one of 'token', 'avg', 'max', 'avgmax' or 'map', found 'mean'"),
+        ({"gelu": "approx"}, "gelu must be one of 'exact', 'tanh' or 'quick', found 'approx'"),
         ({"class_token": "yes"}, "class_token must be true or false, found a string ('yes')"),
         (
             {"pooling": "token", "class_token": False},
@@ -68,7 +68,7 @@ def problems(data: dict) -> list[str]:
         ),
         (
             {"pos_embed_class_slot": True, "pos_embed": "none"},
-            "pos_embed_class_slot true needs class_token true and pos_embed 'learned', found pos_embed 'none'",
+            "pos_embed_class_slot true needs a prefix token (class_token, distillation_token or reg_tokens) and pos_embed 'learned', found pos_embed 'none'",
         ),
         ({"norm_eps": 0.0}, "norm_eps must be greater than 0.0, found 0.0"),
         ({"norm_eps": float("nan")}, "norm_eps must be a finite number"),
@@ -381,7 +381,7 @@ def test_replace_re_derives_defaults_that_were_not_set() -> None:
     no_slot = Spec.from_dict({**BASE, "pos_embed_class_slot": False})
     assert no_slot.replace(depth=3).pos_embed_class_slot is False
     slot = Spec.from_dict({**BASE, "pos_embed_class_slot": True})
-    with pytest.raises(SpecError, match="pos_embed_class_slot true needs class_token true"):
+    with pytest.raises(SpecError, match="pos_embed_class_slot true needs a prefix token"):
         slot.replace(class_token=False, pooling="avg")
     # None asks for the derived value again.
     assert no_slot.replace(pos_embed_class_slot=None).pos_embed_class_slot is True

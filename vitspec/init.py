@@ -7,8 +7,10 @@ init kind  tensors                                                distribution
 =========  =====================================================  ===========================
 lecun      ``patch_embed.kernel``                                 truncated normal (±2σ), variance 1/fan_in
 dense      attention, MLP, pre-logits and head kernels            truncated normal (±2σ), std 0.02
-posemb     ``pos_embed``                                          truncated normal (±2σ), std 0.02
-tiny       ``class_token``, MLP biases                            normal, std 1e-6
+posemb     ``pos_embed``, ``dist_token``                          truncated normal (±2σ), std 0.02
+tiny       ``class_token``, ``reg_tokens``, MLP biases            normal, std 1e-6
+layer_sc.  ``blocks.*.ls1.scale``, ``ls2.scale``                  the spec's ``layer_scale``
+probe      ``pool.probe`` (attention pooling)                     truncated normal (±2σ), std D^-0.5
 zeros      other biases, norm biases                              0
 ones       norm scales                                            1
 =========  =====================================================  ===========================
@@ -57,8 +59,12 @@ def _fan_in(param: Param) -> int:
     return math.prod(param.shape[:-1]) if len(param.shape) > 1 else param.shape[0]
 
 
-def _default(param: Param, rng: np.random.Generator) -> np.ndarray:
+def _default(spec: Spec, param: Param, rng: np.random.Generator) -> np.ndarray:
     shape = param.shape
+    if param.init == "layer_scale":
+        return np.full(shape, spec.layer_scale)
+    if param.init == "probe":
+        return _truncated_normal(rng, shape, spec.hidden_dim**-0.5)
     if param.init == "lecun":
         return _truncated_normal(rng, shape, math.sqrt(1.0 / _fan_in(param)))
     if param.init in ("dense", "posemb"):
@@ -70,8 +76,12 @@ def _default(param: Param, rng: np.random.Generator) -> np.ndarray:
     return np.zeros(shape)
 
 
-def _random(param: Param, rng: np.random.Generator) -> np.ndarray:
+def _random(spec: Spec, param: Param, rng: np.random.Generator) -> np.ndarray:
     shape = param.shape
+    if param.init == "layer_scale":  # well away from 1 and from 0: skipping the scale shows
+        return rng.uniform(0.3, 0.8, shape)
+    if param.init == "probe":
+        return rng.normal(0.0, 1.0, shape)
     if param.init == "ones":
         return 1.0 + rng.normal(0.0, 0.2, shape)
     if len(shape) > 1 and param.name != "pos_embed":
@@ -92,4 +102,4 @@ def init_weights(
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise InputError(f"seed must be a non-negative integer, found {seed!r}")
     fill = _default if scheme == "default" else _random
-    return {p.name: fill(p, _rng(seed, p.name)).astype(dtype) for p in param_table(spec)}
+    return {p.name: fill(spec, p, _rng(seed, p.name)).astype(dtype) for p in param_table(spec)}

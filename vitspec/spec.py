@@ -32,10 +32,14 @@ PositiveInt = Annotated[int, Strict(), Field(gt=0)]
 NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
 Rate = Annotated[float, Strict(), Field(ge=0.0, lt=1.0, allow_inf_nan=False)]
 
-Pooling = Literal["token", "avg"]
+Pooling = Literal["token", "avg", "max", "avgmax", "map"]
 PosEmbed = Literal["learned", "sincos2d", "none"]
-Gelu = Literal["exact", "tanh"]
-FinalNorm = Literal["before_pool", "after_pool"]
+Gelu = Literal["exact", "tanh", "quick"]
+FinalNorm = Literal["before_pool", "after_pool", "none"]
+Norm = Literal["layer", "rms"]
+MlpKind = Literal["standard", "swiglu"]
+Resample = Literal["bicubic-antialias", "bicubic"]
+Flag = Annotated[bool, Strict()]
 
 MAX_SPEC_FILE_BYTES = 1 << 20
 
@@ -72,36 +76,110 @@ class Spec(BaseModel):
     )
     pooling: Pooling = Field(
         default="token",
-        description="'token': the class token's output; 'avg': mean over the patch tokens.",
+        description=(
+            "'token': the class token's output; 'avg', 'max', 'avgmax' (the mean of the two): over "
+            "the patch tokens (and the prefix tokens with pool_include_prefix); 'map': multi-head "
+            "attention pooling with a learned probe (SigLIP, timm global_pool='map')."
+        ),
     )
-    class_token: Annotated[bool, Strict()] = Field(
+    pool_include_prefix: Flag = Field(
+        default=False,
+        description="avg/max/avgmax pooling also takes the prefix tokens (class, distillation, registers).",
+    )
+    class_token: Flag = Field(
         default=True, description="Prepend a learned class token to the patch tokens."
+    )
+    distillation_token: Flag = Field(
+        default=False,
+        description=(
+            "DeiT's distillation token after the class token, with a head of its own; the output "
+            "is the mean of the two heads' logits (timm, transformers)."
+        ),
+    )
+    reg_tokens: NonNegativeInt = Field(
+        default=0,
+        description="Register tokens after the class (and distillation) token (DINOv2 with registers); never pooled.",
     )
     pos_embed: PosEmbed = Field(
         default="learned",
         description="'learned': a trained table; 'sincos2d': fixed 2-D sine-cosine (big_vision); 'none'.",
     )
-    pos_embed_class_slot: Annotated[bool, Strict()] | None = Field(
+    pos_embed_class_slot: Flag | None = Field(
         default=None,
         description=(
-            "Whether a learned position embedding has a row for the class token (ViT paper, timm, HF) "
-            "or covers the patches only (timm no_embed_class). Default: true exactly when there is a "
-            "class token and the position embedding is learned."
+            "Whether a learned position embedding has a row for each prefix token (class, "
+            "distillation, registers: ViT paper, timm, HF) or covers the patches only (timm "
+            "no_embed_class). Default: true exactly when there are prefix tokens and the position "
+            "embedding is learned."
         ),
     )
-    qkv_bias: Annotated[bool, Strict()] = Field(
+    dynamic_image_size: Flag = Field(
+        default=False,
+        description=(
+            "Accept images of any size divisible by patch_size at run time; the position embedding "
+            "is resampled to the image's grid inside the forward (timm dynamic_img_size)."
+        ),
+    )
+    pos_embed_resample: Resample = Field(
+        default="bicubic-antialias",
+        description="How a dynamic image size resamples a learned position embedding (as `vitspec convert --resample`).",
+    )
+    patch_bias: Flag = Field(
+        default=True, description="The patch projection has a bias (CLIP's has none)."
+    )
+    patch_norm: Flag = Field(
+        default=False,
+        description="A norm on the patch tokens before the position embedding (AIMv2, timm embed_norm_layer).",
+    )
+    pre_norm: Flag = Field(
+        default=False,
+        description="A norm on the tokens entering block 0 (CLIP's ln_pre, timm pre_norm).",
+    )
+    qkv_bias: Flag = Field(
         default=True, description="Query, key and value projections have a bias."
+    )
+    qk_norm: Flag = Field(
+        default=False,
+        description="A norm over each head's queries and keys before the scores (timm qk_norm, ViT-22B).",
+    )
+    proj_bias: Flag = Field(default=True, description="The attention output projection has a bias.")
+    layer_scale: Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)] | None = Field(
+        default=None,
+        description=(
+            "Learned per-channel scales on both residual branches of every block, initialised to "
+            "this value (DeiT-III, DINOv2, CaiT; timm init_values); null = none."
+        ),
+    )
+    mlp: MlpKind = Field(
+        default="standard",
+        description=(
+            "'standard': fc1, activation, fc2; 'swiglu': silu(gate(x)) * fc1(x), then fc2, with "
+            "mlp_dim the width of each branch (DINOv2 giant, AIMv2)."
+        ),
+    )
+    mlp_bias: Flag = Field(default=True, description="The MLP's layers have biases.")
+    mlp_norm: Flag = Field(
+        default=False,
+        description="A norm on the MLP's hidden layer, before fc2 (timm scale_mlp_norm).",
+    )
+    norm: Norm = Field(
+        default="layer",
+        description="Every norm's kind: 'layer' (LayerNorm: scale and bias) or 'rms' (RMSNorm: scale only; AIMv2).",
     )
     norm_eps: Annotated[float, Strict(), Field(gt=0, lt=1, allow_inf_nan=False)] = Field(
         default=1e-6,
-        description="LayerNorm epsilon (timm, big_vision: 1e-6; HF transformers: 1e-12).",
+        description="Norm epsilon (timm, big_vision: 1e-6; HF transformers: 1e-12; CLIP, AIMv2: 1e-5).",
     )
     gelu: Gelu = Field(
-        default="exact", description="GELU form: 'exact' (erf) or 'tanh' (the tanh approximation)."
+        default="exact",
+        description=(
+            "The standard MLP's activation: 'exact' GELU (erf), 'tanh' (GELU's tanh approximation) "
+            "or 'quick' (x * sigmoid(1.702 x): OpenAI CLIP's QuickGELU)."
+        ),
     )
     final_norm: FinalNorm = Field(
         default="before_pool",
-        description="Final LayerNorm on every token before pooling, or on the pooled vector (timm fc_norm).",
+        description="Final norm on every token before pooling, on the pooled vector (timm fc_norm), or 'none'.",
     )
     pre_logits_dim: NonNegativeInt = Field(
         default=0,
@@ -113,6 +191,10 @@ class Spec(BaseModel):
     )
     attn_dropout: Rate = Field(
         default=0.0, description="Dropout on attention probabilities (training only)."
+    )
+    head_bias: Flag = Field(
+        default=True,
+        description="The head has a bias; a head without one is a projection (CLIP's visual projection).",
     )
     drop_path: Rate = Field(
         default=0.0,
@@ -130,7 +212,12 @@ class Spec(BaseModel):
         # Derived here, not filled into the input, so the field stays out of model_fields_set and
         # replace() derives it again from the new class_token / pos_embed.
         if value is None:
-            return info.data.get("class_token") is True and info.data.get("pos_embed") == "learned"
+            prefix = (
+                info.data.get("class_token") is True
+                or info.data.get("distillation_token") is True
+                or (info.data.get("reg_tokens") or 0) > 0
+            )
+            return prefix and info.data.get("pos_embed") == "learned"
         return value
 
     @model_validator(mode="after")
@@ -158,11 +245,34 @@ class Spec(BaseModel):
             problems.append(
                 "pooling 'token' needs class_token true, found class_token false (use pooling 'avg')"
             )
-        if self.pos_embed_class_slot and not (self.class_token and self.pos_embed == "learned"):
-            found = "class_token false" if not self.class_token else f"pos_embed {self.pos_embed!r}"
-            problems.append(
-                f"pos_embed_class_slot true needs class_token true and pos_embed 'learned', found {found}"
+        if self.pos_embed_class_slot and not (self.n_prefix_tokens and self.pos_embed == "learned"):
+            found = (
+                "no prefix token" if not self.n_prefix_tokens else f"pos_embed {self.pos_embed!r}"
             )
+            problems.append(
+                "pos_embed_class_slot true needs a prefix token (class_token, distillation_token or "
+                f"reg_tokens) and pos_embed 'learned', found {found}"
+            )
+        if self.pool_include_prefix and self.pooling not in ("avg", "max", "avgmax"):
+            problems.append(
+                f"pool_include_prefix true needs pooling 'avg', 'max' or 'avgmax', found {self.pooling!r}"
+            )
+        if self.distillation_token:
+            wrong = [
+                f"{name} {value!r}"
+                for name, value, ok in (
+                    ("class_token", self.class_token, self.class_token),
+                    ("pooling", self.pooling, self.pooling == "token"),
+                    ("final_norm", self.final_norm, self.final_norm != "after_pool"),
+                    ("pre_logits_dim", self.pre_logits_dim, not self.pre_logits_dim),
+                )
+                if not ok
+            ]
+            if wrong:
+                problems.append(
+                    "distillation_token true needs class_token true, pooling 'token', final_norm "
+                    f"'before_pool' or 'none' and pre_logits_dim 0 (DeiT's distilled model), found {', '.join(wrong)}"
+                )
         if problems:
             raise PydanticCustomError("vitspec_rule", "\n".join(problems))
         return self
@@ -180,8 +290,8 @@ class Spec(BaseModel):
 
     @property
     def n_prefix_tokens(self) -> int:
-        """Tokens before the patches (the class token, if any)."""
-        return int(self.class_token)
+        """Tokens before the patches: class, distillation and register tokens, in that order."""
+        return int(self.class_token) + int(self.distillation_token) + self.reg_tokens
 
     @property
     def seq_len(self) -> int:
@@ -193,7 +303,12 @@ class Spec(BaseModel):
         """Rows of a learned position embedding (0 when it is not learned)."""
         if self.pos_embed != "learned":
             return 0
-        return self.n_patches + int(bool(self.pos_embed_class_slot))
+        return self.n_patches + self.n_position_prefix
+
+    @property
+    def n_position_prefix(self) -> int:
+        """Rows of a learned position embedding that belong to prefix tokens (0 or n_prefix_tokens)."""
+        return self.n_prefix_tokens if self.pos_embed_class_slot else 0
 
     @property
     def head_dim(self) -> int:
@@ -230,8 +345,13 @@ class Spec(BaseModel):
         """Multiply-accumulates of one forward pass on one image (matmuls only)."""
         n, d, m = self.seq_len, self.hidden_dim, self.mlp_dim
         patch = self.n_patches * self.patch_dim * d
-        block = n * d * 3 * d + 2 * n * n * d + n * d * d + 2 * n * d * m
+        mlp_layers = 3 if self.mlp == "swiglu" else 2
+        block = n * d * 3 * d + 2 * n * n * d + n * d * d + mlp_layers * n * d * m
         tail = self.hidden_dim * self.pre_logits_dim + self.features_dim * self.n_classes
+        if self.distillation_token:
+            tail += self.features_dim * self.n_classes
+        if self.pooling == "map":  # probe query, keys and values of every token, one output
+            tail += d * d + 2 * n * d * d + 2 * n * d + d * d + 2 * d * m
         return patch + self.depth * block + tail
 
     @property

@@ -35,7 +35,7 @@ from vitspec import containers
 from vitspec.errors import FileFormatError, SpecError, VitspecError, WeightsError
 from vitspec.files import OutputExistsError, check_destination
 from vitspec.formats import canonical, flax, flax_npz, hf, keras, timm, torch, unsupported
-from vitspec.formats.format import Format
+from vitspec.formats.format import VARIANTS, Format
 from vitspec.formats.infer import Facts, Inference, load_partial_spec, resolve
 from vitspec.formats.streaming import Materialized
 from vitspec.layout import param_table
@@ -264,6 +264,12 @@ def infer_spec(record: Format, source: containers.Source, given: dict[str, Any])
             raise type(exc)(
                 problems, exc.source or str(source.path)
             ) from None  # name the file the problem is in
+    if SPEC_KEY not in source.metadata:
+        # A variant the format cannot hold is known to be off: the file could not say otherwise.
+        for name in VARIANTS:
+            if name not in record.expresses and name not in facts.known:
+                facts.known[name] = Spec.model_fields[name].default
+                facts.defaults.pop(name, None)
     return resolve(facts, given, str(source.path))
 
 
@@ -327,7 +333,7 @@ def save(
     fmt = to_format or destination_format(path)
     record = get_format(fmt)
     check_weights(spec, weights, source=str(path))
-    record.check_spec(spec)
+    record.check(spec)
     _check_output(None, path, record, overwrite)
     dtype = _output_dtype({np.asarray(w).dtype for w in weights.values()})
     record.write(path, spec, record.to_native(spec, weights), dtype, overwrite=overwrite)
@@ -391,7 +397,7 @@ def convert(
             on_open(ckpt)
         in_spec = ckpt.spec
         out_spec, how = _resized(in_spec, image_size, resample)
-        target.check_spec(out_spec)
+        target.check(out_spec)
         dtype = _output_dtype({d for _, d in ckpt.source.entries.values()})
         layout = target.native_layout(out_spec)
         total = sum(int(np.prod(shape)) * dtype.itemsize for _, shape in layout)

@@ -13,7 +13,7 @@ from typing import Any
 from vitspec import __version__, containers
 from vitspec.errors import WeightsError
 from vitspec.formats import streaming
-from vitspec.formats.format import Format
+from vitspec.formats.format import EVERY_VARIANT, Format
 from vitspec.formats.infer import Facts, add_default_heads, block_count, need, place_positions
 from vitspec.layouts import CANONICAL
 from vitspec.spec import Spec
@@ -92,6 +92,7 @@ FORMAT = Format(
     summary="vitspec canonical safetensors (spec in the metadata)",
     containers=("safetensors",),
     layout=CANONICAL,
+    expresses=EVERY_VARIANT,
     looks_like=looks_like,
     infer=infer,
     read=containers.open_safetensors,

@@ -44,6 +44,49 @@ def no_limits(spec: Spec) -> None:
     """For formats that can express every spec."""
 
 
+# Spec fields beyond the 2020 ViT family, and how a refusal names each one. A format lists those it
+# can hold in ``Format.expresses``; a spec that sets any other one away from its default is refused.
+VARIANTS: dict[str, str] = {
+    "reg_tokens": "register tokens",
+    "distillation_token": "a distillation token and head",
+    "pool_include_prefix": "pooling over the prefix tokens",
+    "dynamic_image_size": "a dynamic image size",
+    "pos_embed_resample": "a position-embedding resampling choice",
+    "patch_bias": "a patch projection without bias",
+    "patch_norm": "a norm on the patch tokens",
+    "pre_norm": "a norm before block 0 (pre_norm)",
+    "qk_norm": "a norm on queries and keys (qk_norm)",
+    "proj_bias": "an attention output projection without bias",
+    "layer_scale": "layer scale",
+    "mlp": "a SwiGLU MLP",
+    "mlp_bias": "MLP layers without bias",
+    "mlp_norm": "a norm inside the MLP",
+    "norm": "RMSNorm",
+    "head_bias": "a head without bias (a projection)",
+}
+# Values of older fields that came with the variants.
+NEW_VALUES: dict[str, tuple[Any, ...]] = {
+    "pooling": ("max", "avgmax", "map"),
+    "gelu": ("quick",),
+    "final_norm": ("none",),
+}
+EVERY_VARIANT = frozenset(VARIANTS) | frozenset(NEW_VALUES)
+
+
+def variant_problems(spec: Spec, expresses: frozenset[str]) -> list[str]:
+    """What ``spec`` sets that a format holding only ``expresses`` of the variants cannot hold."""
+    problems = []
+    for field, what in VARIANTS.items():
+        value = getattr(spec, field)
+        if field not in expresses and value != Spec.model_fields[field].default:
+            problems.append(f"it has no way to hold {what} (spec has {field} {value!r})")
+    for field, values in NEW_VALUES.items():
+        value = getattr(spec, field)
+        if field not in expresses and value in values:
+            problems.append(f"it cannot hold {field} {value!r}")
+    return problems
+
+
 @dataclass(frozen=True)
 class Format:
     name: str
@@ -57,6 +100,8 @@ class Format:
     write: Writer
     # Raises SpecError naming every feature of a spec the format cannot hold.
     check_spec: Callable[[Spec], None] = no_limits
+    # The VARIANTS (and NEW_VALUES fields) the format can hold; the rest are refused by ``check``.
+    expresses: frozenset[str] = frozenset()
     # Renames a source's tensors to native names once the spec is known (keras .h5 datasets).
     prepare: Callable[[Spec, Source], Source] | None = None
     # Every file a write to a path replaces or removes (a folder format writes several); None: the path.
@@ -70,12 +115,26 @@ class Format:
         """The files writing ``path`` would replace or remove."""
         return self.outputs(path) if self.outputs is not None else [path]
 
+    def check(self, spec: Spec) -> None:
+        """Raise one SpecError naming everything in ``spec`` this format cannot hold."""
+        try:
+            self.check_spec(spec)
+            problems: list[str] = []
+        except SpecError as exc:
+            problems = list(exc.problems)
+        problems += [
+            f"cannot write the {self.name} format: {p}"
+            for p in variant_problems(spec, self.expresses)
+        ]
+        if problems:
+            raise SpecError(problems)
+
     def native_layout(self, spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
-        self.check_spec(spec)
+        self.check(spec)
         return self.layout.native_layout(spec)
 
     def to_native(self, spec: Spec, weights: Mapping[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
-        self.check_spec(spec)
+        self.check(spec)
         return self.layout.to_native(spec, weights)
 
     def canonical(self, spec: Spec, native: Mapping[str, Any]) -> Mapping[str, np.ndarray]:

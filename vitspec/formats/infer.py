@@ -133,7 +133,7 @@ def resolve(facts: Facts, given: dict[str, Any] | None, source: str) -> Inferenc
         if name in facts.known or name in given:
             continue
         if name == "pos_embed_class_slot" and not (
-            spec.class_token and spec.pos_embed == "learned"
+            spec.n_prefix_tokens and spec.pos_embed == "learned"
         ):
             continue  # no class token or no table: the slot follows, nothing is assumed
         assumed[name] = getattr(spec, name)
