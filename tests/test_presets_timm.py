@@ -15,7 +15,7 @@ from test_cli import run
 from cli._ui import human
 from vitspec.layout import param_table
 from vitspec.presets import NAMED, TIMM_NAMES, is_preset_name, preset, preset_names
-from vitspec.spec import Spec
+from vitspec.spec import Spec, load_yaml
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 NAMES = list(NAMED)
@@ -117,10 +117,17 @@ def test_named_presets_answer_to_timms_names_and_an_image_size() -> None:
 def test_spec_page_lists_every_named_preset_with_its_count() -> None:
     page = (DOCS / "spec.md").read_text()
     section = page[page.index("## Modern families") :]
-    rows = re.findall(r"^\| `([^`]+)` \| `([^`]+)` \| [^|]+ \| ([\d,]+) \|", section, re.M)
-    assert rows == [
+    rows = re.findall(r"^\| `([^`]+)` \| `([^`]+)` \| ([^|]+) \| ([\d,]+) \|", section, re.M)
+    assert [(short, timm, count) for short, timm, _, count in rows] == [
         (short, named.timm, f"{preset(short).n_params:,}") for short, named in NAMED.items()
     ]
+    # Each `field: value` the page names as setting a family apart is the preset's value.
+    for short, _, apart, _ in rows:
+        spec = preset(short).to_dict()
+        pairs = re.findall(r"`(\w+): ([^`]+)`", apart)
+        assert pairs, short
+        for name, value in pairs:
+            assert spec[name] == load_yaml(value), (short, name)
 
 
 def test_presets_command_shows_each_family_beside_timms_name() -> None:
