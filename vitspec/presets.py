@@ -56,14 +56,15 @@ class Named:
 # qkv/proj/MLP/patch/head, token pooling, the final norm before pooling (fc_norm=None means
 # "fc_norm iff global_pool is avg, avgmax or max"), dynamic_img_size False. A preset lists only
 # where its family differs, each fact from the timm 1.0.31 source named in its note.
-_DEIT3 = {
-    "pos_embed_class_slot": False,
-    "layer_scale": 1e-6,
-}  # no_embed_class=True, init_values=1e-6
-_DINOV2 = {"image_size": 518, "n_classes": 0, "layer_scale": 1e-5}  # init_values=1e-5; cfg lvd142m
-_CLIP = {"pre_norm": True, "patch_bias": False, "norm_eps": 1e-5}  # pre_norm=True: conv bias off
+# DeiT-III: no_embed_class=True, init_values=1e-6.
+_DEIT3 = {"pos_embed_class_slot": False, "layer_scale": 1e-6}
+# DINOv2: init_values=1e-5; the default pretrained cfg (lvd142m) is 518x518 with num_classes 0.
+_DINOV2 = {"image_size": 518, "n_classes": 0, "layer_scale": 1e-5}
+# CLIP: pre_norm=True (which turns the patch conv's bias off), LayerNorm eps 1e-5.
+_CLIP = {"pre_norm": True, "patch_bias": False, "norm_eps": 1e-5}
 _QUICK = {**_CLIP, "gelu": "quick"}  # act_layer='quick_gelu'
-_SIGLIP = {"class_token": False, "pooling": "map", "n_classes": 0}  # global_pool='map'
+# SigLIP: class_token=False, global_pool='map'; the default cfg (v2_webli) has num_classes 0.
+_SIGLIP = {"class_token": False, "pooling": "map", "n_classes": 0}
 _VT = "vision_transformer.py"
 
 NAMED: dict[str, Named] = {
