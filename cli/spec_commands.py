@@ -55,8 +55,9 @@ def schema() -> None:
 
 @click.command()
 def presets() -> None:
-    """List the named presets; any VARIANT/PATCH[@IMAGE] works, e.g. B/16@384."""
-    from vitspec.presets import LISTED_PATCHES, VARIANTS, preset
+    """List the presets: paper sizes (any VARIANT/PATCH[@IMAGE] works, e.g. B/16@384) and the
+    modern families, each beside the timm model it equals (NAME@IMAGE sets the image size)."""
+    from vitspec.presets import LISTED_PATCHES, NAMED, VARIANTS, preset
 
     rows = []
     for variant in VARIANTS:
@@ -73,6 +74,40 @@ def presets() -> None:
             ["left", "right", "right", "right", "right", "left"],
         )
     )
+    named = []
+    for short, entry in NAMED.items():
+        spec = preset(short)
+        named.append(
+            (
+                short,
+                entry.timm,
+                spec.image_size[0],
+                spec.hidden_dim,
+                spec.depth,
+                spec.mlp_dim,
+                spec.n_heads,
+                spec.n_classes,
+                human(spec.n_params),
+            )
+        )
+    console().print(
+        table(
+            "Modern families (timm's architecture for the model name beside each; timm's name works too)",
+            [
+                "name",
+                "timm model",
+                "image",
+                "hidden_dim",
+                "depth",
+                "mlp_dim",
+                "n_heads",
+                "classes",
+                "parameters",
+            ],
+            named,
+            ["left", "left", "right", "right", "right", "right", "right", "right", "right"],
+        )
+    )
 
 
 @click.command()
@@ -86,7 +121,7 @@ def presets() -> None:
 )
 def layout(spec: str, fmt: str) -> None:
     """Print the canonical parameter table of SPEC: name, shape, meaning."""
-    from vitspec.layout import CAPTURE_MEANINGS, param_table
+    from vitspec.layout import CAPTURE_MEANINGS, capture_points, param_table
     from vitspec.presets import load_spec
 
     s = load_spec(spec)
@@ -119,10 +154,11 @@ def layout(spec: str, fmt: str) -> None:
         )
     )
     out.print(f"total: [bold]{s.n_params:,}[/] parameters in {len(params)} tensors")
+    present = set(capture_points(s))
     captures = [
         (n, shape, meaning)
         for n, (shape, meaning) in CAPTURE_MEANINGS.items()
-        if n != "pre_logits" or s.pre_logits_dim
+        if n.replace("{i}", "0") in present
     ]
     out.print(
         table(

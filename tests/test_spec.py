@@ -51,7 +51,10 @@ def problems(data: dict) -> list[str]:
         ),
         ({"mlp_ratio": 2.5, "hidden_dim": 50, "n_heads": 5}, None),
         ({"mlp_ratio": "4"}, "mlp_ratio must be a number, found a string ('4')"),
-        ({"pooling": "mean"}, "pooling must be one of 'token', 'avg', 'max', 'avgmax' or 'map', found 'mean'"),
+        (
+            {"pooling": "mean"},
+            "pooling must be one of 'token', 'avg', 'max', 'avgmax' or 'map', found 'mean'",
+        ),
         ({"gelu": "approx"}, "gelu must be one of 'exact', 'tanh' or 'quick', found 'approx'"),
         ({"class_token": "yes"}, "class_token must be true or false, found a string ('yes')"),
         (
@@ -87,6 +90,17 @@ def test_each_bad_value_gets_one_clear_message(change: dict, message: str | None
     found = problems(data)
     assert any(message in p for p in found), found
     assert all("\n" not in p for p in found)
+
+
+def test_distillation_and_pool_prefix_rules_name_what_is_wrong_in_yaml_words() -> None:
+    found = problems({**BASE, "distillation_token": True, "class_token": False, "pooling": "avg"})
+    assert found == [
+        "distillation_token true needs class_token true, pooling 'token', final_norm 'before_pool' "
+        "or 'none' and pre_logits_dim 0 (DeiT's distilled model), found class_token false, pooling 'avg'"
+    ]
+    assert problems({**BASE, "pool_include_prefix": True, "pooling": "map"}) == [
+        "pool_include_prefix true needs pooling 'avg', 'max' or 'avgmax', found 'map'"
+    ]
 
 
 def test_missing_fields_are_each_named() -> None:

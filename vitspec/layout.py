@@ -49,7 +49,8 @@ def _dense(
     name: str, shape: tuple[int, int], what: str, bias: bool, bias_init: Init = "zeros"
 ) -> list[Param]:
     out = [Param(f"{name}.kernel", shape, what, "dense")]
-    if bias:
+    if bias:  # "query projection bias", without the kernel's note on where the heads lie
+        what = what.split(", heads ")[0]
         out.append(Param(f"{name}.bias", (shape[1],), f"{what} bias", bias_init))
     return out
 

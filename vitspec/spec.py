@@ -259,7 +259,7 @@ class Spec(BaseModel):
             )
         if self.distillation_token:
             wrong = [
-                f"{name} {value!r}"
+                f"{name} {str(value).lower() if isinstance(value, bool) else repr(value)}"
                 for name, value, ok in (
                     ("class_token", self.class_token, self.class_token),
                     ("pooling", self.pooling, self.pooling == "token"),
