@@ -17,10 +17,10 @@ from conftest import rel_err
 
 import vitspec
 from vitspec import formats, reference
+from vitspec import resample as resample_core
 from vitspec.errors import SpecError, WeightsError
 from vitspec.families import family
 from vitspec.formats import resample
-from vitspec import resample as resample_core
 from vitspec.formats.infer import default_heads, load_partial_spec
 
 ALL = list(formats.FORMATS)

@@ -179,7 +179,9 @@ def test_pos_embed_meaning_says_whether_the_class_token_has_a_row() -> None:
     spec = family("vit_paper")
     assert spec.pos_embed_class_slot
     table = {p.name: p.meaning for p in vitspec.param_table(spec)}
-    assert table["pos_embed"] == "learned position embedding (prefix tokens then patches, row-major)"
+    assert (
+        table["pos_embed"] == "learned position embedding (prefix tokens then patches, row-major)"
+    )
     table = {
         p.name: p.meaning for p in vitspec.param_table(spec.replace(pos_embed_class_slot=False))
     }
