@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from test_cli import run
 
-from cli._ui import human
+from vitspec.cli._ui import human
 from vitspec.layout import param_table
 from vitspec.presets import NAMED, TIMM_NAMES, is_preset_name, preset, preset_names
 from vitspec.spec import Spec, load_yaml
