@@ -308,5 +308,5 @@ def test_docs_quote_the_real_pin_error() -> None:
     page = (Path(__file__).resolve().parent.parent / "docs" / "conformance.md").read_text()
     quoted = next(line for line in page.splitlines() if line.startswith("error: corpus version:"))
     with pytest.raises(CaseError) as err:
-        check_corpus_version(2, [load_case(CASES_DIR / "family_mnist")])
-    assert VERSION == 1 and quoted == f"error: {err.value}"
+        check_corpus_version(1, [load_case(CASES_DIR / "family_mnist")])
+    assert VERSION == 2 and quoted == f"error: {err.value}"
