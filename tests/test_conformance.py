@@ -167,8 +167,9 @@ FEATURES = {
     "swiglu_mlp_norm": lambda s: s.mlp == "swiglu" and s.mlp_norm,
     "rms_norm": lambda s: s.norm == "rms",
     "dynamic_image_size_up": lambda s: s.dynamic_image_size and s.pos_embed == "learned",
-    "dynamic_image_size_down_bicubic": lambda s: s.dynamic_image_size
-    and s.pos_embed_resample == "bicubic",
+    "dynamic_image_size_down_bicubic": lambda s: (
+        s.dynamic_image_size and s.pos_embed_resample == "bicubic"
+    ),
     "dynamic_image_size_sincos": lambda s: s.dynamic_image_size and s.pos_embed == "sincos2d",
 }
 LIKE = {
@@ -177,11 +178,16 @@ LIKE = {
     "dinov2": lambda s: s.layer_scale is not None and s.pos_embed_class_slot,
     "dinov2_reg": lambda s: s.layer_scale is not None and s.reg_tokens == 4,
     "dinov2_giant": lambda s: s.layer_scale is not None and s.mlp == "swiglu",
-    "clip_quickgelu": lambda s: s.gelu == "quick" and s.pre_norm and not s.patch_bias
-    and not s.head_bias,
+    "clip_quickgelu": lambda s: (
+        s.gelu == "quick" and s.pre_norm and not s.patch_bias and not s.head_bias
+    ),
     "siglip": lambda s: s.pooling == "map" and not s.class_token,
-    "aimv2": lambda s: s.norm == "rms" and s.mlp == "swiglu" and s.patch_norm
-    and not (s.qkv_bias or s.proj_bias or s.mlp_bias),
+    "aimv2": lambda s: (
+        s.norm == "rms"
+        and s.mlp == "swiglu"
+        and s.patch_norm
+        and not (s.qkv_bias or s.proj_bias or s.mlp_bias)
+    ),
 }
 
 
