@@ -63,6 +63,11 @@ class Case:
         return int(self.images.shape[0])
 
     @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of the case's images: the spec's, or another for a dynamic image size."""
+        return int(self.images.shape[1]), int(self.images.shape[2])
+
+    @property
     def tolerance_entries(self) -> dict[str, Any]:
         """The manifest's tolerance entries (applied by ``Tolerances.for_case``)."""
         return dict(self.manifest.get("tolerance") or {})
@@ -89,6 +94,7 @@ def make_case(
     provenance: Mapping[str, Any] | None = None,
     tolerance: Mapping[str, Any] | None = None,
     corpus_version: int | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> Case:
     """A case computed now by the float64 reference.
 
@@ -97,6 +103,8 @@ def make_case(
     ``tolerance`` holds manifest entries (``{"float32": {"atol", "rtol", "reason"}}``) that replace
     the shipped tolerance file's; the manifest records the result as the tolerance in force.
     ``corpus_version`` is set for the shipped corpus's cases only (``vitspec.conformance.corpus``).
+    ``image_size`` (height, width) draws images of another size than the spec's, for a spec with
+    ``dynamic_image_size``.
     """
     from vitspec import __version__, reference
     from vitspec.conformance.tolerances import load_tolerances
@@ -114,7 +122,8 @@ def make_case(
     weights = {k: np.asarray(v) for k, v in weights.items()}
     if images is None:
         rng = np.random.default_rng(seed + 1)
-        images = rng.standard_normal((batch, *spec.image_size, spec.in_channels)).astype(np.float32)
+        size = tuple(image_size) if image_size is not None else spec.image_size
+        images = rng.standard_normal((batch, *size, spec.in_channels)).astype(np.float32)
         inputs["images"] = {"distribution": "standard normal", "dtype": "float32", "seed": seed + 1}
     else:
         inputs["images"] = {"source": "given"}
@@ -242,7 +251,7 @@ def load_case(path: str | Path) -> Case:
             f"{where}: manifest capture_points {manifest['capture_points']} differ from the tensors in "
             f"data.safetensors in forward order {ordered}"
         )
-    shapes = capture_shapes(spec, images.shape[0])
+    shapes = capture_shapes(spec, images.shape[0], (images.shape[1], images.shape[2]))
     for p in ordered:
         value = expected[p]
         if value.shape != shapes[p]:
@@ -286,10 +295,27 @@ def _read_manifest(path: Path) -> dict[str, Any]:
 
 
 def _check_images(where: str, spec: Spec, images: np.ndarray, manifest: Mapping[str, Any]) -> None:
-    want = (manifest["batch"], *spec.image_size, spec.in_channels)
-    if images.shape != want:
+    """Images of the spec's size; a spec with a dynamic image size takes any multiple of its patch."""
+    (ph, pw), c = spec.patch_size, spec.in_channels
+    dynamic = (
+        spec.dynamic_image_size
+        and images.ndim == 4
+        and images.shape[0] == manifest["batch"]
+        and images.shape[3] == c
+        and images.shape[1] >= ph
+        and images.shape[2] >= pw
+        and not images.shape[1] % ph
+        and not images.shape[2] % pw
+    )
+    want = (manifest["batch"], *spec.image_size, c)
+    if images.shape != want and not dynamic:
+        also = (
+            f", or any height a multiple of {ph} and width a multiple of {pw} (dynamic_image_size)"
+            if spec.dynamic_image_size
+            else ""
+        )
         raise CaseError(
-            f"{where}: images have shape {list(images.shape)}, expected {list(want)} (batch, H, W, C)"
+            f"{where}: images have shape {list(images.shape)}, expected {list(want)} (batch, H, W, C){also}"
         )
     if not np.issubdtype(images.dtype, np.floating):
         raise CaseError(f"{where}: images are {images.dtype}, expected a float dtype")

@@ -24,8 +24,8 @@ from vitspec.spec import Spec
 # tolerance changed (docs/conformance.md, "Corpus versions"). FINGERPRINT is
 # ``case.corpus_fingerprint(shipped_cases())`` of the corpus this version names; tests/test_conformance_corpus_version.py
 # fails when the two part ways, so no change ships under an old version.
-VERSION = 1
-FINGERPRINT = "572c7c2c884f79289c5c18f84da76b8e611e6f970461a971968529b6a312d133"
+VERSION = 2
+FINGERPRINT = "222e256ee4b5d0cd26de336dcda7f3b6d5f58f0a634d7f9d092fa48f3e355cf3"
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ class CaseDef:
     family: str | None = None
     adjust: str | None = None  # a key of ADJUSTMENTS
     tolerance: dict[str, Any] | None = field(default=None)
+    # Images of another (height, width) than the spec's: only for a spec with dynamic_image_size.
+    image_size: tuple[int, int] | None = None
 
 
 def _scale_embedding(
@@ -89,6 +91,16 @@ def _fam(name: str, description: str, batch: int = 2, seed: int = 0, **sizes: An
 
 def _spec(**fields: Any) -> Spec:
     return Spec.from_dict({"image_size": 16, "patch_size": 4, "n_classes": 10, **_SMALL, **fields})
+
+
+def _tiny(**fields: Any) -> Spec:
+    """One block on a 3x3 grid: a feature case that costs a few tens of KB."""
+    return _spec(**{"image_size": 12, "depth": 1, **fields})
+
+
+def _like(name: str, description: str, batch: int = 2, seed: int = 0, **fields: Any) -> CaseDef:
+    """A small instance of a family of real checkpoints (its timm preset named in the description)."""
+    return CaseDef(f"like_{name}", description, _spec(**fields), batch, seed, family=name)
 
 
 CORPUS: list[CaseDef] = [
@@ -293,5 +305,238 @@ CORPUS: list[CaseDef] = [
                 "reference itself is 1.7e-05 off at blocks.0.attn_heads); 1e-4 still fails tanh GELU and weight swaps",
             }
         },
+    ),
+    # ---- corpus version 2: the features of issue 10, one case each ----
+    CaseDef(
+        "registers_with_positions",
+        "two register tokens after the class token, each prefix token with its own position row",
+        _spec(image_size=12, reg_tokens=2, n_heads=2),
+        seed=70,
+    ),
+    CaseDef(
+        "registers_without_positions",
+        "three registers and no class token, positions on the patches only; average pooling must skip the registers",
+        _tiny(reg_tokens=3, class_token=False, pooling="avg", pos_embed_class_slot=False),
+        seed=71,
+    ),
+    CaseDef(
+        "distillation_token",
+        "DeiT distillation token with its own head: output = (head + head_dist) / 2",
+        _tiny(distillation_token=True),
+        seed=72,
+    ),
+    CaseDef(
+        "distillation_token_no_head",
+        "distillation token without heads: output = (pooled + pooled_dist) / 2",
+        _tiny(distillation_token=True, n_classes=0, n_heads=2),
+        seed=73,
+    ),
+    CaseDef(
+        "layer_scale",
+        "layer scale on both residual branches of two blocks (captured after the scale)",
+        _spec(image_size=12, layer_scale=1e-5),
+        seed=74,
+    ),
+    CaseDef(
+        "pre_norm",
+        "a norm on the tokens entering block 0 (CLIP's ln_pre), captured as embed_norm",
+        _tiny(pre_norm=True),
+        seed=75,
+    ),
+    CaseDef(
+        "patch_norm",
+        "a norm on the patch tokens before the position embedding",
+        _tiny(patch_norm=True, n_heads=2),
+        seed=76,
+    ),
+    CaseDef(
+        "final_norm_none",
+        "no final norm, no class token, average pooling",
+        _tiny(final_norm="none", class_token=False, pooling="avg"),
+        seed=77,
+    ),
+    CaseDef(
+        "pool_max",
+        "max pooling over the patch tokens (the class token left out)",
+        _tiny(pooling="max"),
+        seed=78,
+    ),
+    CaseDef(
+        "pool_avgmax_register",
+        "avgmax pooling (mean of average and max) over the patches, a class token and a register left out",
+        _tiny(pooling="avgmax", reg_tokens=1, n_heads=2),
+        seed=79,
+    ),
+    CaseDef(
+        "pool_map",
+        "attention pooling with a learned probe, its norm and MLP (SigLIP's MAP head)",
+        _tiny(pooling="map", class_token=False),
+        seed=80,
+    ),
+    CaseDef(
+        "pool_include_prefix",
+        "average pooling over every token, the class token and a register included",
+        _tiny(pooling="avg", pool_include_prefix=True, reg_tokens=1),
+        seed=81,
+    ),
+    CaseDef(
+        "qk_norm",
+        "a norm on each head's queries and keys (width head_dim 8) before the scores",
+        _spec(image_size=12, qk_norm=True, n_heads=2),
+        seed=82,
+    ),
+    CaseDef(
+        "no_patch_bias",
+        "a patch projection without bias (CLIP)",
+        _tiny(patch_bias=False),
+        seed=83,
+    ),
+    CaseDef(
+        "no_proj_bias",
+        "an attention output projection without bias",
+        _tiny(proj_bias=False),
+        seed=84,
+    ),
+    CaseDef(
+        "no_mlp_bias",
+        "MLP layers without biases",
+        _tiny(mlp_bias=False, n_heads=2),
+        seed=85,
+    ),
+    CaseDef(
+        "no_head_bias",
+        "a head without bias (a projection, as CLIP's visual projection)",
+        _tiny(head_bias=False),
+        seed=86,
+    ),
+    CaseDef(
+        "quick_gelu",
+        "QuickGELU x * sigmoid(1.702 x) (OpenAI CLIP)",
+        _spec(image_size=12, gelu="quick"),
+        seed=87,
+    ),
+    CaseDef(
+        "mlp_norm",
+        "a norm on the standard MLP's hidden layer (width 64)",
+        _tiny(mlp_norm=True),
+        seed=88,
+    ),
+    CaseDef(
+        "swiglu_mlp_norm",
+        "SwiGLU MLP silu(gate(x)) * fc1(x) with a norm on its hidden layer",
+        _tiny(mlp="swiglu", mlp_norm=True, mlp_ratio=2.5),
+        seed=89,
+    ),
+    CaseDef(
+        "rms_norm",
+        "RMSNorm everywhere (scale only, no centring), with q/k, pre and MLP norms",
+        _spec(image_size=12, norm="rms", qk_norm=True, pre_norm=True, mlp_norm=True, n_heads=2),
+        seed=90,
+    ),
+    CaseDef(
+        "dynamic_image_size_up",
+        "dynamic image size: a spec for 8x8 run on 12x16 images, the learned table resampled 2x2 -> 3x4 (bicubic-antialias)",
+        _spec(image_size=8, dynamic_image_size=True, n_heads=2),
+        seed=91,
+        image_size=(12, 16),
+    ),
+    CaseDef(
+        "dynamic_image_size_down_bicubic",
+        "dynamic image size: a spec for 16x16 run on 12x8 images, the learned table resampled 4x4 -> 3x2 (plain bicubic)",
+        _spec(dynamic_image_size=True, pos_embed_resample="bicubic", depth=1),
+        seed=92,
+        image_size=(12, 8),
+    ),
+    CaseDef(
+        "dynamic_image_size_sincos",
+        "dynamic image size with sincos2d: the table computed for the images' 2x4 grid, not the spec's 3x3",
+        _tiny(dynamic_image_size=True, pos_embed="sincos2d", class_token=False, pooling="avg"),
+        seed=93,
+        image_size=(8, 16),
+    ),
+    # ---- small instances of the families of issue 10 (timm presets named) ----
+    _like(
+        "deit3",
+        "DeiT-III (deit3_small_patch16_224): layer scale, positions on the patches only",
+        seed=100,
+        image_size=12,
+        layer_scale=1e-6,
+        pos_embed_class_slot=False,
+    ),
+    _like(
+        "deit_distilled",
+        "DeiT distilled (deit_base_distilled_patch16_224): class and distillation tokens, two heads",
+        seed=101,
+        image_size=12,
+        distillation_token=True,
+    ),
+    _like(
+        "dinov2",
+        "DINOv2 (vit_small_patch14_dinov2): layer scale 1e-5, a position row for the class token",
+        seed=102,
+        image_size=12,
+        patch_size=3,
+        layer_scale=1e-5,
+        n_classes=0,
+    ),
+    _like(
+        "dinov2_reg",
+        "DINOv2 with registers (vit_base_patch14_reg4_dinov2): four registers, positions on the patches only, layer scale",
+        seed=103,
+        image_size=12,
+        reg_tokens=4,
+        pos_embed_class_slot=False,
+        layer_scale=1e-5,
+        n_classes=0,
+    ),
+    _like(
+        "dinov2_giant",
+        "DINOv2 giant (vit_giant_patch14_dinov2): SwiGLU MLP, layer scale",
+        seed=104,
+        image_size=12,
+        hidden_dim=12,
+        n_heads=3,
+        mlp="swiglu",
+        mlp_ratio=8 / 3,
+        layer_scale=1e-5,
+        n_classes=0,
+    ),
+    _like(
+        "clip_quickgelu",
+        "CLIP (vit_base_patch16_clip_quickgelu_224): no patch bias, ln_pre, QuickGELU, eps 1e-5, projection head",
+        seed=105,
+        image_size=12,
+        patch_bias=False,
+        pre_norm=True,
+        gelu="quick",
+        norm_eps=1e-5,
+        head_bias=False,
+        n_classes=8,
+    ),
+    _like(
+        "siglip",
+        "SigLIP (vit_base_patch16_siglip_224): no class token, MAP pooling, no head",
+        seed=106,
+        image_size=12,
+        class_token=False,
+        pooling="map",
+        n_classes=0,
+    ),
+    _like(
+        "aimv2",
+        "AIMv2 (aimv2_large_patch14_224): RMSNorm, patch norm, SwiGLU, no attention or MLP biases, average pooling",
+        seed=107,
+        image_size=12,
+        class_token=False,
+        pooling="avg",
+        norm="rms",
+        norm_eps=1e-5,
+        patch_norm=True,
+        mlp="swiglu",
+        mlp_ratio=2.75,
+        qkv_bias=False,
+        proj_bias=False,
+        mlp_bias=False,
+        n_classes=0,
     ),
 ]

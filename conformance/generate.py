@@ -45,7 +45,9 @@ def build(case: CaseDef) -> Case:
     weights = init_weights(case.spec, case.seed, scheme="random")
     images = (
         np.random.default_rng(case.seed + 1)
-        .standard_normal((case.batch, *case.spec.image_size, case.spec.in_channels))
+        .standard_normal(
+            (case.batch, *(case.image_size or case.spec.image_size), case.spec.in_channels)
+        )
         .astype(np.float32)
     )
     provenance: dict[str, object] = {

@@ -76,11 +76,32 @@ def test_frozen_corpus_matches_a_fresh_generation() -> None:
 def test_every_case_loads_with_every_capture_point(cases) -> None:
     for case in cases.values():
         assert case.points == capture_points(case.spec), case.name
-        shapes = capture_shapes(case.spec, case.batch)
+        shapes = capture_shapes(case.spec, case.batch, case.image_size)
         for point, value in case.expected.items():
             assert value.shape == shapes[point] and value.dtype == np.float64, (case.name, point)
         assert case.images.dtype == np.float32
-        assert case.images.shape == (case.batch, *case.spec.image_size, case.spec.in_channels)
+        assert case.images.shape == (case.batch, *case.image_size, case.spec.in_channels)
+        # Only a dynamic spec runs on another size, and every dynamic case does.
+        assert (case.image_size != case.spec.image_size) == case.spec.dynamic_image_size, case.name
+
+
+def test_dynamic_cases_run_another_grid_than_their_spec(cases) -> None:
+    dynamic = [c for c in cases.values() if c.spec.dynamic_image_size]
+    assert {c.spec.pos_embed for c in dynamic} >= {"learned", "sincos2d"}
+    assert {c.spec.pos_embed_resample for c in dynamic if c.spec.pos_embed == "learned"} == {
+        "bicubic-antialias",
+        "bicubic",
+    }
+    grows = shrinks = False
+    for case in dynamic:
+        grid = (
+            case.image_size[0] // case.spec.patch_size[0],
+            case.image_size[1] // case.spec.patch_size[1],
+        )
+        assert grid != case.spec.grid, case.name
+        grows |= any(g > s for g, s in zip(grid, case.spec.grid, strict=True))
+        shrinks |= any(g < s for g, s in zip(grid, case.spec.grid, strict=True))
+    assert grows and shrinks
 
 
 def test_expected_values_are_the_float64_reference(cases) -> None:
@@ -120,6 +141,65 @@ def test_corpus_covers_every_spec_option(cases) -> None:
     assert any(s.dropout and s.attn_dropout and s.drop_path for s in specs)
     batches = {c.batch for c in cases.values()}
     assert 1 in batches and max(batches) >= 4
+
+
+# Issue 10's features: each has a case of its own (a name in CORPUS) that has it.
+FEATURES = {
+    "registers_with_positions": lambda s: s.reg_tokens and s.pos_embed_class_slot,
+    "registers_without_positions": lambda s: s.reg_tokens and not s.pos_embed_class_slot,
+    "distillation_token": lambda s: s.distillation_token and s.n_classes,
+    "distillation_token_no_head": lambda s: s.distillation_token and not s.n_classes,
+    "layer_scale": lambda s: s.layer_scale is not None,
+    "pre_norm": lambda s: s.pre_norm,
+    "patch_norm": lambda s: s.patch_norm,
+    "final_norm_none": lambda s: s.final_norm == "none",
+    "pool_max": lambda s: s.pooling == "max",
+    "pool_avgmax_register": lambda s: s.pooling == "avgmax" and s.reg_tokens,
+    "pool_map": lambda s: s.pooling == "map",
+    "pool_include_prefix": lambda s: s.pool_include_prefix and s.n_prefix_tokens,
+    "qk_norm": lambda s: s.qk_norm,
+    "no_patch_bias": lambda s: not s.patch_bias,
+    "no_proj_bias": lambda s: not s.proj_bias,
+    "no_mlp_bias": lambda s: not s.mlp_bias,
+    "no_head_bias": lambda s: not s.head_bias and s.n_classes,
+    "quick_gelu": lambda s: s.gelu == "quick",
+    "mlp_norm": lambda s: s.mlp_norm and s.mlp == "standard",
+    "swiglu_mlp_norm": lambda s: s.mlp == "swiglu" and s.mlp_norm,
+    "rms_norm": lambda s: s.norm == "rms",
+    "dynamic_image_size_up": lambda s: s.dynamic_image_size and s.pos_embed == "learned",
+    "dynamic_image_size_down_bicubic": lambda s: (
+        s.dynamic_image_size and s.pos_embed_resample == "bicubic"
+    ),
+    "dynamic_image_size_sincos": lambda s: s.dynamic_image_size and s.pos_embed == "sincos2d",
+}
+LIKE = {
+    "deit3": lambda s: s.layer_scale is not None and not s.pos_embed_class_slot,
+    "deit_distilled": lambda s: s.distillation_token and s.n_classes,
+    "dinov2": lambda s: s.layer_scale is not None and s.pos_embed_class_slot,
+    "dinov2_reg": lambda s: s.layer_scale is not None and s.reg_tokens == 4,
+    "dinov2_giant": lambda s: s.layer_scale is not None and s.mlp == "swiglu",
+    "clip_quickgelu": lambda s: (
+        s.gelu == "quick" and s.pre_norm and not s.patch_bias and not s.head_bias
+    ),
+    "siglip": lambda s: s.pooling == "map" and not s.class_token,
+    "aimv2": lambda s: (
+        s.norm == "rms"
+        and s.mlp == "swiglu"
+        and s.patch_norm
+        and not (s.qkv_bias or s.proj_bias or s.mlp_bias)
+    ),
+}
+
+
+def test_every_new_feature_and_family_has_a_small_case(cases) -> None:
+    for name, has in FEATURES.items():
+        assert has(cases[name].spec), name
+    for name, has in LIKE.items():
+        case = cases[f"like_{name}"]
+        assert has(case.spec) and case.manifest["inputs"]["family"] == name, name
+    for name in [*FEATURES, *(f"like_{n}" for n in LIKE)]:
+        assert cases[name].corpus_version >= 2 and cases[name].spec.depth <= 2, name
+        assert cases[name].spec.n_params < 20_000, name
 
 
 def test_every_family_has_a_case(cases) -> None:

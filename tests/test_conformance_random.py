@@ -30,8 +30,10 @@ from vitspec.conformance.corpus import FINGERPRINT, VERSION
 from vitspec.conformance.random_specs import (
     MAX_NORM_CONDITION,
     norm_condition,
+    norm_inputs,
     random_case,
     random_cases,
+    random_image_size,
     random_spec,
 )
 from vitspec.families import family
@@ -60,12 +62,46 @@ def test_random_specs_reach_every_value_of_every_field() -> None:
     assert any(s.image_size[0] != s.image_size[1] for s in specs) and any(
         s.dropout > 0 for s in specs
     )
+    # Issue 10's fields, in the combinations where they change the numbers.
+    assert any(s.distillation_token and s.n_classes for s in specs)
+    assert any(s.distillation_token and not s.n_classes for s in specs)
+    assert any(s.reg_tokens and s.pos_embed_class_slot for s in specs)
+    assert any(
+        s.reg_tokens and s.pos_embed == "learned" and not s.pos_embed_class_slot for s in specs
+    )
+    for pooling in ("avg", "max", "avgmax"):
+        assert any(s.pooling == pooling and s.pool_include_prefix for s in specs), pooling
+        assert any(
+            s.pooling == pooling and s.reg_tokens and not s.pool_include_prefix for s in specs
+        )
+    assert any(s.pooling == "map" and s.n_prefix_tokens for s in specs)
+    assert any(s.dynamic_image_size and s.pos_embed == "learned" for s in specs)
+    assert {s.pos_embed_resample for s in specs if s.dynamic_image_size} == {
+        "bicubic-antialias",
+        "bicubic",
+    }
+    assert any(s.mlp == "swiglu" and s.mlp_norm for s in specs)
+    assert any(s.mlp == "standard" and s.gelu == "quick" for s in specs)
+    assert any(s.norm == "rms" and s.qk_norm for s in specs)
+    assert any(s.norm == "layer" and s.qk_norm for s in specs)
+    assert len({s.layer_scale for s in specs}) >= 4
 
 
 def test_random_specs_stay_small() -> None:
+    dynamic = 0
     for case in random_cases(40, seed=1):
-        assert case.spec.n_params < 40_000 and case.batch <= 3
+        assert case.spec.n_params < 50_000 and case.batch <= 3
         assert max(case.spec.image_size) <= 12 and case.spec.depth <= 3
+        assert max(case.image_size) <= 12
+        if case.spec.dynamic_image_size:  # images on another grid than the spec's
+            dynamic += 1
+            assert case.image_size != case.spec.image_size
+            assert case.expected["patch_embed"].shape[1] == (
+                case.image_size[0] // case.spec.patch_size[0]
+            ) * (case.image_size[1] // case.spec.patch_size[1])
+        else:
+            assert case.image_size == case.spec.image_size
+    assert dynamic >= 5
 
 
 def test_a_random_case_depends_on_seed_and_index_only() -> None:
@@ -81,12 +117,104 @@ def test_a_random_case_depends_on_seed_and_index_only() -> None:
     assert all(np.array_equal(ref[k], v, equal_nan=True) for k, v in case.expected.items())
 
 
+def _float32_error(case) -> float:
+    """The float32 reference's worst error at any capture point, as a share of the float32 tolerance."""
+    out = forward(case.spec, case.weights, case.images, dtype=np.float32, capture="all")
+    return max(
+        float(np.max(np.abs(out[p] - want) / (1e-5 + 1e-5 * np.abs(want))))
+        for p, want in case.expected.items()
+    )
+
+
+def test_an_ill_conditioned_draw_is_drawn_again() -> None:
+    # random-37-3's first draw feeds block 0's MLP norm (a LayerNorm on the hidden layer) a token
+    # whose values are 347 times their spread: the float32 reference itself misses the float32
+    # tolerance there. The draw is replaced by one that is well conditioned.
+    rng = np.random.default_rng([37, 3])
+    spec = random_spec(rng)
+    batch = int(rng.integers(1, 4))
+    size = random_image_size(rng, spec)
+    first = make_case(
+        spec, name="first", batch=batch, seed=int(rng.integers(0, 2**31 - 1)), image_size=size
+    )
+    assert spec.mlp_norm and spec.norm == "layer"
+    worst = max(norm_inputs(first), key=lambda named: _condition(spec, named[1]))
+    assert worst[0] == "blocks.0.mlp.norm" and norm_condition(first) > 300
+    assert _float32_error(first) > 1
+    kept = random_case(37, 3)
+    assert kept.spec == spec and kept.manifest["inputs"]["random"]["draw"] >= 1
+    assert norm_condition(kept) <= MAX_NORM_CONDITION and _float32_error(kept) < 0.5
+
+
+def _condition(spec: Spec, x: np.ndarray) -> float:
+    centred = x - x.mean(axis=-1, keepdims=True) if spec.norm == "layer" else x
+    spread = np.sqrt(np.square(centred).mean(axis=-1) + spec.norm_eps)
+    return float((np.abs(x).max(axis=-1) / spread).max())
+
+
+def test_norm_inputs_are_every_norms_input() -> None:
+    # Each named input, normalised by the reference's norm with its own weights, gives the value
+    # the reference computes next: checked where the next value is a capture point.
+    from vitspec import reference
+
+    spec = Spec.from_dict(
+        {
+            "image_size": 8,
+            "patch_size": 4,
+            "hidden_dim": 16,
+            "n_heads": 2,
+            "depth": 2,
+            "n_classes": 3,
+            "patch_norm": True,
+            "pre_norm": True,
+            "qk_norm": True,
+            "mlp_norm": True,
+            "pooling": "map",
+            "class_token": False,
+            "final_norm": "after_pool",
+        }
+    )
+    case = make_case(spec, name="all norms", seed=5)
+    named = dict(norm_inputs(case))
+    assert list(named) == [
+        "patch_norm",
+        "norm_pre",
+        *(
+            f"blocks.{i}.{n}"
+            for i in range(2)
+            for n in ("norm1", "attn.q_norm", "attn.k_norm", "norm2", "mlp.norm")
+        ),
+        "pool.norm",
+        "norm",
+    ]
+    w = case.weights
+    np.testing.assert_allclose(
+        reference.norm(spec, w, "patch_norm", named["patch_norm"]), case.expected["patch_embed"]
+    )
+    np.testing.assert_allclose(
+        reference.norm(spec, w, "norm_pre", named["norm_pre"]), case.expected["embed_norm"]
+    )
+    np.testing.assert_allclose(
+        reference.norm(spec, w, "norm", named["norm"]), case.expected["pooled"]
+    )
+    np.testing.assert_allclose(named["blocks.1.norm1"], case.expected["blocks.0"])
+    # q/k norm inputs are per head: the scores from their norms are the captured probabilities.
+    q = reference.norm(spec, w, "blocks.0.attn.q_norm", named["blocks.0.attn.q_norm"])
+    k = reference.norm(spec, w, "blocks.0.attn.k_norm", named["blocks.0.attn.k_norm"])
+    scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(spec.head_dim)
+    np.testing.assert_allclose(reference.softmax(scores), case.expected["blocks.0.attn_probs"])
+    # The MLP norm's input, normed and projected, is the MLP branch.
+    hidden = reference.norm(spec, w, "blocks.1.mlp.norm", named["blocks.1.mlp.norm"])
+    np.testing.assert_allclose(
+        reference.dense(w, "blocks.1.mlp.fc2", hidden), case.expected["blocks.1.mlp"]
+    )
+    np.testing.assert_allclose(named["pool.norm"], case.expected["pool.attn"])
+
+
 def test_random_cases_are_well_conditioned_for_float32() -> None:
-    # random-7-1's first draw has a token with std 0.026 entering a LayerNorm (condition 27): the
-    # float32 reference itself missed the float32 tolerance on it. Such draws are redrawn.
     cases = random_cases(25, 7)
-    assert all(norm_condition(c.spec, c.expected) <= MAX_NORM_CONDITION for c in cases)
-    assert cases[1].manifest["inputs"]["random"]["draw"] >= 1
+    assert all(norm_condition(c) <= MAX_NORM_CONDITION for c in cases)
+    assert [c.manifest["inputs"]["random"]["draw"] >= 1 for c in cases].count(True) >= 1
     for case in cases:
         out = forward(case.spec, case.weights, case.images, dtype=np.float32, capture="all")
         for point, want in case.expected.items():
@@ -308,5 +436,5 @@ def test_docs_quote_the_real_pin_error() -> None:
     page = (Path(__file__).resolve().parent.parent / "docs" / "conformance.md").read_text()
     quoted = next(line for line in page.splitlines() if line.startswith("error: corpus version:"))
     with pytest.raises(CaseError) as err:
-        check_corpus_version(2, [load_case(CASES_DIR / "family_mnist")])
-    assert VERSION == 1 and quoted == f"error: {err.value}"
+        check_corpus_version(1, [load_case(CASES_DIR / "family_mnist")])
+    assert VERSION == 2 and quoted == f"error: {err.value}"
