@@ -598,17 +598,22 @@ def _model_classes() -> dict[str, type]:
             pos = self._positions(grid, x.dtype)
             if pos is not None and not s.n_position_prefix:
                 x = x + pos
-            prefix = []
+            prefix = []  # each (rows, D) or (D,): broadcast_to takes either to (B, rows, D)
             if s.class_token:
-                prefix.append(self.class_token[None])
+                prefix.append(self.class_token)
             if s.distillation_token:
-                prefix.append(self.distillation_token[None])
+                prefix.append(self.distillation_token)
             if s.reg_tokens:
                 prefix.append(self.register_tokens)
             if prefix:
-                lead = prefix[0] if len(prefix) == 1 else tf.concat(prefix, axis=0)
+                d = s.hidden_dim
+                lead = (
+                    prefix[0]
+                    if len(prefix) == 1
+                    else tf.concat([tf.reshape(t, [-1, d]) for t in prefix], axis=0)
+                )
                 lead = tf.broadcast_to(
-                    tf.cast(lead, x.dtype)[None], [tf.shape(x)[0], s.n_prefix_tokens, s.hidden_dim]
+                    tf.cast(lead, x.dtype), [tf.shape(x)[0], s.n_prefix_tokens, d]
                 )
                 x = tf.concat([lead, x], axis=1)
             if pos is not None and s.n_position_prefix:
