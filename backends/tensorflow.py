@@ -657,16 +657,16 @@ def _compiled(model: Any, names: tuple[str, ...], size: tuple[int, int] | None =
     import tensorflow as tf
 
     spec = model.spec
-    size = spec.image_size if size is None else tuple(size)
+    hw: tuple[int, ...] = spec.image_size if size is None else tuple(size)
     compiled = _COMPILED.setdefault(model, {})
-    key = (names, size)
+    key = (names, hw)
     if key not in compiled:
         ref = weakref.ref(model)
 
         def forward(images: Any) -> dict[str, Any]:
             return ref().forward_captures(images, names)  # type: ignore[union-attr]  # alive: it is the cache's key
 
-        signature = [tf.TensorSpec((None, *size, spec.in_channels), tf.float32)]
+        signature = [tf.TensorSpec((None, *hw, spec.in_channels), tf.float32)]
         compiled[key] = tf.function(forward, input_signature=signature, jit_compile=JIT_COMPILE)
     return compiled[key]
 
