@@ -73,6 +73,82 @@ def test_keras_format_is_what_save_weights_writes(tmp_path: Path, name: str) -> 
     _same(vitspec.load_weights(back)[0], weights)
 
 
+# Every variant of issue 10 the Keras model has a layer for, in two models (the keras format
+# expresses every one of them).
+KERAS_VARIANTS = {
+    "dinov2_reg_deit_clip": vitspec.Spec(
+        image_size=16,
+        patch_size=4,
+        hidden_dim=16,
+        n_heads=2,
+        depth=2,
+        n_classes=5,
+        reg_tokens=2,
+        distillation_token=True,
+        layer_scale=1e-5,
+        pre_norm=True,
+        patch_norm=True,
+        patch_bias=False,
+        qk_norm=True,
+        mlp="swiglu",
+        mlp_norm=True,
+        head_bias=False,
+        gelu="quick",
+        dynamic_image_size=True,
+        pos_embed_resample="bicubic",
+    ),
+    "aimv2_siglip": vitspec.Spec(
+        image_size=16,
+        patch_size=4,
+        hidden_dim=16,
+        n_heads=2,
+        depth=2,
+        n_classes=0,
+        class_token=False,
+        pooling="map",
+        norm="rms",
+        qkv_bias=False,
+        proj_bias=False,
+        mlp_bias=False,
+        pre_logits_dim=8,
+        final_norm="none",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(KERAS_VARIANTS))
+def test_keras_format_holds_every_variant(tmp_path: Path, name: str) -> None:
+    spec = KERAS_VARIANTS[name]
+    canonical, weights = _canonical(tmp_path, spec)
+    backend = vitspec.backend("tensorflow")
+    out = tmp_path / "model.weights.h5"
+    formats.convert(canonical, out)
+    model = backend.build(spec, seed=None)
+    model.load_weights(str(out))
+    _same(backend.export(model), weights)
+    back = tmp_path / "back.safetensors"
+    formats.convert(out, back)  # our file carries the spec
+    got, got_spec = vitspec.load_weights(back)
+    assert got_spec == spec
+    _same(got, weights)
+
+    # A file Keras saves has no spec: the tensors tell the switches, --spec the rest.
+    saved = tmp_path / "saved.weights.h5"
+    model.save_weights(str(saved))
+    assert formats.detect(saved) == "keras"
+    told = {"image_size", "n_heads", "gelu", "layer_scale", "final_norm", "pooling"}
+    told |= {"dynamic_image_size", "pos_embed_resample", "patch_norm", "pre_norm"}
+    given = {k: v for k, v in spec.to_dict().items() if k in told}
+    with formats.open_checkpoint(saved, spec=given) as ckpt:
+        assert ckpt.spec == spec
+        known = ckpt.inference.known
+        for field in ("reg_tokens", "distillation_token", "norm", "mlp", "qk_norm", "mlp_bias"):
+            assert known[field] == getattr(spec, field), field
+    again = tmp_path / "again.safetensors"
+    formats.convert(saved, again, spec=given)
+    _same(vitspec.load_weights(again)[0], weights)
+
+
 @pytest.mark.parametrize("name", list(SPECS))
 def test_flax_format_is_the_flattened_nnx_state(tmp_path: Path, name: str) -> None:
     from flax import nnx

@@ -110,6 +110,56 @@ def test_every_family_round_trips_through_every_format_that_expresses_it(
     _assert_bits(got, weights)
 
 
+def test_keras_expresses_every_variant_and_round_trips_them(tmp_path: Path) -> None:
+    from vitspec.formats.format import EVERY_VARIANT
+
+    assert formats.get_format("keras").expresses == EVERY_VARIANT
+    for n, changes in enumerate(
+        [
+            dict(
+                reg_tokens=2,
+                distillation_token=True,
+                layer_scale=0.1,
+                pre_norm=True,
+                patch_norm=True,
+                patch_bias=False,
+                qk_norm=True,
+                mlp="swiglu",
+                mlp_norm=True,
+                head_bias=False,
+                gelu="quick",
+                dynamic_image_size=True,
+                pos_embed_resample="bicubic",
+            ),
+            dict(
+                class_token=False,
+                pos_embed_class_slot=False,
+                pooling="map",
+                norm="rms",
+                qkv_bias=False,
+                proj_bias=False,
+                mlp_bias=False,
+                final_norm="none",
+                pre_logits_dim=6,
+            ),
+            dict(pooling="avgmax", pool_include_prefix=True, reg_tokens=1, proj_bias=False),
+        ]
+    ):
+        spec = EVERYWHERE.replace(**changes)
+        formats.get_format("keras").check(spec)  # refuses nothing
+        folder = tmp_path / str(n)
+        folder.mkdir()
+        canonical, weights = _canonical(folder, spec)
+        out = folder / "model.weights.h5"
+        formats.convert(canonical, out)
+        assert formats.detect(out) == "keras"
+        back = folder / "back.safetensors"
+        formats.convert(out, back)
+        got, got_spec = vitspec.load_weights(back)
+        assert got_spec == spec
+        _assert_bits(got, weights)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
 @pytest.mark.parametrize("fmt", ["timm", "hf", "big_vision", "keras", "flax"])
 def test_dtypes_are_kept(tmp_path: Path, fmt: str, dtype: str) -> None:

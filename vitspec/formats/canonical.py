@@ -72,7 +72,9 @@ def infer_from_shapes(
         k["pos_embed"] = "learned"
         rows = need_("pos_embed", 2, "the position embedding")[0]
         if "patch_size" in k:
-            place_positions(facts, rows, k["patch_size"], k["class_token"], given)
+            prefix = int(k["class_token"]) + int("dist_token" in shapes)
+            prefix += shapes["reg_tokens"][0] if "reg_tokens" in shapes else 0
+            place_positions(facts, rows, k["patch_size"], prefix, given)
     else:
         facts.default(
             "pos_embed",

@@ -193,7 +193,7 @@ def place_positions(
     facts: Facts,
     rows: int,
     patch: tuple[int, int],
-    class_token: bool,
+    class_token: bool | int,
     given: Mapping[str, Any],
     *,
     declared: Any = None,
@@ -208,7 +208,10 @@ def place_positions(
     token; big_vision: none). Without an image size the grid is assumed square, and a reading is
     taken only when it is the one the family's usual choices give, or the only plausible one; it
     is marked as assumed. Otherwise the readings are listed and ``--spec`` must choose.
+    ``class_token`` may be the number of prefix tokens (class, distillation, registers): the
+    "class-token row" is then a row for each.
     """
+    lead = int(class_token)
     size = declared if declared is not None else given.get("image_size")
     by = "config.json" if declared is not None else "--spec"
     if not class_token:
@@ -223,7 +226,7 @@ def place_positions(
     if size is not None:
         ih, iw = _norm("image_size", size)
         patches = (ih // patch[0]) * (iw // patch[1])
-        fits = [s for s in slots if patches + int(s) == rows]
+        fits = [s for s in slots if patches + lead * int(s) == rows]
         if not fits:
             row = f" {_with_row(slots[0])}" if len(slots) == 1 else ""
             raise SpecError(
@@ -235,24 +238,24 @@ def place_positions(
         if len(slots) > 1:
             facts.known["pos_embed_class_slot"] = fits[0]
         return
-    square = {s: _square(rows - int(s)) for s in slots}
+    square = {s: _square(rows - lead * int(s)) for s in slots}
     if len(slots) == 1:
         s = slots[0]
         if square[s] is None:
             raise SpecError(
                 [
-                    f"cannot tell the image size: the position embedding has {rows} rows, {rows - int(s)} patches "
+                    f"cannot tell the image size: the position embedding has {rows} rows, {rows - lead * int(s)} patches "
                     f"{_with_row(s)}, which is not a square grid; pass image_size with --spec "
-                    f"({_example(rows - int(s), patch)})"
+                    f"({_example(rows - lead * int(s), patch)})"
                 ]
             )
         _assume_square(facts, rows, patch, s, square[s] or 0, "")
         return
     usual, other = slots
     if square[usual] is not None:
-        alt = plausible_grids(rows - int(other))
+        alt = plausible_grids(rows - lead * int(other))
         also = (
-            f"; {rows - int(other)} patches {_with_row(other)} in a {alt[0][0]}x{alt[0][1]} grid would fit too"
+            f"; {rows - lead * int(other)} patches {_with_row(other)} in a {alt[0][0]}x{alt[0][1]} grid would fit too"
             if alt
             else ""
         )
@@ -260,19 +263,19 @@ def place_positions(
             facts, rows, patch, usual, square[usual] or 0, f"{facts.family}'s usual layout{also}"
         )
         return
-    if square[other] is not None and not plausible_grids(rows - int(usual)):
+    if square[other] is not None and not plausible_grids(rows - lead * int(usual)):
         _assume_square(
             facts,
             rows,
             patch,
             other,
             square[other] or 0,
-            f"{rows - int(usual)} patches {_with_row(usual)}, {facts.family}'s usual layout, make no plausible grid",
+            f"{rows - lead * int(usual)} patches {_with_row(usual)}, {facts.family}'s usual layout, make no plausible grid",
         )
         return
-    fitting = [s for s in slots if square[s] or plausible_grids(rows - int(s))]
+    fitting = [s for s in slots if square[s] or plausible_grids(rows - lead * int(s))]
     if len(fitting) < 2:
-        example = rows - int(fitting[0] if fitting else usual)
+        example = rows - lead * int(fitting[0] if fitting else usual)
         raise SpecError(
             [
                 f"cannot tell the image size: the position embedding has {rows} rows, which is not a square grid with "

@@ -22,9 +22,9 @@ from vitspec import containers
 from vitspec.files import atomic_file
 from vitspec.formats import streaming
 from vitspec.formats.canonical import infer_from_shapes
-from vitspec.formats.format import Format
+from vitspec.formats.format import EVERY_VARIANT, Format
 from vitspec.formats.infer import Facts
-from vitspec.layouts.keras import KERAS, h5_layout
+from vitspec.layouts.keras import KERAS, h5_group, h5_groups, h5_layout
 from vitspec.spec import Spec
 
 NAME = "keras"
@@ -41,19 +41,39 @@ def prepare(spec: Spec, source: containers.Source) -> containers.Source:
 
 
 _BLOCK = re.compile(r"^blocks_(\d+)/(.+)/vars/(\d)$")
+_TOP_NORM = re.compile(r"^layers/(layer_norm|rms_norm)(_\d+)?/vars/0$")
+WHY = "a .weights.h5 file has no spec of its own"
 
 
 def infer(source: containers.Source, given: dict[str, Any]) -> Facts:
-    """From the dataset paths and shapes; vitspec's defaults for what they cannot tell."""
+    """From the dataset paths and shapes; vitspec's defaults for what they cannot tell.
+
+    The model's own variables are numbered in creation order: class and distillation tokens
+    (1-D), then register tokens and the position table (2-D). What a Keras file cannot say (GELU
+    kind, norm eps, where the final norm sits, the pooling of a model without a class token, the
+    layer-scale init value, which model-level norms exist when there are one or two) is left to
+    ``--spec`` or vitspec's defaults.
+    """
     raw = source.shapes
     shapes: dict[str, tuple[int, ...]] = {}
     if "layers/patch_embed/vars/0" in raw:
         shapes["patch_embed.kernel"] = raw["layers/patch_embed/vars/0"]
     if "layers/patch_embed/vars/1" in raw:
         shapes["patch_embed.bias"] = raw["layers/patch_embed/vars/1"]
-    for name in ("vars/0", "vars/1"):
-        if name in raw:
-            shapes["class_token" if len(raw[name]) == 1 else "pos_embed"] = raw[name]
+    own = [raw[f"vars/{i}"] for i in range(4) if f"vars/{i}" in raw]
+    tokens, tables = [s for s in own if len(s) == 1], [s for s in own if len(s) == 2]
+    if tokens:
+        shapes["class_token"] = tokens[0]
+    if len(tokens) > 1:
+        shapes["dist_token"] = tokens[1]
+    if len(tables) == 2 or (
+        len(tables) == 1
+        and given.get("reg_tokens")
+        and given.get("pos_embed", "learned") != "learned"
+    ):
+        shapes["reg_tokens"] = tables.pop(0)
+    if tables:
+        shapes["pos_embed"] = tables[0]
     for name, shape in raw.items():
         m = _BLOCK.match(name)
         if not m:
@@ -61,6 +81,8 @@ def infer(source: containers.Source, given: dict[str, Any]) -> Facts:
         i, layer, index = m.groups()
         if layer == "mlp/fc1" and index == "0":
             shapes[f"blocks.{i}.mlp.fc1.kernel"] = shape
+        elif layer == "mlp/weights_in" and index == "0":
+            shapes[f"blocks.{i}.mlp.fc1.kernel"] = (shape[0], shape[1] // 2)
         elif layer == "attn/qkv" and index == "1":
             shapes[f"blocks.{i}.attn.query.bias"] = (shape[0] // 3,)
         else:
@@ -69,9 +91,36 @@ def infer(source: containers.Source, given: dict[str, Any]) -> Facts:
         shapes["pre_logits.kernel"] = raw["layers/dense/vars/0"]
     if "head/vars/0" in raw:
         shapes["head.kernel"] = raw["head/vars/0"]
-    return infer_from_shapes(
-        shapes, given, NAME, "a .weights.h5 file has no spec of its own", NATIVE
-    )
+    facts = infer_from_shapes(shapes, given, NAME, WHY, NATIVE)
+    k = facts.known
+    k["distillation_token"] = "dist_token" in shapes
+    k["reg_tokens"] = shapes["reg_tokens"][0] if "reg_tokens" in shapes else 0
+    k["patch_bias"] = "patch_embed.bias" in shapes
+    k["norm"] = "layer" if "blocks_0/norm1/vars/1" in raw else "rms"
+    k["qk_norm"] = "blocks_0/attn/query_norm/vars/0" in raw
+    k["proj_bias"] = "blocks_0/attn/out/vars/1" in raw
+    k["mlp"] = "swiglu" if "blocks_0/mlp/weights_in/vars/0" in raw else "standard"
+    first = "weights_in" if k["mlp"] == "swiglu" else "fc1"
+    k["mlp_bias"] = f"blocks_0/mlp/{first}/vars/1" in raw
+    k["mlp_norm"] = "blocks_0/mlp/norm/vars/0" in raw
+    if "blocks_0/layer_scale1/vars/0" in raw:
+        facts.default("layer_scale", 1e-5, f"its init value; {WHY}")
+    else:
+        k["layer_scale"] = None
+    if "head.kernel" in shapes:
+        k["head_bias"] = "head/vars/1" in raw
+    pooled = "layers/attention_pool/vars/0" in raw
+    if pooled:
+        k["pooling"] = "map"
+    elif not k["class_token"]:  # avg, max and avgmax look alike in a file
+        del k["pooling"]
+        facts.default("pooling", "avg", f"no class token; {WHY}")
+    norms = sum(1 for name in raw if _TOP_NORM.match(name))
+    if norms == 0:
+        k.update(patch_norm=False, pre_norm=False, final_norm="none")
+    elif norms == 3:
+        k.update(patch_norm=True, pre_norm=True)
+    return facts
 
 
 # The datasets errors name, for the canonical names inference needs.
@@ -99,7 +148,7 @@ def write(
     with atomic_file(path, overwrite=overwrite) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["vitspec.spec"] = spec.to_json()
-            _make_groups(f, layout)
+            _make_groups(f, spec, layout)
             where = dict(layout)
             for name, array in streaming.prepared(items, None, progress):
                 dataset = f.create_dataset(where[name], data=array)
@@ -108,22 +157,16 @@ def write(
         containers.fsync(tmp)
 
 
-def _make_groups(f: Any, layout: list[tuple[str, str]]) -> None:
+def _make_groups(f: Any, spec: Spec, layout: list[tuple[str, str]]) -> None:
     """Every layer's ``vars`` group, named after the layer, as Keras creates them (empty ones too)."""
     f.create_group("vars").attrs["name"] = MODEL_NAME
-    for native, dataset in layout:
-        if "/" not in native:
-            continue
-        layer = native.rsplit("/", 1)[0]
-        group = dataset.split("/vars/")[0]
-        if group == layer:  # a nested layer: each level has its own vars group
-            parts = layer.split("/")
-            for n in range(1, len(parts) + 1):
-                vars_group = "/".join(parts[:n]) + "/vars"
-                if vars_group not in f:
-                    f.create_group(vars_group).attrs["name"] = parts[n - 1]
-        elif f"{group}/vars" not in f:
-            f.create_group(f"{group}/vars").attrs["name"] = layer
+    groups = h5_groups(spec)
+    for native, _ in layout:
+        parts = native.split("/")[:-1]
+        for n in range(1, len(parts) + 1):
+            vars_group = f"{h5_group(groups, '/'.join(parts[:n]))}/vars"
+            if vars_group not in f:
+                f.create_group(vars_group).attrs["name"] = parts[n - 1]
 
 
 FORMAT = Format(
@@ -131,6 +174,7 @@ FORMAT = Format(
     summary="vitspec's Keras model .weights.h5 (as model.save_weights writes it)",
     containers=("h5",),
     layout=KERAS,
+    expresses=EVERY_VARIANT,
     looks_like=looks_like,
     infer=infer,
     read=containers.open_h5,
