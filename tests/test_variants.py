@@ -371,3 +371,12 @@ def test_a_format_without_a_variant_refuses_it_by_name() -> None:
     assert "it has no way to hold RMSNorm (spec has norm 'rms')" in text
     assert "it cannot hold gelu 'quick'" in text
     FORMATS["canonical"].check(spec(reg_tokens=4, norm="rms", gelu="quick"))
+
+
+def test_a_square_reading_counts_every_prefix_row() -> None:
+    from vitspec.formats.infer import Facts, place_positions
+
+    facts = Facts("canonical")
+    place_positions(facts, 20, (4, 4), 4, {}, slot=True)
+    assert facts.defaults["image_size"] == (16, 16)
+    assert "20 position rows read as 16 patches" in facts.why["image_size"]

@@ -249,7 +249,7 @@ def place_positions(
                     f"({_example(rows - lead * int(s), patch)})"
                 ]
             )
-        _assume_square(facts, rows, patch, s, square[s] or 0, "")
+        _assume_square(facts, rows, patch, s, square[s] or 0, "", lead)
         return
     usual, other = slots
     if square[usual] is not None:
@@ -260,7 +260,13 @@ def place_positions(
             else ""
         )
         _assume_square(
-            facts, rows, patch, usual, square[usual] or 0, f"{facts.family}'s usual layout{also}"
+            facts,
+            rows,
+            patch,
+            usual,
+            square[usual] or 0,
+            f"{facts.family}'s usual layout{also}",
+            lead,
         )
         return
     if square[other] is not None and not plausible_grids(rows - lead * int(usual)):
@@ -271,6 +277,7 @@ def place_positions(
             other,
             square[other] or 0,
             f"{rows - lead * int(usual)} patches {_with_row(usual)}, {facts.family}'s usual layout, make no plausible grid",
+            lead,
         )
         return
     fitting = [s for s in slots if square[s] or plausible_grids(rows - lead * int(s))]
@@ -282,7 +289,7 @@ def place_positions(
                 f"or without a class-token row; pass image_size with --spec ({_example(example, patch)})"
             ]
         )
-    readings = [_reading(rows, patch, s, square[s]) for s in fitting]
+    readings = [_reading(rows, patch, s, square[s], lead) for s in fitting]
     raise SpecError(
         [
             f"the position embedding has {rows} rows, which can be read two ways (vitspec does not guess): "
@@ -291,9 +298,9 @@ def place_positions(
     )
 
 
-def _reading(rows: int, patch: tuple[int, int], slot: bool, side: int | None) -> str:
+def _reading(rows: int, patch: tuple[int, int], slot: bool, side: int | None, lead: int = 1) -> str:
     """One reading of a position table, and the ``--spec`` that chooses it."""
-    n = rows - int(slot)
+    n = rows - lead * int(slot)
     if side is not None:
         h, w = side * patch[0], side * patch[1]
         size = str(h) if h == w else f"[{h},{w}]"
@@ -308,11 +315,17 @@ def _reading(rows: int, patch: tuple[int, int], slot: bool, side: int | None) ->
 
 
 def _assume_square(
-    facts: Facts, rows: int, patch: tuple[int, int], slot: bool, side: int, why: str
+    facts: Facts,
+    rows: int,
+    patch: tuple[int, int],
+    slot: bool,
+    side: int,
+    why: str,
+    lead: int = 1,
 ) -> None:
     """image_size (and the class-token row, unless known) from a square-grid reading, marked as assumed."""
     reason = (
-        f"{rows} position rows read as {rows - int(slot)} patches {_with_row(slot)} in a square "
+        f"{rows} position rows read as {rows - lead * int(slot)} patches {_with_row(slot)} in a square "
         f"{side}x{side} grid{f', {why}' if why else ''}; --spec image_size=[H,W] for another grid"
     )
     facts.default("image_size", (side * patch[0], side * patch[1]), reason)
