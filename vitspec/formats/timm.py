@@ -239,4 +239,7 @@ FORMAT = Format(
     ),
     check_spec=check_spec,
     expresses=EXPRESSES,
+    # Reading the variants from a timm state_dict is not done yet: UNSUPPORTED refuses their
+    # tensors, and the rest (pooling, activation) are read as off, as before.
+    reads=frozenset(),
 )

@@ -51,4 +51,7 @@ FORMAT = Format(
         TORCH, {"format": "pt", "vitspec.format": NAME}, torch_save=True
     ),
     expresses=EVERY_VARIANT,
+    # Reading the variants from a timm state_dict is not done yet: UNSUPPORTED refuses their
+    # tensors, and the rest (pooling, activation) are read as off, as before.
+    reads=frozenset(),
 )
