@@ -412,10 +412,11 @@ def _model_classes() -> dict[str, type]:
                 return self.pos_embed
             key = (grid, like.device, like.dtype)
             if key not in self._grids:
-                if spec.pos_embed == "sincos2d":
-                    mats = (sincos2d(grid, spec.hidden_dim)[None],)
-                else:
-                    mats = grid_matrices(spec.grid, grid, spec.pos_embed_resample)
+                mats: tuple[np.ndarray, ...] = (
+                    (sincos2d(grid, spec.hidden_dim)[None],)
+                    if spec.pos_embed == "sincos2d"
+                    else grid_matrices(spec.grid, grid, spec.pos_embed_resample)
+                )
                 self._grids[key] = tuple(
                     torch.from_numpy(m).to(like.device, like.dtype) for m in mats
                 )
