@@ -2,6 +2,9 @@
 
     python benchmarks/bench_forward.py [--specs S/16 B/16] [--batches 1 8] [--rounds 3] [--iters 10] [--paired]
 
+A spec is a preset name or one of FAMILY_SPECS (``SigLIP-B/16``: MAP pooling, no class token, tanh
+GELU), which only the torch backend and timm run.
+
 Contenders, each run in its own process (Keras fixes its backend once per process), in
 alternating rounds so that machine noise hits all alike. With ``--paired``, vitspec and its peer
 share one process per framework (keras-hub on JAX and on TensorFlow still never share one) and
@@ -39,11 +42,58 @@ CONTENDERS = {
 }
 
 
+# Modern families, built from a spec dict: timm (the torch backend's peer) builds each with the
+# same switches; keras-hub's ViTBackbone cannot, so the other backends skip them.
+FAMILY_SPECS: dict[str, dict] = {
+    # timm vit_base_patch16_siglip_224: no class token, MAP pooling, tanh GELU, no head.
+    "SigLIP-B/16": {
+        "image_size": 224,
+        "patch_size": 16,
+        "hidden_dim": 768,
+        "n_heads": 12,
+        "depth": 12,
+        "n_classes": 0,
+        "class_token": False,
+        "pooling": "map",
+        "gelu": "tanh",
+    },
+}
+BACKEND_OF = {c: b for b, pair in CONTENDERS.items() for c in pair}
+
+
 def _spec(name: str, head: bool):
     import vitspec
 
-    spec = vitspec.load_spec(name)
+    if name in FAMILY_SPECS:
+        spec = vitspec.Spec.from_dict(FAMILY_SPECS[name], source=name)
+    else:
+        spec = vitspec.load_spec(name)
     return spec if head else spec.replace(n_classes=0)
+
+
+def _specs_for(backend: str, specs: list[str]) -> list[str]:
+    """The specs a backend's contenders can all build (the family specs: torch and timm only)."""
+    return [s for s in specs if backend == "torch" or s not in FAMILY_SPECS]
+
+
+def _timm_kwargs(s) -> dict:
+    """timm VisionTransformer switches for a spec (the ones the benchmark's specs use; every
+    norm is timm's default LayerNorm, eps 1e-6)."""
+    assert s.norm == "layer" and s.norm_eps == 1e-6, "the benchmark's specs use timm's LayerNorm"
+    act = {"exact": "gelu", "tanh": "gelu_tanh", "quick": "quick_gelu"}[s.gelu]
+    return {
+        "class_token": s.class_token,
+        "global_pool": s.pooling,
+        "reg_tokens": s.reg_tokens,
+        "no_embed_class": not s.pos_embed_class_slot,
+        "init_values": s.layer_scale,
+        "pre_norm": s.pre_norm,
+        "qkv_bias": s.qkv_bias,
+        "qk_norm": s.qk_norm,
+        "act_layer": act,
+        # timm's MAP pools the patches only unless told; vitspec's attends over every token
+        "pool_include_prefix": s.pool_include_prefix or s.pooling == "map",
+    }
 
 
 def _time(fn: Callable[[], object], warmup: int, iters: int) -> list[float]:
@@ -95,6 +145,7 @@ def _timm_runner():
             num_heads=s.n_heads,
             mlp_ratio=s.mlp_ratio,
             num_classes=s.n_classes,
+            **_timm_kwargs(s),
         ).eval()
         x = torch.from_numpy(_images(s, batch)).permute(0, 3, 1, 2).contiguous()
 
@@ -185,7 +236,7 @@ def worker(contenders: list[str], specs: list[str], batches: list[int], iters: i
     os.environ.setdefault("KERAS_BACKEND", "jax" if "keras-hub-jax" in contenders else "tensorflow")
     makers = {c: _runner(c) for c in contenders}
     results: dict[str, dict[str, dict]] = {c: {} for c in contenders}
-    for spec_name in specs:
+    for spec_name in _specs_for(BACKEND_OF[contenders[0]], specs):
         for batch in batches:
             fns = {
                 (c, path): fn
@@ -294,7 +345,7 @@ def main() -> None:
     print("|---|---|---:|---:|---|---:|---:|---|")
     for backend in args.backends:
         ours, peer = CONTENDERS[backend]
-        for spec_name in args.specs:
+        for spec_name in _specs_for(backend, args.specs):
             for batch in args.batches:
                 key = f"{spec_name}|{batch}"
                 a = batch / statistics.median(times[ours][key])

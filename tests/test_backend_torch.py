@@ -19,8 +19,10 @@ from conftest import rel_err
 
 import vitspec
 from vitspec import reference
+from vitspec.errors import SpecError
 from vitspec.families import FAMILIES, family
-from vitspec.layout import param_table
+from vitspec.formats import convert, get_format, load
+from vitspec.layout import capture_points, capture_shapes, param_table
 from vitspec.layouts.timm import TORCH
 
 torch = pytest.importorskip("torch")
@@ -167,9 +169,21 @@ def _timm_supports(spec: vitspec.Spec) -> bool:
 
 
 def _timm_model(spec: vitspec.Spec) -> torch.nn.Module:
+    """timm's VisionTransformer (VisionTransformerDistilled with a distillation token) with the
+    switches that build ``spec`` (a spec the timm format accepts, up to head_bias)."""
+    import timm.layers as tl
+    from timm.models.deit import VisionTransformerDistilled
     from timm.models.vision_transformer import VisionTransformer
 
-    return VisionTransformer(
+    norm = functools.partial(
+        tl.RmsNorm if spec.norm == "rms" else torch.nn.LayerNorm, eps=spec.norm_eps
+    )
+    if spec.mlp == "swiglu":  # timm's SwiGLU takes its gate activation from act_layer
+        act, mlp = "silu", tl.SwiGLU
+    else:
+        act, mlp = {"exact": "gelu", "tanh": "gelu_tanh", "quick": tl.QuickGELU}[spec.gelu], tl.Mlp
+    cls = VisionTransformerDistilled if spec.distillation_token else VisionTransformer
+    return cls(
         img_size=spec.image_size,
         patch_size=spec.patch_size,
         in_chans=spec.in_channels,
@@ -180,12 +194,24 @@ def _timm_model(spec: vitspec.Spec) -> torch.nn.Module:
         num_heads=spec.n_heads,
         mlp_ratio=spec.mlp_ratio,
         qkv_bias=spec.qkv_bias,
+        qk_norm=spec.qk_norm,
+        proj_bias=spec.proj_bias,  # timm: also the MLP's biases
+        scale_mlp_norm=spec.mlp_norm,
+        init_values=spec.layer_scale,
         class_token=spec.class_token,
+        reg_tokens=spec.reg_tokens,
         pos_embed="learn" if spec.pos_embed == "learned" else "none",
         no_embed_class=not spec.pos_embed_class_slot,
+        pre_norm=spec.pre_norm,  # timm: also no patch bias
+        final_norm=spec.final_norm != "none",
         fc_norm=spec.final_norm == "after_pool",
-        norm_layer=functools.partial(torch.nn.LayerNorm, eps=spec.norm_eps),
-        act_layer="gelu_tanh" if spec.gelu == "tanh" else "gelu",
+        # timm's MAP pools the patches only unless told; vitspec's attends over every token
+        pool_include_prefix=spec.pool_include_prefix or spec.pooling == "map",
+        dynamic_img_size=spec.dynamic_image_size,
+        embed_norm_layer=norm if spec.patch_norm else None,
+        norm_layer=norm,
+        act_layer=act,
+        mlp_layer=mlp,
     ).eval()
 
 
@@ -433,3 +459,217 @@ def test_forward_runs_without_tf32_and_restores_the_flags(backend) -> None:
         )
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+# ---- the issue-10 variants ---------------------------------------------------------------------
+
+_TINY = {"image_size": 16, "patch_size": 4, "hidden_dim": 32, "n_heads": 4, "depth": 2}
+
+
+def _variant(**fields) -> vitspec.Spec:
+    return vitspec.Spec.from_dict({**_TINY, "n_classes": 5, **fields})
+
+
+# One spec per feature, then the families that combine them (small instances).
+VARIANTS = {
+    "reg_tokens": _variant(reg_tokens=3),
+    "reg_tokens_no_embed_class": _variant(reg_tokens=2, pos_embed_class_slot=False),
+    "distilled": _variant(distillation_token=True),
+    "distilled_no_head": _variant(distillation_token=True, n_classes=0),
+    "layer_scale": _variant(layer_scale=0.3),
+    "patch_norm": _variant(patch_norm=True),
+    "no_patch_bias_pre_norm": _variant(patch_bias=False, pre_norm=True),
+    "no_final_norm": _variant(final_norm="none"),
+    "qk_norm": _variant(qk_norm=True),
+    "qk_norm_rms": _variant(qk_norm=True, norm="rms"),
+    "no_attn_mlp_bias": _variant(proj_bias=False, mlp_bias=False, qkv_bias=False),
+    "quick_gelu": _variant(gelu="quick"),
+    "swiglu": _variant(mlp="swiglu", mlp_ratio=2.5),
+    "mlp_norm": _variant(mlp_norm=True),
+    "swiglu_mlp_norm": _variant(mlp="swiglu", mlp_norm=True),
+    "rms": _variant(norm="rms", final_norm="after_pool", pooling="avg"),
+    "head_no_bias": _variant(head_bias=False),
+    "max": _variant(pooling="max", reg_tokens=1),
+    "max_with_prefix": _variant(pooling="max", reg_tokens=1, pool_include_prefix=True),
+    "avg_with_prefix": _variant(pooling="avg", reg_tokens=2, pool_include_prefix=True),
+    "avgmax": _variant(pooling="avgmax", class_token=False),
+    "avgmax_with_prefix": _variant(pooling="avgmax", pool_include_prefix=True),
+    "map": _variant(pooling="map", class_token=False),
+    "map_with_prefix": _variant(pooling="map", reg_tokens=1),
+    "dynamic": _variant(dynamic_image_size=True),
+    "dynamic_no_embed_class": _variant(dynamic_image_size=True, pos_embed_class_slot=False),
+    "dynamic_bicubic": _variant(dynamic_image_size=True, pos_embed_resample="bicubic"),
+    "dynamic_sincos": _variant(
+        dynamic_image_size=True, pos_embed="sincos2d", class_token=False, pooling="avg"
+    ),
+    # DINOv2 with registers: layer scale, registers, patch-only positions (timm no_embed_class).
+    "dinov2_reg": _variant(
+        reg_tokens=4, layer_scale=1e-5, pos_embed_class_slot=False, dynamic_image_size=True
+    ),
+    # OpenAI CLIP: QuickGELU, ln_pre, no patch bias, a projection head, eps 1e-5.
+    "clip": _variant(gelu="quick", pre_norm=True, patch_bias=False, head_bias=False, norm_eps=1e-5),
+    # SigLIP: MAP pooling, no class token, tanh GELU.
+    "siglip": _variant(pooling="map", class_token=False, gelu="tanh", n_classes=0),
+    "deit_distilled": _variant(distillation_token=True, n_classes=7),
+    # AIMv2: RMSNorm everywhere, SwiGLU, a norm on the patches, no attention/MLP biases.
+    "aimv2": _variant(
+        norm="rms",
+        mlp="swiglu",
+        mlp_ratio=2.75,
+        patch_norm=True,
+        qkv_bias=False,
+        proj_bias=False,
+        mlp_bias=False,
+        class_token=False,
+        pooling="avg",
+        norm_eps=1e-5,
+    ),
+}
+
+# The image sizes a dynamic spec is run at besides its own: larger (and not square), smaller.
+OTHER_SIZES = [(24, 20), (8, 12)]
+
+
+def _sizes(spec: vitspec.Spec) -> list[tuple[int, int]]:
+    return [spec.image_size, *(OTHER_SIZES if spec.dynamic_image_size else [])]
+
+
+def _images_of(spec: vitspec.Spec, size: tuple[int, int], batch: int = 2) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    return rng.standard_normal((batch, *size, spec.in_channels)).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variant_matches_the_reference_at_every_capture_point(backend, name: str) -> None:
+    spec = VARIANTS[name]
+    w = vitspec.init_weights(spec, seed=3, scheme="random")
+    model = backend.build(spec, w)
+    for size in _sizes(spec):
+        images = _images_of(spec, size)
+        ref = reference.forward(spec, w, images, capture="all")
+        got = backend.forward(model, images, capture="all")
+        shapes = capture_shapes(spec, 2, size)
+        assert list(got) == capture_points(spec)
+        for point in got:
+            assert got[point].shape == shapes[point], (size, point)
+            assert rel_err(got[point], ref[point]) <= TOL, (size, point)
+        # The fast path (fused attention, no captures) gives the same numbers.
+        only = backend.forward(model, images)["output"]
+        assert rel_err(only, ref["output"]) <= TOL, size
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variant_export_of_load_is_bit_exact_and_the_layout_is_the_state_dict(
+    backend, name: str
+) -> None:
+    spec = VARIANTS[name]
+    w = vitspec.init_weights(spec, seed=11, scheme="random")
+    model = backend.build(spec, w)
+    state = model.state_dict()
+    assert [(k, tuple(v.shape)) for k, v in state.items()] == TORCH.native_layout(spec)
+    assert sum(v.numel() for v in state.values()) == spec.n_params
+    exported = backend.export(model)
+    assert list(exported) == list(w)
+    for k, v in w.items():
+        assert exported[k].shape == v.shape, k
+        assert np.array_equal(exported[k].view(np.uint32), v.view(np.uint32)), k
+
+
+def _timm_accepts(spec: vitspec.Spec) -> bool:
+    """What the timm format writes: timm's classes hold a projection head as a zero bias."""
+    try:
+        get_format("timm").check(spec.replace(head_bias=True))
+    except SpecError:
+        return False
+    return True
+
+
+TIMM_VARIANTS = [n for n in VARIANTS if _timm_accepts(VARIANTS[n])]
+
+
+def test_timm_holds_every_variant_but_the_ones_it_cannot_build() -> None:
+    # timm has no sin-cos table, and its dynamic image size always resamples with antialiasing.
+    assert sorted(set(VARIANTS) - set(TIMM_VARIANTS)) == ["dynamic_bicubic", "dynamic_sincos"]
+    timm = get_format("timm")
+    refused = {
+        "pos_embed_resample 'bicubic'": _variant(pos_embed_resample="bicubic"),
+        "a head without bias": _variant(head_bias=False),
+        "patch projection bias exactly when it has no pre_norm": _variant(patch_bias=False),
+        "bias exactly when the attention output": _variant(mlp_bias=False),
+        "SwiGLU gate and the attention pool's MLP": _variant(mlp="swiglu", pooling="map"),
+        "VisionTransformerDistilled has no register": _variant(
+            distillation_token=True, reg_tokens=1
+        ),
+        "VisionTransformerDistilled has a learned position row": _variant(
+            distillation_token=True, pos_embed_class_slot=False
+        ),
+    }
+    for words, spec in refused.items():
+        with pytest.raises(SpecError) as info:
+            timm.check(spec)
+        assert len(info.value.problems) == 1, info.value.problems
+        assert words in info.value.problems[0] and "cannot write the timm format" in str(info.value)
+    # vitspec's own torch format holds every variant.
+    for spec in (*VARIANTS.values(), *refused.values()):
+        get_format("torch").check(spec)
+
+
+def test_a_variant_round_trips_through_a_torch_file(backend, tmp_path: Path) -> None:
+    spec = VARIANTS["aimv2"].replace(reg_tokens=2, layer_scale=0.5, qk_norm=True)
+    w = vitspec.init_weights(spec, seed=5, scheme="random")
+    vitspec.save_weights(tmp_path / "w.safetensors", w, spec)
+    convert(tmp_path / "w.safetensors", tmp_path / "torch.safetensors", to_format="torch")
+    from safetensors.torch import load_file
+
+    model = tb.VisionTransformer(spec, seed=None)
+    model.load_state_dict(load_file(tmp_path / "torch.safetensors"), strict=True)
+    exported = backend.export(model)
+    assert all(np.array_equal(exported[k], w[k]) for k in w)
+    got, got_spec = load(tmp_path / "torch.safetensors")
+    assert got_spec == spec and all(np.array_equal(got[k], w[k]) for k in w)
+
+
+def test_dynamic_image_size_checks_the_nchw_shape() -> None:
+    spec = VARIANTS["dynamic"]
+    model = _model(spec)
+    with torch.inference_mode():
+        assert model(torch.zeros(1, 3, 4, 28)).shape == (1, 5)
+    with pytest.raises(
+        ValueError,
+        match=r"^images: expected shape \(batch, 3, height, width\) NCHW with height a multiple of 4 "
+        r"and width a multiple of 4 \(dynamic_image_size\), found \(1, 3, 10, 16\)$",
+    ):
+        model(torch.zeros(1, 3, 10, 16))
+
+
+def test_dynamic_resampling_matrices_are_made_once_per_grid() -> None:
+    spec = VARIANTS["dynamic"]
+    model = _model(spec)
+    with torch.inference_mode():
+        for size in (*OTHER_SIZES, *OTHER_SIZES, spec.image_size):
+            model(torch.zeros(1, 3, *size))
+    assert sorted(key[0] for key in model._grids) == [(2, 3), (6, 5)]
+
+
+@pytest.mark.parametrize("name", TIMM_VARIANTS)
+def test_variant_state_dict_runs_in_timm(name: str) -> None:
+    """Our state_dict loads (strict) into timm's own class built with the matching switches, and
+    timm, our model and the float64 reference agree, at every image size."""
+    pytest.importorskip("timm")
+    spec = VARIANTS[name]
+    w = vitspec.init_weights(spec, seed=3, scheme="random")
+    ours, theirs = tb.VisionTransformer(spec, w).eval(), _timm_model(spec)
+    state = dict(ours.state_dict())
+    if not spec.head_bias:  # timm holds CLIP's projection as a Linear with a zero bias
+        state["head.bias"] = torch.zeros(spec.n_classes)
+    assert {k: tuple(v.shape) for k, v in state.items()} == {
+        k: tuple(v.shape) for k, v in theirs.state_dict().items()
+    }
+    theirs.load_state_dict(state, strict=True)
+    for size in _sizes(spec):
+        images = _images_of(spec, size)
+        ref = reference.forward(spec, w, images)["output"]
+        with torch.inference_mode():
+            got, peer = ours(_nchw(images)).numpy(), theirs(_nchw(images)).numpy()
+        assert rel_err(got, peer) <= TOL, size
+        assert rel_err(peer, ref) <= TOL, size

@@ -63,6 +63,28 @@ def test_snippet_builds_the_same_model_in_timm(name: str) -> None:
     assert float(np.abs(ours - theirs).max()) <= 1e-5 * max(1.0, float(np.abs(ours).max()))
 
 
+@pytest.mark.parametrize(
+    "name", ["dinov2_reg", "clip", "siglip", "deit_distilled", "aimv2", "qk_norm", "mlp_norm"]
+)
+def test_snippet_builds_the_variants_in_timm(name: str) -> None:
+    from test_backend_torch import VARIANTS
+
+    spec = VARIANTS[name]
+    model = vitspec.backend("torch").build(
+        spec, vitspec.init_weights(spec, seed=3, scheme="random")
+    )
+    timm_model = _run_snippet(spec, model)  # loads with strict=True
+    x = torch.from_numpy(
+        np.random.default_rng(0)
+        .standard_normal((2, spec.in_channels, *spec.image_size))
+        .astype(np.float32)
+    )
+    with torch.inference_mode():
+        ours, theirs = model.eval()(x).numpy(), timm_model(x).numpy()
+    assert ours.shape == theirs.shape == (2, spec.output_dim)
+    assert float(np.abs(ours - theirs).max()) <= 1e-5 * max(1.0, float(np.abs(ours).max()))
+
+
 def test_snippet_refuses_what_timm_cannot_express() -> None:
     spec = family("vit_paper_pre_logits", **SIZES)
     model = vitspec.backend("torch").build(spec)

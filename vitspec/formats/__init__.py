@@ -265,9 +265,10 @@ def infer_spec(record: Format, source: containers.Source, given: dict[str, Any])
                 problems, exc.source or str(source.path)
             ) from None  # name the file the problem is in
     if SPEC_KEY not in source.metadata:
-        # A variant the format cannot hold is known to be off: the file could not say otherwise.
+        # A variant the format cannot hold (or its reader cannot tell) is known to be off.
+        reads = record.expresses if record.reads is None else record.reads
         for name in VARIANTS:
-            if name not in record.expresses and name not in facts.known:
+            if name not in reads and name not in facts.known:
                 facts.known[name] = Spec.model_fields[name].default
                 facts.defaults.pop(name, None)
     return resolve(facts, given, str(source.path))

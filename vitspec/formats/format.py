@@ -102,6 +102,9 @@ class Format:
     check_spec: Callable[[Spec], None] = no_limits
     # The VARIANTS (and NEW_VALUES fields) the format can hold; the rest are refused by ``check``.
     expresses: frozenset[str] = frozenset()
+    # The VARIANTS its reader can tell from a file without an embedded spec (None: ``expresses``);
+    # any other is read as off, at its default.
+    reads: frozenset[str] | None = None
     # Renames a source's tensors to native names once the spec is known (keras .h5 datasets).
     prepare: Callable[[Spec, Source], Source] | None = None
     # Every file a write to a path replaces or removes (a folder format writes several); None: the path.

@@ -17,7 +17,25 @@ timm name                              shape                            canonica
 ``norm.weight|bias``                   (D,) (token pooling)             ``norm.scale|bias`` (final_norm before_pool)
 ``fc_norm.weight|bias``                (D,) (global_pool='avg')         ``norm.scale|bias`` (final_norm after_pool)
 ``head.weight|bias``                   (K, D), (K,) (absent: K = 0)     ``head.kernel``ᵀ, ``head.bias``
+``reg_token``                          (1, R, D)                        ``reg_tokens`` (reshaped)
+``dist_token``                         (1, 1, D) (DeiT distilled)       ``dist_token`` (reshaped)
+``head_dist.weight|bias``              (K, D), (K,)                     ``head_dist.kernel``ᵀ, ``head_dist.bias``
+``patch_embed.norm.weight|bias``       (D,) (embed_norm_layer)          ``patch_norm.scale|bias``
+``norm_pre.weight|bias``               (D,) (pre_norm)                  ``norm_pre.scale|bias``
+``blocks.{i}.attn.q_norm|k_norm.*``    (D/heads,) (qk_norm)             ``blocks.{i}.attn.q_norm|k_norm.scale|bias``
+``blocks.{i}.ls1|ls2.gamma``           (D,) (init_values)               ``blocks.{i}.ls1|ls2.scale``
+``blocks.{i}.mlp.fc1_g|fc1_x.*``       (M, D), (M,) (SwiGLU)            ``blocks.{i}.mlp.gate|fc1.kernel``ᵀ, ``.bias``
+``blocks.{i}.mlp.norm.weight|bias``    (M,) (scale_mlp_norm)            ``blocks.{i}.mlp.norm.scale|bias``
+``attn_pool.latent``                   (1, 1, D) (global_pool='map')    ``pool.probe`` (reshaped)
+``attn_pool.q|proj.weight|bias``       (D, D), (D,)                     ``pool.query|out.kernel``ᵀ, ``.bias``
+``attn_pool.kv.weight|bias``           (2D, D), (2D,), rows k, v        ``pool.key|value.kernel``ᵀ, ``.bias``
+``attn_pool.norm.weight|bias``         (D,)                             ``pool.norm.scale|bias``
+``attn_pool.mlp.fc1|fc2.weight|bias``  (M, D), (D, M)                   ``pool.mlp.fc1|fc2.kernel``ᵀ, ``.bias``
 =====================================  ===============================  ==========================================
+
+With ``norm: rms`` (timm's ``RmsNorm``) every norm has a ``weight`` only. Writing holds the variants
+in ``EXPRESSES``; ``check_spec`` refuses what timm's classes cannot build. Reading files with
+the variant tensors is not done yet (``UNSUPPORTED`` refuses them).
 
 The file is safetensors (what ``safetensors.torch.save_file(model.state_dict())`` writes) or a
 ``torch.save`` pickle, read with ``weights_only=True`` only. timm's defaults fill what tensors
@@ -62,6 +80,36 @@ UNSUPPORTED = {
 }
 
 
+# The variants timm's VisionTransformer (VisionTransformerDistilled for the distillation token)
+# holds, by its own switches: reg_tokens, pool_include_prefix, dynamic_img_size, pre_norm,
+# embed_norm_layer, qk_norm, proj_bias, init_values, mlp_layer=SwiGLU (fc1_g/fc1_x: timm's unpacked
+# SwiGLU, as its AIMv2 models), scale_mlp_norm, norm_layer=RmsNorm, global_pool max/avgmax/map,
+# act_layer=QuickGELU, final_norm=False. Not held: a head without bias (timm keeps CLIP's
+# projection as head.weight with a zero head.bias) and pos_embed_resample 'bicubic' (timm's dynamic
+# image size always resamples with antialiasing).
+EXPRESSES = frozenset(
+    {
+        "reg_tokens",
+        "distillation_token",
+        "pool_include_prefix",
+        "dynamic_image_size",
+        "patch_bias",
+        "patch_norm",
+        "pre_norm",
+        "qk_norm",
+        "proj_bias",
+        "layer_scale",
+        "mlp",
+        "mlp_bias",
+        "mlp_norm",
+        "norm",
+        "pooling",
+        "gelu",
+        "final_norm",
+    }
+)
+
+
 def check_spec(spec: Spec) -> None:
     problems = []
     if spec.pre_logits_dim:
@@ -71,6 +119,31 @@ def check_spec(spec: Spec) -> None:
     if spec.pos_embed == "sincos2d":
         problems.append(
             "timm's VisionTransformer has no fixed sin-cos position embedding (spec has pos_embed 'sincos2d')"
+        )
+    # Switches timm ties together: combinations its VisionTransformer cannot build.
+    if spec.patch_bias == spec.pre_norm:
+        problems.append(
+            "timm's VisionTransformer has a patch projection bias exactly when it has no pre_norm "
+            f"(spec has patch_bias {spec.patch_bias} and pre_norm {spec.pre_norm})"
+        )
+    if spec.mlp_bias != spec.proj_bias:
+        problems.append(
+            "timm's VisionTransformer gives the MLP layers a bias exactly when the attention output "
+            f"projection has one (spec has proj_bias {spec.proj_bias} and mlp_bias {spec.mlp_bias})"
+        )
+    if spec.mlp == "swiglu" and spec.pooling == "map":
+        problems.append(
+            "timm's VisionTransformer gives the SwiGLU gate and the attention pool's MLP one "
+            "act_layer (spec has mlp 'swiglu' and pooling 'map')"
+        )
+    if spec.distillation_token and spec.reg_tokens:
+        problems.append(
+            "timm's VisionTransformerDistilled has no register tokens (spec has distillation_token and reg_tokens)"
+        )
+    if spec.distillation_token and not spec.pos_embed_class_slot:
+        problems.append(
+            "timm's VisionTransformerDistilled has a learned position row for each prefix token "
+            f"(spec has pos_embed {spec.pos_embed!r}, pos_embed_class_slot {spec.pos_embed_class_slot})"
         )
     refuse(problems, NAME)
 
@@ -165,4 +238,8 @@ FORMAT = Format(
         TIMM, {"format": "pt", "vitspec.format": NAME}, torch_save=True
     ),
     check_spec=check_spec,
+    expresses=EXPRESSES,
+    # Reading the variants from a timm state_dict is not done yet: UNSUPPORTED refuses their
+    # tensors, and the rest (pooling, activation) are read as off, as before.
+    reads=frozenset(),
 )

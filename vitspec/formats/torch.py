@@ -14,7 +14,7 @@ from typing import Any
 
 from vitspec import containers
 from vitspec.formats import streaming, timm
-from vitspec.formats.format import Format
+from vitspec.formats.format import EVERY_VARIANT, Format
 from vitspec.formats.infer import Facts, need
 from vitspec.layouts.timm import TORCH
 
@@ -50,4 +50,8 @@ FORMAT = Format(
     write=streaming.safetensors_writer(
         TORCH, {"format": "pt", "vitspec.format": NAME}, torch_save=True
     ),
+    expresses=EVERY_VARIANT,
+    # Reading the variants from a timm state_dict is not done yet: UNSUPPORTED refuses their
+    # tensors, and the rest (pooling, activation) are read as off, as before.
+    reads=frozenset(),
 )
