@@ -557,10 +557,10 @@ def _model_classes() -> dict[str, type]:
             s = self.spec
             if s.pooling == "token":
                 return x[:, 0]
-            if s.pooling == "map":
-                return self.pool.forward(x, captures)
             if not s.pool_include_prefix:
                 x = x[:, s.n_prefix_tokens :]
+            if s.pooling == "map":
+                return self.pool.forward(x, captures)
             if s.pooling == "avg":
                 return tf.reduce_mean(x, axis=1)
             if s.pooling == "max":

@@ -430,15 +430,15 @@ def _model_classes() -> dict[str, type]:
             return torch.cat([table[:lead], patches.flatten(0, 1)])[None]
 
         def _pool(self, x: torch.Tensor, captures: Captures) -> torch.Tensor:
-            """(B, N, D) -> (B, D) by the spec's pooling (registers and the distillation token are
-            pooled only by avg/max/avgmax with pool_include_prefix)."""
+            """(B, N, D) -> (B, D) by the spec's pooling (the prefix tokens take part only with
+            pool_include_prefix, in avg/max/avgmax and map alike, as in timm)."""
             spec = self.spec
             if spec.pooling == "token":
                 return x[:, 0]
-            if self.attn_pool is not None:
-                return self.attn_pool(x, captures)
             if not spec.pool_include_prefix:
                 x = x[:, spec.n_prefix_tokens :]
+            if self.attn_pool is not None:
+                return self.attn_pool(x, captures)
             if spec.pooling == "avg":
                 return x.mean(dim=1)
             if spec.pooling == "max":

@@ -206,7 +206,7 @@ def _timm_model(spec: vitspec.Spec) -> torch.nn.Module:
         final_norm=spec.final_norm != "none",
         fc_norm=spec.final_norm == "after_pool",
         # timm's MAP pools the patches only unless told; vitspec's attends over every token
-        pool_include_prefix=spec.pool_include_prefix or spec.pooling == "map",
+        pool_include_prefix=spec.pool_include_prefix,
         dynamic_img_size=spec.dynamic_image_size,
         embed_norm_layer=norm if spec.patch_norm else None,
         norm_layer=norm,
@@ -496,6 +496,7 @@ VARIANTS = {
     "avgmax_with_prefix": _variant(pooling="avgmax", pool_include_prefix=True),
     "map": _variant(pooling="map", class_token=False),
     "map_with_prefix": _variant(pooling="map", reg_tokens=1),
+    "map_including_prefix": _variant(pooling="map", reg_tokens=1, pool_include_prefix=True),
     "dynamic": _variant(dynamic_image_size=True),
     "dynamic_no_embed_class": _variant(dynamic_image_size=True, pos_embed_class_slot=False),
     "dynamic_bicubic": _variant(dynamic_image_size=True, pos_embed_resample="bicubic"),

@@ -98,8 +98,8 @@ def test_distillation_and_pool_prefix_rules_name_what_is_wrong_in_yaml_words() -
         "distillation_token true needs class_token true, pooling 'token', final_norm 'before_pool' "
         "or 'none' and pre_logits_dim 0 (DeiT's distilled model), found class_token false, pooling 'avg'"
     ]
-    assert problems({**BASE, "pool_include_prefix": True, "pooling": "map"}) == [
-        "pool_include_prefix true needs pooling 'avg', 'max' or 'avgmax', found 'map'"
+    assert problems({**BASE, "pool_include_prefix": True, "pooling": "token"}) == [
+        "pool_include_prefix true needs pooling 'avg', 'max', 'avgmax' or 'map', found 'token'"
     ]
 
 

@@ -65,7 +65,7 @@ def test_defaults_keep_every_existing_spec_unchanged() -> None:
         ),
         (
             {"pool_include_prefix": True},
-            "pool_include_prefix true needs pooling 'avg', 'max' or 'avgmax', found 'token'",
+            "pool_include_prefix true needs pooling 'avg', 'max', 'avgmax' or 'map', found 'token'",
         ),
         (
             {"class_token": False, "pooling": "avg", "pos_embed_class_slot": True},
@@ -380,3 +380,19 @@ def test_a_square_reading_counts_every_prefix_row() -> None:
     place_positions(facts, 20, (4, 4), 4, {}, slot=True)
     assert facts.defaults["image_size"] == (16, 16)
     assert "20 position rows read as 16 patches" in facts.why["image_size"]
+
+
+def test_attention_pooling_leaves_the_prefix_tokens_out_unless_asked() -> None:
+    """timm's pool(): the MAP head sees the patch tokens only, unless pool_include_prefix."""
+    s = spec(pooling="map", reg_tokens=2)
+    w = init_weights(s, 0, scheme="random")
+    out = run(s, w, images(s))
+    assert out["pool.attn_probs"].shape == capture_shapes(s, 2)["pool.attn_probs"] == (2, 2, 1, 6)
+    keep: dict[str, np.ndarray] = {}
+    w64 = {k: v.astype(np.float64) for k, v in w.items()}
+    patches_only = reference.attention_pool(s, w64, out["encoded"][:, 3:], keep.__setitem__)
+    np.testing.assert_allclose(out["pooled"], patches_only, rtol=1e-14)
+    every = s.replace(pool_include_prefix=True)
+    out2 = run(every, w, images(s))
+    assert out2["pool.attn_probs"].shape == (2, 2, 1, 9)
+    assert np.abs(out2["pooled"] - out["pooled"]).max() > 1e-3

@@ -250,7 +250,7 @@ def capture_shapes(
         shapes[b] = (batch, n, d)
     shapes["encoded"] = (batch, n, d)
     if spec.pooling == "map":
-        shapes["pool.attn_probs"] = (batch, h, 1, n)
+        shapes["pool.attn_probs"] = (batch, h, 1, n if spec.pool_include_prefix else patches)
         shapes["pool.attn"] = (batch, d)
         shapes["pool.mlp"] = (batch, d)
     shapes["pooled"] = (batch, d)

@@ -288,9 +288,9 @@ def pool(spec: Spec, w: Mapping[str, np.ndarray], tokens: np.ndarray, keep: Keep
     """(B, N, D) -> (B, D) by the spec's pooling."""
     if spec.pooling == "token":
         return tokens[:, 0]
-    if spec.pooling == "map":
-        return attention_pool(spec, w, tokens, keep)
     x = tokens if spec.pool_include_prefix else tokens[:, spec.n_prefix_tokens :]
+    if spec.pooling == "map":
+        return attention_pool(spec, w, x, keep)
     if spec.pooling == "avg":
         return x.mean(axis=1)
     if spec.pooling == "max":
@@ -302,7 +302,8 @@ def attention_pool(
     spec: Spec, w: Mapping[str, np.ndarray], tokens: np.ndarray, keep: Keep
 ) -> np.ndarray:
     """Multi-head attention pooling (timm AttentionPoolLatent, SigLIP's MAP head): a learned probe
-    attends over every token, then ``x + mlp(norm(x))``; the probe's output is the pooled vector."""
+    attends over ``tokens`` (the patch tokens, and the prefix tokens with pool_include_prefix, as
+    timm's ``pool``), then ``x + mlp(norm(x))``; the probe's output is the pooled vector."""
     b, n, d = tokens.shape
     heads, hd = spec.n_heads, spec.head_dim
     q = dense(w, "pool.query", w["pool.probe"]).reshape(heads, 1, hd)

@@ -84,7 +84,7 @@ class Spec(BaseModel):
     )
     pool_include_prefix: Flag = Field(
         default=False,
-        description="avg/max/avgmax pooling also takes the prefix tokens (class, distillation, registers).",
+        description="avg/max/avgmax/map pooling also takes the prefix tokens (class, distillation, registers), as timm pool_include_prefix.",
     )
     class_token: Flag = Field(
         default=True, description="Prepend a learned class token to the patch tokens."
@@ -253,9 +253,9 @@ class Spec(BaseModel):
                 "pos_embed_class_slot true needs a prefix token (class_token, distillation_token or "
                 f"reg_tokens) and pos_embed 'learned', found {found}"
             )
-        if self.pool_include_prefix and self.pooling not in ("avg", "max", "avgmax"):
+        if self.pool_include_prefix and self.pooling == "token":
             problems.append(
-                f"pool_include_prefix true needs pooling 'avg', 'max' or 'avgmax', found {self.pooling!r}"
+                "pool_include_prefix true needs pooling 'avg', 'max', 'avgmax' or 'map', found 'token'"
             )
         if self.distillation_token:
             wrong = [
