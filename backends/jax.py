@@ -350,13 +350,13 @@ def _model_classes() -> dict[str, type]:
             pos = self._position_table(grid)
             if pos is not None and not spec.n_position_prefix:
                 x = x + pos
-            tokens = [t for t in (self.class_token, self.dist_token) if t is not None]
-            prefix = [t[...][None] for t in tokens]
-            if self.reg_tokens is not None:
-                prefix.append(self.reg_tokens[...])
+            tokens = (self.class_token, self.dist_token, self.reg_tokens)
+            prefix = [t[...] for t in tokens if t is not None]  # (D,) each, registers (R, D)
             if prefix:
-                lead = jnp.concatenate(prefix, axis=0) if len(prefix) > 1 else prefix[0]
-                lead = jnp.broadcast_to(lead, (x.shape[0], *lead.shape))
+                lead = prefix[0] if len(prefix) == 1 else jnp.concatenate(
+                    [t.reshape(-1, spec.hidden_dim) for t in prefix]
+                )
+                lead = jnp.broadcast_to(lead, (x.shape[0], spec.n_prefix_tokens, spec.hidden_dim))
                 x = jnp.concatenate([lead, x], axis=1)
             if pos is not None and spec.n_position_prefix:
                 x = x + pos
