@@ -221,8 +221,8 @@ def _model_classes() -> dict[str, type]:
         ) -> jax.Array:
             attn = apply(self.ls1, self.attn(self.norm1(x), captures, prefix))
             x = x + apply(self.drop_path, captures.keep(f"{prefix}.attn", attn))
-            mlp = apply(self.ls2, self.mlp(self.norm2(x)))
-            return captures.keep(prefix, x + apply(self.drop_path, captures.keep(f"{prefix}.mlp", mlp)))
+            mlp = captures.keep(f"{prefix}.mlp", apply(self.ls2, self.mlp(self.norm2(x))))
+            return captures.keep(prefix, x + apply(self.drop_path, mlp))
 
     class AttentionPool(nnx.Module):
         """Multi-head attention pooling (SigLIP's MAP head, timm AttentionPoolLatent): a learned
@@ -353,9 +353,9 @@ def _model_classes() -> dict[str, type]:
             tokens = (self.class_token, self.dist_token, self.reg_tokens)
             prefix = [t[...] for t in tokens if t is not None]  # (D,) each, registers (R, D)
             if prefix:
-                lead = prefix[0] if len(prefix) == 1 else jnp.concatenate(
-                    [t.reshape(-1, spec.hidden_dim) for t in prefix]
-                )
+                if len(prefix) > 1:
+                    prefix = [jnp.concatenate([t.reshape(-1, spec.hidden_dim) for t in prefix])]
+                lead = prefix[0]
                 lead = jnp.broadcast_to(lead, (x.shape[0], spec.n_prefix_tokens, spec.hidden_dim))
                 x = jnp.concatenate([lead, x], axis=1)
             if pos is not None and spec.n_position_prefix:
