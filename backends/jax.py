@@ -279,10 +279,13 @@ def _model_classes() -> dict[str, type]:
             self.embed_drop = dropout(spec.dropout, rngs)
             self.norm_pre = norm(spec) if spec.pre_norm else None
             self.blocks = nnx.List([Block(spec, rate, rngs) for rate in drop_path_rates(spec)])
-            self.norm = norm(spec) if spec.final_norm != "none" else None
-            self.pool = AttentionPool(spec, rngs) if spec.pooling == "map" else None
+            # Optional layers are None; called only where the spec has them (Any: for mypy).
+            self.norm: Any = norm(spec) if spec.final_norm != "none" else None
+            self.pool: Any = AttentionPool(spec, rngs) if spec.pooling == "map" else None
             self.pre_logits = linear(d, spec.pre_logits_dim) if spec.pre_logits_dim else None
             heads = (spec.n_classes > 0, spec.n_classes > 0 and spec.distillation_token)
+            self.head: Any
+            self.head_dist: Any
             self.head, self.head_dist = (
                 linear(spec.features_dim, spec.n_classes, use_bias=spec.head_bias) if on else None
                 for on in heads
@@ -305,7 +308,7 @@ def _model_classes() -> dict[str, type]:
 
         def _forward(self, images: jax.Array, captures: Captures) -> jax.Array:
             spec = self.spec
-            grid = grid_of(spec, images.shape[1:3])
+            grid = grid_of(spec, (images.shape[1], images.shape[2]))
             x = captures.keep("patch_embed", apply(self.patch_norm, self.patch_embed(images)))
             x = captures.keep("embed", apply(self.embed_drop, self._embed(x, grid)))
             if self.norm_pre is not None:
