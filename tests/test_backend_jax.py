@@ -374,3 +374,287 @@ def test_save_artifact_rejects_a_bad_batch(backend, tmp_path: Path, batch: objec
     with pytest.raises(ValueError, match=r"batch: expected a positive integer or None, found"):
         backend.save_artifact(model, tmp_path / "bad", batch)
     assert not (tmp_path / "bad").exists()
+
+
+# ---- the variants of issue 10 ------------------------------------------------------------------
+
+
+def _variant(**fields) -> vitspec.Spec:
+    return family("timm_token", **fields)
+
+
+# Each new field alone, then the families that combine them (tiny sizes: 32 px, patch 8, D 32).
+VARIANTS = {
+    "reg_tokens": _variant(reg_tokens=3),
+    "reg_tokens_no_pos_slot": _variant(reg_tokens=2, pos_embed_class_slot=False),
+    "distillation": _variant(distillation_token=True),
+    "distillation_no_head": _variant(distillation_token=True, n_classes=0),
+    "layer_scale": _variant(layer_scale=1e-5),
+    "patch_norm_no_patch_bias": _variant(patch_norm=True, patch_bias=False),
+    "pre_norm_no_final_norm": _variant(pre_norm=True, final_norm="none"),
+    "qk_norm": _variant(qk_norm=True),
+    "qk_norm_rms": _variant(qk_norm=True, norm="rms"),
+    "no_biases": _variant(qkv_bias=False, proj_bias=False, mlp_bias=False, head_bias=False),
+    "quick_gelu": _variant(gelu="quick"),
+    "swiglu": _variant(mlp="swiglu", mlp_ratio=2.0),
+    "mlp_norm": _variant(mlp_norm=True),
+    "rms": _variant(norm="rms"),
+    "max": _variant(pooling="max"),
+    "max_with_prefix": _variant(pooling="max", pool_include_prefix=True, reg_tokens=1),
+    "avgmax": _variant(pooling="avgmax", final_norm="after_pool"),
+    "avgmax_with_prefix": _variant(pooling="avgmax", pool_include_prefix=True),
+    "avg_with_prefix": _variant(pooling="avg", pool_include_prefix=True, reg_tokens=2),
+    "map": _variant(pooling="map", class_token=False),
+    "map_with_class_token": _variant(pooling="map", n_classes=0),
+    # DINOv2 with registers: 4 registers, layer scale, class token, no position rows for registers
+    # in timm (here: the slot on every prefix token, the spec's default).
+    "dinov2_reg": _variant(reg_tokens=4, layer_scale=1e-5, norm_eps=1e-6),
+    # OpenAI CLIP: QuickGELU, ln_pre, no patch bias, a projection head without bias.
+    "clip": _variant(gelu="quick", pre_norm=True, patch_bias=False, head_bias=False, norm_eps=1e-5),
+    # SigLIP: MAP pooling, no class token, tanh GELU.
+    "siglip": _variant(pooling="map", class_token=False, gelu="tanh", pos_embed_class_slot=False),
+    "deit_distilled": _variant(distillation_token=True, norm_eps=1e-6),
+    # AIMv2: RMSNorm, SwiGLU, a norm on the patches, no biases, average pooling.
+    "aimv2": _variant(
+        norm="rms",
+        mlp="swiglu",
+        patch_norm=True,
+        patch_bias=True,
+        qkv_bias=False,
+        proj_bias=False,
+        mlp_bias=False,
+        class_token=False,
+        pooling="avg",
+        norm_eps=1e-5,
+    ),
+    "dynamic": _variant(dynamic_image_size=True, reg_tokens=1),
+}
+
+
+def test_the_variant_list_sets_every_new_field() -> None:
+    from vitspec.formats.format import NEW_VALUES
+    from vitspec.formats.format import VARIANTS as FIELDS
+
+    defaults = vitspec.Spec.model_fields
+    unset = [
+        f
+        for f in FIELDS
+        if f != "pos_embed_resample"  # set in the dynamic-size tests below
+        and all(getattr(s, f) == defaults[f].default for s in VARIANTS.values())
+    ]
+    unset += [
+        f"{f}={v}"
+        for f, values in NEW_VALUES.items()
+        for v in values
+        if all(getattr(s, f) != v for s in VARIANTS.values())
+    ]
+    assert unset == []
+
+
+def _captures_match(spec, weights, images, got) -> dict[str, float]:
+    expected = reference.forward(spec, weights, images, capture="all")
+    assert sorted(got) == sorted(expected), set(got) ^ set(expected)  # jax.jit sorts dict keys
+    errors = {}
+    for name, value in expected.items():
+        assert got[name].shape == value.shape, name
+        errors[name] = rel_err(np.asarray(got[name]), value)
+    return errors
+
+
+@pytest.mark.parametrize("key", list(VARIANTS))
+def test_variant_matches_reference_at_every_capture_point(backend, key: str) -> None:
+    spec = VARIANTS[key]
+    weights = vitspec.init_weights(spec, seed=3, scheme="random")
+    model = backend.build(spec, weights)
+    images = _images(spec, 2)
+    got = backend.forward(model, images, "all")
+    assert list(got) == vitspec.capture_points(spec)  # forward order, output last
+    errors = _captures_match(spec, weights, images, got)
+    assert max(errors.values()) <= TOL, max(errors, key=errors.get)
+    # export(load(w)) == w bit for bit, in the canonical table's order
+    exported = backend.export(backend.load(model, weights))
+    assert list(exported) == list(weights)
+    for name, value in weights.items():
+        assert exported[name].tobytes() == value.tobytes(), name
+    # and the native names are the model's flattened nnx.state paths, with the layout's shapes
+    state = _flat_params(model)
+    assert dict(FLAX.native_layout(spec)) == {k: tuple(v.shape) for k, v in state.items()}
+
+
+@pytest.mark.parametrize("key", ["dinov2_reg", "clip", "siglip", "deit_distilled", "aimv2"])
+def test_variant_family_is_the_same_under_jit_and_eagerly(key: str) -> None:
+    spec = VARIANTS[key]
+    weights = vitspec.init_weights(spec, seed=5, scheme="random")
+    model = vjax.VisionTransformer(spec, weights)
+    images = _images(spec, 2, seed=4)
+    with jax.default_matmul_precision("highest"):
+        eager = model.forward_captures(images)
+        jitted = jax.jit(lambda m, x: m.forward_captures(x))(model, images)
+        by_nnx = nnx.jit(lambda m, x: m(x))(model, images)
+    for got in (eager, jitted):
+        errors = _captures_match(spec, weights, images, got)
+        assert max(errors.values()) <= TOL, max(errors, key=errors.get)
+    assert rel_err(np.asarray(by_nnx), np.asarray(jitted["output"])) <= 1e-6
+
+
+def test_distillation_output_is_the_mean_of_both_heads(backend) -> None:
+    spec = VARIANTS["deit_distilled"]
+    weights = vitspec.init_weights(spec, seed=6, scheme="random")
+    got = backend.forward(backend.build(spec, weights), _images(spec, 3), ("head", "head_dist"))
+    assert not np.allclose(got["head"], got["head_dist"])
+    np.testing.assert_allclose(got["output"], (got["head"] + got["head_dist"]) / 2, rtol=1e-6)
+
+
+def test_each_variant_changes_the_numbers(backend) -> None:
+    """The variants are not no-ops in the model: each output differs from the plain spec's on
+    the weights they share (so matching the reference above means computing the feature)."""
+    plain = _variant()
+    images = _images(plain, 2)
+    shared = vitspec.init_weights(plain, seed=3, scheme="random")
+    base = reference.forward(plain, shared, images)["output"]
+    for key in ("layer_scale", "qk_norm", "quick_gelu", "rms", "max", "avgmax", "mlp_norm"):
+        spec = VARIANTS[key]
+        weights = {**vitspec.init_weights(spec, seed=3, scheme="random"), **shared}
+        weights = {k: weights[k] for k in vitspec.layout.param_shapes(spec)}
+        out = backend.forward(backend.build(spec, weights), images)["output"]
+        assert rel_err(out, base) > 1e-3, key
+
+
+# ---- dynamic image size --------------------------------------------------------------------------
+
+DYNAMIC = {
+    "learned": _variant(dynamic_image_size=True),
+    "learned_bicubic": _variant(dynamic_image_size=True, pos_embed_resample="bicubic"),
+    "learned_registers_no_slot": _variant(
+        dynamic_image_size=True, reg_tokens=2, pos_embed_class_slot=False
+    ),
+    "sincos": _variant(
+        dynamic_image_size=True, pos_embed="sincos2d", class_token=False, pooling="avg"
+    ),
+    "siglip": _variant(
+        dynamic_image_size=True, pooling="map", class_token=False, pos_embed_class_slot=False
+    ),
+    "non_square": family("non_square", dynamic_image_size=True),
+}
+
+
+@pytest.mark.parametrize("key", list(DYNAMIC))
+def test_dynamic_image_size_matches_reference_larger_and_smaller(backend, key: str) -> None:
+    spec = DYNAMIC[key]
+    weights = vitspec.init_weights(spec, seed=7, scheme="random")
+    model = backend.build(spec, weights)
+    (h, w), (ph, pw) = spec.image_size, spec.patch_size
+    for size in [(h, w), (h + 2 * ph, w + 3 * pw), (h - ph, w - 2 * pw), (ph, pw)]:
+        images = np.random.default_rng(1).standard_normal((2, *size, 3)).astype(np.float32)
+        got = backend.forward(model, images, "all")
+        shapes = vitspec.layout.capture_shapes(spec, 2, size)
+        assert {k: v.shape for k, v in got.items()} == shapes, size
+        errors = _captures_match(spec, weights, images, got)
+        assert max(errors.values()) <= TOL, (size, max(errors, key=errors.get))
+    # the other sizes are not the spec's size read wrongly: the grid really changes the tokens
+    assert got["patch_embed"].shape[1] == 1
+
+
+def test_dynamic_size_resamples_inside_jit_and_compiles_per_shape() -> None:
+    spec = DYNAMIC["learned"]
+    weights = vitspec.init_weights(spec, seed=8, scheme="random")
+    model = vjax.VisionTransformer(spec, weights)
+    forward = jax.jit(lambda m, x: m(x))
+    for size in [(48, 40), (24, 16)]:
+        images = np.random.default_rng(2).standard_normal((3, *size, 3)).astype(np.float32)
+        expected = reference.forward(spec, weights, images)["output"]
+        with jax.default_matmul_precision("highest"):
+            assert rel_err(np.asarray(forward(model, images)), expected) <= TOL, size
+    assert forward._cache_size() == 2
+
+
+def test_fixed_size_spec_still_refuses_other_sizes(backend) -> None:
+    spec = _variant()
+    model = backend.build(spec)
+    with pytest.raises(ValueError, match=r"images: expected shape \(batch, 32, 32, 3\) NHWC"):
+        backend.forward(model, np.zeros((1, 40, 40, 3), np.float32))
+    dynamic = backend.build(DYNAMIC["learned"])
+    with pytest.raises(ValueError, match=r"height a multiple of 8 .*found \(1, 36, 40, 3\)"):
+        backend.forward(dynamic, np.zeros((1, 36, 40, 3), np.float32))
+
+
+# ---- training with the new blocks ----------------------------------------------------------------
+
+TRAINABLE = {
+    "every_block_feature": _variant(
+        reg_tokens=2,
+        layer_scale=0.5,
+        qk_norm=True,
+        mlp="swiglu",
+        mlp_norm=True,
+        norm="rms",
+        patch_norm=True,
+        pre_norm=True,
+        pooling="map",
+        class_token=False,
+        pos_embed_class_slot=False,
+        depth=2,
+        dropout=0.1,
+        attn_dropout=0.1,
+        drop_path=0.1,
+    ),
+    "deit_distilled": _variant(distillation_token=True, layer_scale=0.5, gelu="quick", dropout=0.1),
+}
+
+
+@pytest.mark.parametrize("key", list(TRAINABLE))
+def test_new_blocks_train_with_finite_gradients_everywhere(key: str) -> None:
+    spec = TRAINABLE[key]
+    model = vjax.VisionTransformer(
+        spec, vitspec.init_weights(spec, seed=0, scheme="random"), rngs=nnx.Rngs(dropout=3)
+    )
+    images = jax.numpy.asarray(_images(spec, 4))
+    labels = jax.numpy.asarray([1, 3, 5, 7])
+    model.train()
+
+    @nnx.jit
+    def step(m):
+        return nnx.value_and_grad(lambda m: _cross_entropy(m(images), labels))(m)
+
+    loss, grads = step(model)
+    assert np.isfinite(float(loss))
+    flat = {".".join(map(str, k)): np.asarray(g.get_value()) for k, g in nnx.to_flat_state(grads)}
+    assert sorted(flat) == sorted(name for name, _ in FLAX.native_layout(spec))
+    for name, g in flat.items():
+        assert np.isfinite(g).all() and np.abs(g).max() > 0, name
+    # training mode really draws masks: two calls differ, eval matches the reference again
+    assert not np.array_equal(np.asarray(step(model)[0]), np.asarray(loss))
+
+
+def test_layer_scale_comes_before_drop_path_in_training() -> None:
+    """timm's x + drop_path(ls(attn)): the branch capture is the scaled branch, and each sample
+    either adds it scaled by 1 / (1 - rate) or not at all."""
+    spec = _variant(layer_scale=0.5, drop_path=0.5, depth=2)  # block 1 drops with rate 0.5
+    weights = vitspec.init_weights(spec, seed=1, scheme="random")
+    model = vjax.VisionTransformer(spec, weights, rngs=nnx.Rngs(dropout=11))
+    images = _images(spec, 16)
+    names = ("blocks.0", "blocks.1.attn", "blocks.1.mlp", "blocks.1")
+    expected = reference.forward(spec, weights, images, capture=names)
+    model.train()
+    got = {
+        k: np.asarray(v)
+        for k, v in nnx.jit(lambda m, x: m.forward_captures(x, names))(model, images).items()
+    }
+    # block 0 never drops, so block 1's scaled attention branch is the reference's exactly
+    assert rel_err(got["blocks.0"], expected["blocks.0"]) <= TOL
+    assert rel_err(got["blocks.1.attn"], expected["blocks.1.attn"]) <= TOL
+    kept = {"attn": [], "mlp": []}
+    for s in range(16):
+        added = got["blocks.1"][s] - got["blocks.0"][s]
+        fits = {
+            (a, m): rel_err(added, 2 * a * got["blocks.1.attn"][s] + 2 * m * got["blocks.1.mlp"][s])
+            for a in (0, 1)
+            for m in (0, 1)
+            if a or m
+        }
+        fits[(0, 0)] = float(np.abs(added).max())
+        (a, m), err = min(fits.items(), key=lambda kv: kv[1])
+        assert err <= 1e-5, (s, fits)
+        kept["attn"].append(a)
+        kept["mlp"].append(m)
+    assert 0 < sum(kept["attn"]) < 16 and 0 < sum(kept["mlp"]) < 16, kept

@@ -379,6 +379,12 @@ NPZ_CASES = {
         family("big_vision_gap", n_classes=5),
         {"class_token": False, "global_pool": "avg", "fc_norm": False},
     ),
+    # SigLIP's pool_type='map': timm reads MAPHead_0 into its AttentionPoolLatent
+    "big_vision_map": (
+        "big_vision",
+        family("big_vision_gap", pooling="map", n_classes=5),
+        {"class_token": False, "global_pool": "map", "fc_norm": False},
+    ),
 }
 
 

@@ -799,3 +799,163 @@ def test_hf_config_without_pooler_act_reads_tanh(tmp_path: Path) -> None:
         SpecError, match="pooler_act 'relu'; vitspec's pre-logits layer is dense \\+ tanh"
     ):
         formats.load(folder)
+
+
+# ---- the variants of issue 10 in the flax and big_vision formats --------------------------------
+
+# One spec per variant field (and per new value of an old field), every one of EVERY_VARIANT.
+ONE_VARIANT = {
+    "reg_tokens": {"reg_tokens": 2},
+    "distillation_token": {"distillation_token": True},
+    "pool_include_prefix": {"pooling": "avg", "pool_include_prefix": True},
+    "dynamic_image_size": {"dynamic_image_size": True},
+    "pos_embed_resample": {"dynamic_image_size": True, "pos_embed_resample": "bicubic"},
+    "patch_bias": {"patch_bias": False},
+    "patch_norm": {"patch_norm": True},
+    "pre_norm": {"pre_norm": True},
+    "qk_norm": {"qk_norm": True},
+    "proj_bias": {"proj_bias": False},
+    "layer_scale": {"layer_scale": 1e-5},
+    "mlp": {"mlp": "swiglu"},
+    "mlp_bias": {"mlp_bias": False},
+    "mlp_norm": {"mlp_norm": True},
+    "norm": {"norm": "rms"},
+    "head_bias": {"head_bias": False},
+    "pooling=max": {"pooling": "max"},
+    "pooling=avgmax": {"pooling": "avgmax"},
+    "pooling=map": {"pooling": "map", "class_token": False},
+    "gelu=quick": {"gelu": "quick"},
+    "final_norm=none": {"final_norm": "none"},
+}
+
+
+def test_one_variant_names_every_variant() -> None:
+    from vitspec.formats.format import EVERY_VARIANT, NEW_VALUES
+
+    fields = {key.split("=")[0] for key in ONE_VARIANT}
+    assert fields == set(EVERY_VARIANT)
+    for field, values in NEW_VALUES.items():
+        assert {k for k in ONE_VARIANT if k.startswith(f"{field}=")} == {
+            f"{field}={v}" for v in values
+        }
+
+
+def test_flax_expresses_every_variant() -> None:
+    from vitspec.formats.format import EVERY_VARIANT
+
+    assert formats.get_format("flax").expresses == EVERY_VARIANT
+
+
+@pytest.mark.parametrize("key", list(ONE_VARIANT))
+def test_flax_round_trips_every_variant(tmp_path: Path, key: str) -> None:
+    spec = family("timm_token", **ONE_VARIANT[key])
+    assert spec != family("timm_token")
+    canonical, weights = _canonical(tmp_path, spec)
+    out = tmp_path / "flax.safetensors"
+    formats.convert(canonical, out, to_format="flax")
+    assert formats.detect(out) == "flax"
+    got, got_spec = formats.load(out)
+    assert got_spec == spec
+    _assert_bits(got, weights)
+
+
+def test_flax_holds_a_combination_of_every_block_variant(tmp_path: Path) -> None:
+    spec = family(
+        "timm_token",
+        reg_tokens=2,
+        layer_scale=0.1,
+        qk_norm=True,
+        mlp="swiglu",
+        mlp_norm=True,
+        norm="rms",
+        patch_norm=True,
+        patch_bias=False,
+        pre_norm=True,
+        qkv_bias=False,
+        proj_bias=False,
+        pooling="map",
+        class_token=False,
+        gelu="quick",
+        head_bias=False,
+        dynamic_image_size=True,
+    )
+    canonical, weights = _canonical(tmp_path, spec)
+    out = tmp_path / "flax.safetensors"
+    formats.convert(canonical, out, to_format="flax")
+    from vitspec.containers import read_safetensors
+
+    tensors, _ = read_safetensors(out)
+    d = spec.hidden_dim
+    # the MAP pool's key and value are one fused (D, 2D) kernel, key first, as the model holds them
+    assert tensors["pool.kv.kernel"].shape == (d, 2 * d)
+    assert np.array_equal(tensors["pool.kv.kernel"][:, d:], weights["pool.value.kernel"])
+    assert "pool.key.kernel" not in tensors and "pool.query.kernel" in tensors
+    got, got_spec = formats.load(out)
+    assert got_spec == spec
+    _assert_bits(got, weights)
+
+
+MAP_SPEC = family("big_vision_gap", pooling="map", n_classes=5)
+
+
+def test_big_vision_writes_the_map_head_and_reads_it_back(tmp_path: Path) -> None:
+    spec = MAP_SPEC
+    canonical, weights = _canonical(tmp_path, spec)
+    npz = tmp_path / "map.npz"
+    formats.convert(canonical, npz, to_format="big_vision")
+    assert formats.detect(npz) == "big_vision"
+    arrays = dict(np.load(npz, allow_pickle=False))
+    d, h, hd = spec.hidden_dim, spec.n_heads, spec.head_dim
+    mha = "params/MAPHead_0/MultiHeadDotProductAttention_0"
+    assert arrays["params/MAPHead_0/probe"].shape == (1, 1, d)
+    assert np.array_equal(arrays["params/MAPHead_0/probe"].reshape(d), weights["pool.probe"])
+    assert arrays[f"{mha}/key/kernel"].shape == (d, h, hd)
+    assert np.array_equal(
+        arrays[f"{mha}/key/kernel"][:, 1], weights["pool.key.kernel"][:, hd : 2 * hd]
+    )
+    assert arrays[f"{mha}/out/kernel"].shape == (h, hd, d)
+    assert arrays["params/MAPHead_0/MlpBlock_0/Dense_1/kernel"].shape == (spec.mlp_dim, d)
+    assert arrays["params/MAPHead_0/LayerNorm_0/scale"].shape == (d,)
+    assert "params/cls" not in arrays
+    got, got_spec = formats.load(npz, spec=_hint(spec, "big_vision"))
+    assert got_spec == spec  # pooling 'map' read from MAPHead_0
+    _assert_bits(got, weights)
+    # and through the flax format and back, bit for bit
+    flax = tmp_path / "map.safetensors"
+    formats.convert(npz, flax, to_format="flax", spec=_hint(spec, "big_vision"))
+    again = tmp_path / "again.npz"
+    formats.convert(flax, again, to_format="big_vision")
+    got, got_spec = formats.load(again, spec=_hint(spec, "big_vision"))
+    assert got_spec == spec
+    _assert_bits(got, weights)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"pooling": "max"}, "big_vision pools by 'tok', 'gap' or 'map' (spec has pooling 'max')"),
+        ({"pooling": "avgmax"}, "(spec has pooling 'avgmax')"),
+        (
+            {"pooling": "map", "class_token": True},
+            "big_vision's MAP head (pool_type='map') is for a model without cls",
+        ),
+        ({"pooling": "map", "reg_tokens": 1}, "it has no way to hold register tokens"),
+    ],
+)
+def test_big_vision_refuses_the_pooling_it_cannot_hold(
+    tmp_path: Path, fields: dict, message: str
+) -> None:
+    spec = family("big_vision_gap", **fields)
+    canonical, _ = _canonical(tmp_path, spec)
+    out = tmp_path / "x.npz"
+    with pytest.raises(SpecError, match=re.escape(message)) as info:
+        formats.convert(canonical, out, to_format="big_vision")
+    assert all(p.startswith("cannot write the big_vision format: ") for p in info.value.problems)
+    assert not out.exists()
+
+
+def test_google_refuses_map_pooling(tmp_path: Path) -> None:
+    with pytest.raises(
+        SpecError, match="cannot write the google format: it cannot hold pooling 'map'"
+    ):
+        formats.get_format("google").check(MAP_SPEC)

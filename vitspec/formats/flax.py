@@ -1,8 +1,9 @@
 """flax: the parameters of vitspec's Flax NNX model (``vitspec.backends.jax``) as safetensors.
 
 Tensor names are the flattened ``nnx.state(model, nnx.Param)`` paths joined with ``.``
-(``blocks.0.attn.qkv.kernel``), the shapes are the model's (fused ``(D, 3D)`` qkv kernel, a dense
-``(patch_h * patch_w * C, D)`` patch kernel); the spec rides in the metadata.
+(``blocks.0.attn.qkv.kernel``), the shapes are the model's (fused ``(D, 3D)`` qkv kernel, fused
+``(D, 2D)`` key/value kernel of a MAP pool, a dense ``(patch_h * patch_w * C, D)`` patch kernel);
+the spec rides in the metadata, and every spec variant has a place in it.
 
 Why safetensors and not ``flax.serialization.to_bytes`` (msgpack): msgpack has to be built and
 parsed as one blob, so writing or reading it holds the whole model in memory, where safetensors is
@@ -22,7 +23,7 @@ from typing import Any
 from vitspec import containers
 from vitspec.formats import streaming
 from vitspec.formats.canonical import infer_from_shapes
-from vitspec.formats.format import Format
+from vitspec.formats.format import EVERY_VARIANT, Format
 from vitspec.formats.infer import Facts, place_positions
 from vitspec.layouts.flax import FLAX
 
@@ -41,6 +42,8 @@ def infer(source: containers.Source, given: dict[str, Any]) -> Facts:
             shapes[name.replace(".qkv.", ".query.")] = (shape[0], shape[1] // 3)
         elif name.endswith(".attn.qkv.bias"):
             shapes[name.replace(".qkv.", ".query.")] = (shape[0] // 3,)
+        elif name.startswith("pool.kv."):  # the attention pool's fused key and value
+            shapes[name.replace(".kv.", ".key.")] = (*shape[:-1], shape[-1] // 2)
         elif name != "patch_embed.kernel":
             shapes[name] = shape
     facts = infer_from_shapes(
@@ -71,6 +74,7 @@ FORMAT = Format(
     summary="vitspec's Flax NNX model state (safetensors of flattened nnx.state paths)",
     containers=("safetensors",),
     layout=FLAX,
+    expresses=EVERY_VARIANT,
     looks_like=looks_like,
     infer=infer,
     read=containers.open_safetensors,

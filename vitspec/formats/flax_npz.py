@@ -56,6 +56,12 @@ npz name (after ``params/``)                                    shape           
 ``Transformer/encoder_norm/scale|bias``                         (D,)                 ``norm.scale|bias``
 ``pre_logits/kernel|bias``                                      (D, R), (R,)         ``pre_logits.kernel|bias``
 ``head/kernel|bias``                                            (R or D, K), (K,)    ``head.kernel|bias``
+``MAPHead_0/probe``                                             (1, 1, D)            ``pool.probe`` (``pool_type='map'``)
+``MAPHead_0/MultiHeadDotProductAttention_0/``
+    ``query|key|value/kernel|bias``                             (D, heads, hd)       ``pool.query|key|value.*``
+    ``out/kernel|bias``                                         (heads, hd, D)       ``pool.out.*``
+``MAPHead_0/LayerNorm_0/scale|bias``                            (D,)                 ``pool.norm.scale|bias``
+``MAPHead_0/MlpBlock_0/Dense_0|1/kernel|bias``                  (D, M) / (M, D)      ``pool.mlp.fc1|fc2.*``
 ==============================================================  ===================  ===============================
 
 big_vision adds the position embedding before it prepends the class token, so ``pos_embedding``
@@ -63,7 +69,7 @@ covers the patches only (an old-style table with a class row, N = grid + 1, is r
 ``pos_embed_class_slot: true``; big_vision's loader folds that row into ``cls``). A scanned
 encoder (``Transformer/encoderblock/...`` stacked along a leading depth axis) is read block by
 block. No ``pos_embedding`` means ``posemb='sincos2d'``; ``pool_type='gap'`` is a model without
-``cls``; ``pool_type='map'`` (``MAPHead_0``) has no vitspec equivalent and is refused, and
+``cls``; ``pool_type='map'`` (SigLIP) is ``pooling: map`` (``MAPHead_0``, below), and
 ``pool_type='0'`` (first token, no ``cls``) has no arrays of its own to tell it from ``gap``.
 Defaults: LayerNorm epsilon 1e-6 and tanh GELU, as Flax's ``nn.LayerNorm`` and ``nn.gelu``.
 """
@@ -87,7 +93,7 @@ from vitspec.spec import Spec
 # Arrays of features a vitspec spec cannot express, per scheme.
 UNSUPPORTED = {
     "google": {r"^conv_root/|^block\d+/unit": "a ResNet stem (R50+ViT hybrid)"},
-    "big_vision": {r"^MAPHead_0/": "a multihead attention pooling head (pool_type='map')"},
+    "big_vision": {},
 }
 _SCAN = re.compile(r"^(params/)Transformer/encoderblock/(.+)$")
 
@@ -148,6 +154,8 @@ def _infer(s: Scheme, source: containers.Source, given: dict[str, Any]) -> Facts
     k["qkv_bias"] = native_name(s, "blocks.0.attn.query.bias").removeprefix(p) in shapes
     k["class_token"] = "cls" in shapes
     k["pooling"] = "token" if k["class_token"] else "avg"
+    if "MAPHead_0/probe" in shapes:  # big_vision pool_type='map'
+        k["pooling"] = "map"
     k["pre_logits_dim"] = shapes["pre_logits/kernel"][1] if "pre_logits/kernel" in shapes else 0
     k["n_classes"] = shapes["head/kernel"][1] if "head/kernel" in shapes else 0
     if s.pos in shapes:
@@ -227,6 +235,14 @@ def google_infer(source: containers.Source, given: dict[str, Any]) -> Facts:
 
 def big_vision_check_spec(spec: Spec) -> None:
     problems = []
+    if spec.pooling in ("max", "avgmax"):
+        problems.append(
+            f"big_vision pools by 'tok', 'gap' or 'map' (spec has pooling {spec.pooling!r})"
+        )
+    if spec.pooling == "map" and spec.class_token:
+        problems.append(
+            "big_vision's MAP head (pool_type='map') is for a model without cls (spec has class_token true)"
+        )
     if spec.pos_embed == "none":
         problems.append(
             "big_vision's ViT has a learned or a sincos2d position embedding (spec has pos_embed 'none')"
@@ -249,7 +265,7 @@ def big_vision_infer(source: containers.Source, given: dict[str, Any]) -> Facts:
         facts.default(
             "image_size", 224, "a sincos2d table has no arrays to read the grid from; 224 assumed"
         )
-    if not facts.known["class_token"]:
+    if facts.known["pooling"] == "avg":
         del facts.known["pooling"]
         facts.default(
             "pooling",
@@ -341,4 +357,5 @@ BIG_VISION_FORMAT = Format(
     read=big_vision_read,
     write=write,
     check_spec=big_vision_check_spec,
+    expresses=frozenset({"pooling"}),  # 'map' (MAPHead_0); check_spec refuses 'max', 'avgmax'
 )

@@ -62,6 +62,22 @@ _TOP = {
     "pre_logits.bias": "pre_logits/bias",
     "head.kernel": "head/kernel",
     "head.bias": "head/bias",
+    # big_vision's MAPHead (pool_type='map'): its attention, LayerNorm and MlpBlock.
+    "pool.probe": "MAPHead_0/probe",
+    "pool.query.kernel": "MAPHead_0/MultiHeadDotProductAttention_0/query/kernel",
+    "pool.query.bias": "MAPHead_0/MultiHeadDotProductAttention_0/query/bias",
+    "pool.key.kernel": "MAPHead_0/MultiHeadDotProductAttention_0/key/kernel",
+    "pool.key.bias": "MAPHead_0/MultiHeadDotProductAttention_0/key/bias",
+    "pool.value.kernel": "MAPHead_0/MultiHeadDotProductAttention_0/value/kernel",
+    "pool.value.bias": "MAPHead_0/MultiHeadDotProductAttention_0/value/bias",
+    "pool.out.kernel": "MAPHead_0/MultiHeadDotProductAttention_0/out/kernel",
+    "pool.out.bias": "MAPHead_0/MultiHeadDotProductAttention_0/out/bias",
+    "pool.norm.scale": "MAPHead_0/LayerNorm_0/scale",
+    "pool.norm.bias": "MAPHead_0/LayerNorm_0/bias",
+    "pool.mlp.fc1.kernel": "MAPHead_0/MlpBlock_0/Dense_0/kernel",
+    "pool.mlp.fc1.bias": "MAPHead_0/MlpBlock_0/Dense_0/bias",
+    "pool.mlp.fc2.kernel": "MAPHead_0/MlpBlock_0/Dense_1/kernel",
+    "pool.mlp.fc2.bias": "MAPHead_0/MlpBlock_0/Dense_1/bias",
 }
 _BLOCK = {
     "norm1.scale": "LayerNorm_0/scale",
@@ -94,7 +110,7 @@ def native_name(s: Scheme, canonical: str) -> str:
 
 def _move(spec: Spec, name: str, shape: tuple[int, ...]) -> Move:
     h, hd, d = spec.n_heads, spec.head_dim, spec.hidden_dim
-    if name == "class_token":
+    if name in ("class_token", "pool.probe"):
         return Reshape((1, 1, d))
     if name == "pos_embed":
         return Reshape((1, *shape))
@@ -102,7 +118,7 @@ def _move(spec: Spec, name: str, shape: tuple[int, ...]) -> Move:
         return Reshape((d, h, hd))
     if name.endswith(("query.bias", "key.bias", "value.bias")):
         return Reshape((h, hd))
-    if name.endswith("attn.out.kernel"):
+    if name.endswith(("attn.out.kernel", "pool.out.kernel")):
         return Reshape((h, hd, d))
     return SAME
 
