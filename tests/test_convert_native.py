@@ -171,7 +171,6 @@ def test_keras_format_holds_every_variant(tmp_path: Path, name: str) -> None:
     _same(vitspec.load_weights(again)[0], weights)
 
 
-@pytest.mark.parametrize("name", list(SPECS))
 @pytest.mark.parametrize("name", list(FLAX_SPECS))
 def test_flax_format_is_the_flattened_nnx_state(tmp_path: Path, name: str) -> None:
     from flax import nnx
