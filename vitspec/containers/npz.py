@@ -17,9 +17,9 @@ from typing import Literal
 
 import numpy as np
 
-from vitspec.containers.source import BFLOAT16, Progress, Shape, Source, fsync
+from vitspec.containers.source import BFLOAT16, FileReader, Progress, Shape, Source, fsync
 from vitspec.errors import FileFormatError
-from vitspec.files import atomic_file
+from vitspec.files import atomic_file, hook
 
 _LOCAL_HEADER = 30  # fixed part of a zip local file header; the name and extra field follow
 
@@ -76,6 +76,7 @@ def open_npz(path: str | os.PathLike[str]) -> Source:
                     dtype_out = dtype
                 entries[name] = (shape, dtype_out)
                 where[name] = (info, header_len, fortran, offset)
+        reader = FileReader(path)
     except BaseException:
         archive.close()
         raise
@@ -85,14 +86,7 @@ def open_npz(path: str | os.PathLike[str]) -> Source:
         shape, dtype = entries[name]
         order: Literal["C", "F"] = "F" if fortran else "C"
         if offset is not None:
-            mapped = np.memmap(
-                path,
-                dtype=np.uint8,
-                mode="r",
-                offset=offset,
-                shape=(math.prod(shape) * dtype.itemsize,),
-            )
-            return mapped.view(dtype).reshape(shape, order=order)
+            return reader.read(offset, shape, dtype, order)
         try:
             with archive.open(info) as member:  # inflated and CRC-checked by zipfile
                 data = member.read()
@@ -100,7 +94,11 @@ def open_npz(path: str | os.PathLike[str]) -> Source:
             raise FileFormatError(f"{path}: member {info.filename!r} is corrupt ({exc})") from None
         return np.frombuffer(memoryview(data)[header_len:], dtype=dtype).reshape(shape, order=order)
 
-    return Source(path, entries, read, close=archive.close, container="npz")
+    def close() -> None:
+        archive.close()
+        reader.close()
+
+    return Source(path, entries, read, close=close, container="npz")
 
 
 def _npy_header(
@@ -153,4 +151,5 @@ def write_npz(
                     member.write(array.reshape(-1).view(np.uint8).data)
                 if progress is not None:
                     progress(array.nbytes)
+                hook("tensor")
         fsync(tmp)

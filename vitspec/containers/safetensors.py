@@ -40,9 +40,9 @@ from typing import Any
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from vitspec.containers.source import BFLOAT16, Progress, Shape, Source
+from vitspec.containers.source import BFLOAT16, FileReader, Progress, Shape, Source
 from vitspec.errors import FileFormatError
-from vitspec.files import atomic_file
+from vitspec.files import atomic_file, hook
 
 _DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
@@ -92,19 +92,15 @@ def open_safetensors(path: str | os.PathLike[str]) -> Source:
         entries[name] = (tuple(entry["shape"]), _DTYPES[entry["dtype"]])
         begin[name] = 8 + length + entry["data_offsets"][0]
 
+    reader = FileReader(path)
+
     def read(name: str) -> np.ndarray:
         shape, dtype = entries[name]
-        size = math.prod(shape) * dtype.itemsize
-        if size == 0:
-            return np.zeros(shape, dtype)
-        # Mapped as bytes and viewed: np.memmap cannot map bfloat16 by name.
-        return (
-            np.memmap(path, np.uint8, "r", offset=begin[name], shape=(size,))
-            .view(dtype)
-            .reshape(shape)
-        )
+        return reader.read(begin[name], shape, dtype)
 
-    return Source(path, entries, read, metadata=metadata, container="safetensors")
+    return Source(
+        path, entries, read, metadata=metadata, close=reader.close, container="safetensors"
+    )
 
 
 def _header(path: Path) -> tuple[int, Any]:
@@ -208,11 +204,17 @@ def open_sharded_safetensors(index_path: str | os.PathLike[str]) -> Source:
     if problems:
         raise FileFormatError(f"{index_path}: " + "; ".join(problems))
     metadata = next(iter(shards.values())).metadata if shards else {}
+
+    def close() -> None:
+        for source in shards.values():
+            source.close()
+
     return Source(
         index_path,
         entries,
         lambda name: owner[name]._read(name),
         metadata=metadata,
+        close=close,
         container="safetensors-sharded",
     )
 
@@ -264,7 +266,8 @@ def write_safetensors(
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with atomic_file(path, overwrite=overwrite) as tmp, open(tmp, "wb") as f:
+    size = 8 + len(blob) + offset
+    with atomic_file(path, overwrite=overwrite, size=size) as tmp, open(tmp, "wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
         written = 0
@@ -281,6 +284,7 @@ def write_safetensors(
             written += data.nbytes
             if progress is not None:
                 progress(data.nbytes)
+            hook("tensor")
         if written != offset:
             raise ValueError(f"wrote {written} bytes of tensor data, expected {offset}")
         f.flush()

@@ -1,6 +1,6 @@
 """PyTorch checkpoints (``.pt``/``.pth``/``.bin``): what ``torch.save`` writes, a zip holding a pickle.
 
-Read only with ``torch.load(weights_only=True, mmap=True)``: a pickle that would build anything but
+Read only with ``torch.load(weights_only=True)``, into memory: a pickle that would build anything but
 tensors and plain containers is refused and runs nothing. The state_dict may sit under a key such
 as ``state_dict`` or ``model``, and a ``module.`` prefix (DistributedDataParallel) is dropped.
 ``torch.save`` needs the whole dict, so writing holds one copy of the model.
@@ -51,16 +51,11 @@ def open_torch_pickle(path: str | os.PathLike[str]) -> Source:
 
 
 def _torch_load(torch: Any, path: Path) -> Any:
-    def load(mmap: bool) -> Any:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-
+    # Read into memory, not mapped (mmap=True): a mapped file truncated by another program while a
+    # conversion reads it kills the process with SIGBUS. The whole state_dict is held once, which
+    # the writers of this container do anyway (docs/reliability.md).
     try:
-        try:
-            return load(mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc) and "zipfile" not in str(exc):
-                raise
-            return load(mmap=False)  # the legacy (pre-1.6, non-zip) format cannot be mapped
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         detail = str(exc).strip().splitlines()
         reason = next(
