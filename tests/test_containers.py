@@ -3,12 +3,15 @@ one-line errors on damaged files, and the shim the format modules still import."
 
 from __future__ import annotations
 
+import zipfile
+
 import numpy as np
 import pytest
 
 from vitspec import containers
 from vitspec.containers import (
     open_container,
+    open_npz,
     open_safetensors,
     read_safetensors,
     sniff_container,
@@ -138,3 +141,27 @@ def test_h5_datasets_by_path(tmp_path) -> None:
     with open_container(path) as source:
         assert source.names == ["layer/vars/0"] and source.metadata == {"note": "hi"}
         assert np.array_equal(source["layer/vars/0"], np.ones((2, 2)))
+
+
+def _npz_with_header(path, header: bytes) -> None:
+    """An .npz whose one member has the .npy header ``header`` (found by tests/fuzz)."""
+    magic = b"\x93NUMPY\x01\x00"
+    pad = -(len(magic) + 2 + len(header) + 1) % 64
+    npy = magic + (len(header) + pad + 1).to_bytes(2, "little") + header + b" " * pad + b"\n"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("w.npy", npy + bytes(8))
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"z'descr': '<f4', 'fortran_order': False, 'shape': ()}",  # tokenize.TokenError
+        b"{'descr': '<f4', 'fortran_order': False, 'shape': 7}",
+    ],
+)
+def test_a_garbled_npy_header_is_one_line(tmp_path, header: bytes) -> None:
+    path = tmp_path / "w.npz"
+    _npz_with_header(path, header)
+    with pytest.raises(FileFormatError, match=r"member 'w.npy' is not a valid .npy array") as info:
+        open_npz(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)

@@ -1,15 +1,17 @@
 """.npz archives (what ``np.savez`` writes), read member by member and written one array at a time.
 
-Members stored uncompressed (``np.savez``) are memory-mapped (``np.memmap``) and unmapped when
-dropped; compressed members (``np.savez_compressed``) are inflated one at a time. ``allow_pickle``
-is never set: a member holding Python objects is refused before anything is read. big_vision's
-bfloat16 arrays (stored as 2-byte voids) are read back as bfloat16 and written the same way.
+Members stored uncompressed (``np.savez``) are read with ``pread`` at their offsets (never mapped:
+see ``containers.source.FileReader``); compressed members (``np.savez_compressed``) are inflated
+one at a time. ``allow_pickle`` is never set: a member holding Python objects is refused before
+anything is read. big_vision's bfloat16 arrays (stored as 2-byte voids) are read back as bfloat16
+and written the same way.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import tokenize
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -114,7 +116,16 @@ def _npy_header(
             else:
                 raise ValueError(f"unsupported .npy version {version}")
             header_len = member.tell()
-    except (ValueError, zipfile.BadZipFile, OSError, EOFError, SyntaxError) as exc:
+    # numpy parses the header with ast and, for old files, tokenize: either may refuse it
+    except (
+        ValueError,
+        TypeError,
+        zipfile.BadZipFile,
+        OSError,
+        EOFError,
+        SyntaxError,
+        tokenize.TokenError,
+    ) as exc:
         raise FileFormatError(
             f"{path}: member {info.filename!r} is not a valid .npy array ({exc})"
         ) from None

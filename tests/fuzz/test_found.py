@@ -1,0 +1,122 @@
+"""What the fuzzing campaign (tests/fuzz/test_fuzz.py) found, one regression test each: every input
+here once ended in another exception than a one-line VitspecError (a traceback in the CLI)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import vitspec
+from vitspec.containers import open_container
+from vitspec.errors import VitspecError
+from vitspec.families import family
+
+
+def _one_line(exc: pytest.ExceptionInfo[VitspecError], path: Path) -> None:
+    text = str(exc.value)
+    assert "\n" not in text and str(path) in text, text
+
+
+def test_h5_with_a_byte_inserted_mid_file(tmp_path: Path) -> None:
+    """h5py raised RuntimeError: Object visitation failed (bad symbol table node signature)."""
+    import h5py
+
+    path = tmp_path / "k.weights.h5"
+    with h5py.File(path, "w") as f:
+        f.create_group("layers/dense/vars").create_dataset("0", data=np.ones((2, 3), np.float32))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] + b"\x00" + data[len(data) // 2 :])
+    with (
+        pytest.raises(vitspec.FileFormatError, match="not a readable HDF5 file") as info,
+        open_container(path) as source,
+    ):
+        for name in source:
+            source[name]
+    _one_line(info, path)
+
+
+def test_h5_dataset_declaring_more_than_the_file_holds(tmp_path: Path) -> None:
+    """A dataset with no storage written reads back as fill values of any declared size."""
+    import h5py
+
+    path = tmp_path / "k.weights.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("big", shape=(1 << 20, 1 << 10), dtype=np.float32)  # 4 GiB, never written
+    with pytest.raises(vitspec.FileFormatError, match=r"declares shape \[1048576, 1024\]") as info:
+        open_container(path)
+    _one_line(info, path)
+
+
+def test_torch_file_with_its_first_byte_flipped(tmp_path: Path) -> None:
+    """torch's weights-only unpickler raised IndexError: pop from empty list."""
+    import torch
+
+    path = tmp_path / "w.pth"
+    torch.save({"w": torch.arange(6.0).reshape(2, 3), "h": torch.ones(2)}, path)
+    data = bytearray(path.read_bytes())
+    data[0] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(vitspec.FileFormatError, match="not a readable PyTorch checkpoint") as info:
+        open_container(path)
+    _one_line(info, path)
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def test_deeply_nested_config_json(tmp_path: Path) -> None:
+    """json.loads raised RecursionError."""
+    from vitspec.formats.hf import read_config
+
+    path = tmp_path / "config.json"
+    path.write_text(DEEP)
+    with pytest.raises(vitspec.FileFormatError, match="nested past the recursion limit") as info:
+        read_config(path)
+    _one_line(info, path)
+
+
+@pytest.mark.parametrize("name", ["s.json", "s.yaml"])
+def test_deeply_nested_spec_files(tmp_path: Path, name: str) -> None:
+    """json.loads and PyYAML's composer raised RecursionError; PyYAML took 9 s on 5000 levels
+    (its scanner is quadratic in the nesting), over the campaign's deadline."""
+    path = tmp_path / name
+    path.write_text(DEEP if name.endswith(".json") else "a: " + "[" * 5000 + "]" * 5000)
+    start = time.perf_counter()
+    with pytest.raises(vitspec.SpecError, match="nested too deeply to be a spec") as info:
+        vitspec.load_spec(path)
+    assert time.perf_counter() - start < 3
+    _one_line(info, path)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("image_size", []), ("image_size", None), ("hidden_dropout_prob", None), ("qkv_bias", "x")],
+)
+def test_config_json_values_of_the_wrong_kind(tmp_path: Path, key: str, value: object) -> None:
+    """hf.infer raised IndexError/TypeError on a config value of the wrong JSON type."""
+    from vitspec.formats.hf import config_for, read_config
+
+    config = config_for(family("vit_paper"))
+    config[key] = value
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(vitspec.FileFormatError, match=f"{key} must be") as info:
+        read_config(path)
+    _one_line(info, path)
+
+
+def test_deeply_nested_case_manifest(tmp_path: Path) -> None:
+    """json.loads raised RecursionError."""
+    from vitspec.conformance.case import load_case, shipped_case_dirs
+
+    folder = tmp_path / "case"
+    shutil.copytree(shipped_case_dirs()[0], folder)
+    (folder / "manifest.json").write_text(DEEP)
+    with pytest.raises(VitspecError, match="nested past the recursion limit") as info:
+        load_case(folder)
+    _one_line(info, folder)
