@@ -120,3 +120,22 @@ def test_deeply_nested_case_manifest(tmp_path: Path) -> None:
     with pytest.raises(VitspecError, match="nested past the recursion limit") as info:
         load_case(folder)
     _one_line(info, folder)
+
+
+def test_npz_member_with_an_empty_but_huge_shape(tmp_path: Path) -> None:
+    """NumPy raised ValueError: array is too big (shape (0, 2**63 - 1): no bytes, no array)."""
+    import zipfile
+
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (0, 9223372036854775807)}"
+    magic = b"\x93NUMPY\x01\x00"
+    pad = -(len(magic) + 2 + len(header) + 1) % 64
+    npy = magic + (len(header) + pad + 1).to_bytes(2, "little") + header + b" " * pad + b"\n"
+    path = tmp_path / "w.npz"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("w.npy", npy)
+    with (
+        pytest.raises(vitspec.FileFormatError, match="which no array can have") as info,
+        open_container(path) as source,
+    ):
+        source["w"]
+    _one_line(info, path)

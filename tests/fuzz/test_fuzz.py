@@ -255,6 +255,19 @@ def npy_member(draw: st.DrawFn) -> bytes:
 
 @pytest.fixture(scope="module", autouse=True)
 def traced() -> Iterator[None]:
+    # Every reader once on a valid seed, outside the deadline: the first torch.load imports
+    # torch.distributed.rpc, which takes seconds on a busy machine, and an import interrupted by
+    # the deadline leaves torch half-initialised for every later input.
+    warm = Path(tempfile.mkdtemp(prefix="vitspec-fuzz-warm-"))
+    for name, data in (
+        ("w.pth", torch_seed(False)),
+        ("k.weights.h5", h5_seed()),
+        ("s.npz", npz_seed(False)),
+        ("s.safetensors", safetensors_seed()),
+    ):
+        (warm / name).write_bytes(data)
+        _full_read(warm / name)
+    shutil.rmtree(warm)
     tracemalloc.start()
     yield
     tracemalloc.stop()

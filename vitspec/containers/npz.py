@@ -19,7 +19,15 @@ from typing import Literal
 
 import numpy as np
 
-from vitspec.containers.source import BFLOAT16, FileReader, Progress, Shape, Source, fsync
+from vitspec.containers.source import (
+    BFLOAT16,
+    FileReader,
+    Progress,
+    Shape,
+    Source,
+    check_shape,
+    fsync,
+)
 from vitspec.errors import FileFormatError
 from vitspec.files import atomic_file, hook
 
@@ -50,6 +58,7 @@ def open_npz(path: str | os.PathLike[str]) -> Source:
                     raise FileFormatError(f"{path}: member {info.filename!r} is not a .npy array")
                 name = info.filename[: -len(".npy")]
                 shape, fortran, dtype, header_len = _npy_header(archive, info, path)
+                check_shape(path, f"member {info.filename!r}", shape, dtype)
                 expected = header_len + math.prod(shape) * dtype.itemsize
                 if info.file_size != expected:
                     raise FileFormatError(

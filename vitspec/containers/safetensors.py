@@ -40,7 +40,14 @@ from typing import Any
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from vitspec.containers.source import BFLOAT16, FileReader, Progress, Shape, Source
+from vitspec.containers.source import (
+    BFLOAT16,
+    FileReader,
+    Progress,
+    Shape,
+    Source,
+    check_shape,
+)
 from vitspec.errors import FileFormatError
 from vitspec.files import atomic_file, hook
 
@@ -90,6 +97,7 @@ def open_safetensors(path: str | os.PathLike[str]) -> Source:
                 f"{path}: tensor {name!r} has dtype {entry['dtype']}, which vitspec cannot read{hint}"
             )
         entries[name] = (tuple(entry["shape"]), _DTYPES[entry["dtype"]])
+        check_shape(path, f"tensor {name!r}", entries[name][0], entries[name][1])
         begin[name] = 8 + length + entry["data_offsets"][0]
 
     reader = FileReader(path)

@@ -62,6 +62,17 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
+# No array may have a dimension whose bytes overflow NumPy's index type (2**63), even one with
+# no elements: NumPy refuses to make an array of shape (0, 2**63 - 1) with ValueError.
+_MAX_DIM_BYTES = 2**62
+
+
+def check_shape(path: Path, what: str, shape: Shape, dtype: np.dtype) -> None:
+    """Refuse a shape no array can have (found by tests/fuzz: an empty array with a huge dimension)."""
+    if any(d < 0 or d * max(dtype.itemsize, 1) >= _MAX_DIM_BYTES for d in shape):
+        raise FileFormatError(f"{path}: {what} has shape {list(shape)}, which no array can have")
+
+
 class FileReader:
     """Byte ranges of one open file, read with ``pread`` into arrays of their own.
 
@@ -109,7 +120,7 @@ class FileReader:
                 f"{self.path}: {nbytes} bytes at offset {offset} run past the end of the file ({self.size} bytes)"
             )
         out = np.empty(nbytes, np.uint8)
-        view = memoryview(out)
+        view = out.data  # a memoryview of the new array
         done = 0
         while done < nbytes:
             got = os.preadv(fd, [view[done:]], offset + done)
