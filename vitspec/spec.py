@@ -345,7 +345,8 @@ def _describe_errors(exc: ValidationError, data: dict[str, Any]) -> list[str]:
                 f"{field} must be a positive integer or a pair [height, width], found {_kind(data.get(field))}"
             )
             continue
-        where = field if len(loc) == 1 else f"{field}[{loc[1]}]"
+        # pydantic gives no location for a string it cannot encode (a lone surrogate: tests/fuzz)
+        where = (field or "a value") if len(loc) <= 1 else f"{field}[{loc[1]}]"
         if kind in {"int_type", "int_parsing", "int_from_float"}:
             problems.append(f"{where} must be an integer, found {_kind(value)}")
         elif kind in {"float_type", "float_parsing"}:

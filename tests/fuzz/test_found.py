@@ -139,3 +139,82 @@ def test_npz_member_with_an_empty_but_huge_shape(tmp_path: Path) -> None:
     ):
         source["w"]
     _one_line(info, path)
+
+
+def _compressed_npz(path: Path) -> bytes:
+    arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "f": np.ones((3, 2))}
+    np.savez_compressed(path, **arrays)
+    return path.read_bytes()
+
+
+def _central(data: bytes, member: int) -> int:
+    """Where the ``member``-th central directory entry of a zip starts."""
+    at = -1
+    for _ in range(member + 1):
+        at = data.index(b"PK\x01\x02", at + 1)
+    return at
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        # zipfile allocated the declared compressed size (16 MiB for a 400-byte file) before reading
+        (lambda d, c: d[: c + 20] + (1 << 24).to_bytes(4, "little") + d[c + 24 :], "past the end"),
+        # zipfile raised NotImplementedError: That compression method is not supported
+        (
+            lambda d, c: d[: c + 10] + (99).to_bytes(2, "little") + d[c + 12 :],
+            "compression method is not supported",
+        ),
+        # zlib.error: invalid block type (the deflate stream of the first member)
+        (lambda d, c: d[:52] + b"\xff" * 4 + d[56:], "not a valid .npy array"),
+    ],
+)
+def test_damaged_compressed_npz(tmp_path: Path, damage, message: str) -> None:
+    path = tmp_path / "w.npz"
+    data = _compressed_npz(path)
+    path.write_bytes(damage(data, _central(data, 1)))
+    with (
+        pytest.raises(vitspec.FileFormatError, match=message) as info,
+        open_container(path) as source,
+    ):
+        for name in source:
+            source[name]
+    _one_line(info, path)
+
+
+def test_zip_names_that_are_not_utf8(tmp_path: Path) -> None:
+    """zipfile raised UnicodeDecodeError (a name flagged UTF-8 that is not) from sniffing."""
+    path = tmp_path / "w.npz"
+    data = bytearray(_compressed_npz(path))
+    c = _central(bytes(data), 0)
+    data[c + 8 : c + 10] = (0x800).to_bytes(2, "little")  # the UTF-8 name flag
+    data[c + 46] = 0xFF  # the name's first byte
+    path.write_bytes(bytes(data))
+    with pytest.raises(vitspec.FileFormatError) as info:
+        open_container(path)
+    _one_line(info, path)
+
+
+def test_a_safetensors_file_behind_a_zip_signature(tmp_path: Path) -> None:
+    """Read as a torch file, torch.load raised safetensors' own SafetensorError."""
+    from vitspec.containers import write_safetensors
+
+    good = tmp_path / "g.safetensors"
+    write_safetensors(good, {"w": np.ones(3, np.float32)})
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(b"PK\x03\x04" + good.read_bytes())
+    with pytest.raises(vitspec.FileFormatError) as info:
+        open_container(path)
+    _one_line(info, path)
+
+
+def test_a_spec_string_pydantic_cannot_encode(tmp_path: Path) -> None:
+    """A key with a lone surrogate (JSON "\\ud800") made pydantic report an error without a
+    location, and the spec's error formatting raised IndexError."""
+    config = family("vit_paper").to_dict()
+    config["\ud800"] = 1
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(vitspec.SpecError) as info:
+        vitspec.load_spec(path)
+    assert str(path) in str(info.value)

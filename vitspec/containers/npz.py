@@ -13,6 +13,7 @@ import math
 import os
 import tokenize
 import zipfile
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
@@ -31,6 +32,9 @@ from vitspec.containers.source import (
 from vitspec.errors import FileFormatError
 from vitspec.files import atomic_file, hook
 
+# What zipfile raises on a damaged archive or member: a corrupt deflate stream is zlib.error, an
+# unknown compression method NotImplementedError, a name that is not UTF-8 UnicodeDecodeError.
+_ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, zlib.error)
 _LOCAL_HEADER = 30  # fixed part of a zip local file header; the name and extra field follow
 
 
@@ -39,6 +43,10 @@ def open_npz(path: str | os.PathLike[str]) -> Source:
     path = Path(path)
     try:
         archive = zipfile.ZipFile(path)
+    except _ZIP_ERRORS[1:]:  # a name that is not UTF-8, a bad zip64 record... (tests/fuzz)
+        raise FileFormatError(
+            f"{path}: not a valid .npz file (its zip directory is corrupt)"
+        ) from None
     except zipfile.BadZipFile:
         size = path.stat().st_size
         raise FileFormatError(
@@ -57,6 +65,11 @@ def open_npz(path: str | os.PathLike[str]) -> Source:
                 if not info.filename.endswith(".npy"):
                     raise FileFormatError(f"{path}: member {info.filename!r} is not a .npy array")
                 name = info.filename[: -len(".npy")]
+                if info.header_offset + _LOCAL_HEADER + info.compress_size > file_size:
+                    # zipfile would allocate the declared size before finding it missing (tests/fuzz)
+                    raise FileFormatError(
+                        f"{path}: member {info.filename!r} declares {info.compress_size} bytes, past the end of the file ({file_size} bytes)"
+                    )
                 shape, fortran, dtype, header_len = _npy_header(archive, info, path)
                 check_shape(path, f"member {info.filename!r}", shape, dtype)
                 expected = header_len + math.prod(shape) * dtype.itemsize
@@ -101,7 +114,7 @@ def open_npz(path: str | os.PathLike[str]) -> Source:
         try:
             with archive.open(info) as member:  # inflated and CRC-checked by zipfile
                 data = member.read()
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        except _ZIP_ERRORS as exc:
             raise FileFormatError(f"{path}: member {info.filename!r} is corrupt ({exc})") from None
         return np.frombuffer(memoryview(data)[header_len:], dtype=dtype).reshape(shape, order=order)
 
@@ -126,15 +139,7 @@ def _npy_header(
                 raise ValueError(f"unsupported .npy version {version}")
             header_len = member.tell()
     # numpy parses the header with ast and, for old files, tokenize: either may refuse it
-    except (
-        ValueError,
-        TypeError,
-        zipfile.BadZipFile,
-        OSError,
-        EOFError,
-        SyntaxError,
-        tokenize.TokenError,
-    ) as exc:
+    except (*_ZIP_ERRORS, TypeError, SyntaxError, tokenize.TokenError) as exc:
         raise FileFormatError(
             f"{path}: member {info.filename!r} is not a valid .npy array ({exc})"
         ) from None
