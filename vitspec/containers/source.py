@@ -69,7 +69,9 @@ _MAX_DIM_BYTES = 2**62
 
 def check_shape(path: Path, what: str, shape: Shape, dtype: np.dtype) -> None:
     """Refuse a shape no array can have (found by tests/fuzz: an empty array with a huge dimension)."""
-    if any(d < 0 or d * max(dtype.itemsize, 1) >= _MAX_DIM_BYTES for d in shape):
+    # each dimension and the product of the non-zero ones (an empty (0, 2**40, 2**40) too: tests/fuzz)
+    span = math.prod(d for d in shape if d) * max(dtype.itemsize, 1)
+    if any(d < 0 for d in shape) or span >= _MAX_DIM_BYTES:
         raise FileFormatError(f"{path}: {what} has shape {list(shape)}, which no array can have")
 
 
