@@ -221,3 +221,16 @@ def test_a_spec_string_pydantic_cannot_encode(tmp_path: Path) -> None:
     with pytest.raises(vitspec.SpecError) as info:
         vitspec.load_spec(path)
     assert str(path) in str(info.value)
+
+
+def test_npz_member_with_an_empty_name(tmp_path: Path) -> None:
+    """zipfile's ZipInfo.is_dir() raised IndexError on a member whose name is empty (the
+    campaign's input: the central directory's name length overwritten)."""
+    from harness import mutate
+    from test_fuzz import npz_seed
+
+    path = tmp_path / "w.npz"
+    path.write_bytes(mutate(npz_seed(False), [("int64", 0.9453125, 4_611_686_018_427_387_904)]))
+    with pytest.raises(vitspec.FileFormatError) as info:
+        open_container(path)
+    _one_line(info, path)

@@ -60,7 +60,9 @@ def open_npz(path: str | os.PathLike[str]) -> Source:
     try:
         with open(path, "rb") as raw:
             for info in archive.infolist():
-                if info.is_dir():
+                if info.filename.endswith(
+                    "/"
+                ):  # a folder (is_dir() fails on an empty name: tests/fuzz)
                     continue
                 if not info.filename.endswith(".npy"):
                     raise FileFormatError(f"{path}: member {info.filename!r} is not a .npy array")
