@@ -7,7 +7,7 @@ VITSPEC := $(VENV)/bin/vitspec
 CONSTRAINTS := constraints.txt
 PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q -c $(CONSTRAINTS)
 
-.PHONY: demo test test-core lint typecheck pytest install lock bench cases docs clean mutants
+.PHONY: demo test test-core lint typecheck pytest install lock bench cases docs clean mutants fuzz
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,14 @@ PART ?= spec
 mutants: install
 	$(PIP_INSTALL) -e ".[mutants]"
 	nice -n 10 $(PY) tests/mutants/run.py $(PART)
+
+# Fuzzing every file reader (tests/fuzz, docs/reliability.md): FUZZ_EXAMPLES inputs per reader,
+# random seeds; the counts go to build/fuzz-report.json. A derandomized slice runs in `make test`.
+FUZZ_EXAMPLES ?= 1500
+fuzz: install
+	@mkdir -p build && rm -f build/fuzz-report.json
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_REPORT=build/fuzz-report.json nice -n 10 $(VENV)/bin/pytest -p no:cacheprovider -s -q tests/fuzz
+	@cat build/fuzz-report.json
 
 # Regenerate the conformance corpus from the float64 reference (`--check` only compares).
 cases: install

@@ -102,7 +102,10 @@ def bench_copy(src: Path, dst: Path, fsync: bool) -> dict:
 def bench_convert(src: Path, dst: Path, to: str) -> dict:
     remove(dst)
     warm(src)
-    preload = f"import vitspec.formats.{to}" + ("; import h5py" if to == "keras" else "")
+    module = {"google": "flax_npz", "big_vision": "flax_npz"}.get(
+        to, to
+    )  # the module of each format
+    preload = f"import vitspec.formats.{module}" + ("; import h5py" if to == "keras" else "")
     result = run_child(f"""
         from vitspec.formats import convert
         import vitspec.formats.timm

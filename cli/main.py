@@ -111,6 +111,10 @@ def main(argv: list[str] | None = None) -> Any:
     refusal (a full disk, a permission); 2 a command-line usage error (click's) or an internal
     error (a bug in vitspec, never the user's fault); 130 interrupted.
     """
+    from vitspec import files
+
+    # Notes from the library (a stale partial output removed) go to stderr, one line each.
+    previous = files.set_notifier(lambda note: click.secho(f"note: {note}", err=True, fg="yellow"))
     try:
         return cli.main(args=argv, prog_name="vitspec", standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt):
@@ -124,6 +128,8 @@ def main(argv: list[str] | None = None) -> Any:
         if os.environ.get("VITSPEC_DEBUG"):
             raise
         sys.exit(_report(exc))
+    finally:
+        files.set_notifier(previous)
 
 
 def _report(exc: Exception) -> int:

@@ -271,6 +271,8 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise CaseError(f"{path}: no {MANIFEST}; not a conformance case folder") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CaseError(f"{mpath}: not readable JSON ({exc})") from None
+    except RecursionError:  # found by tests/fuzz: '[' * 100000
+        raise CaseError(f"{mpath}: not readable JSON (nested past the recursion limit)") from None
     if not isinstance(manifest, dict):
         raise CaseError(f"{mpath}: expected a JSON object, found {type(manifest).__name__}")
     if manifest.get("format") != FORMAT:

@@ -3,12 +3,15 @@ one-line errors on damaged files, and the shim the format modules still import."
 
 from __future__ import annotations
 
+import zipfile
+
 import numpy as np
 import pytest
 
 from vitspec import containers
 from vitspec.containers import (
     open_container,
+    open_npz,
     open_safetensors,
     read_safetensors,
     sniff_container,
@@ -45,14 +48,16 @@ def test_safetensors_round_trip_with_the_library(tmp_path) -> None:
     assert all(back[k].dtype == MIXED[k].dtype and np.array_equal(back[k], MIXED[k]) for k in back)
 
 
-def test_safetensors_reads_are_mapped_lazily_in_file_order(tmp_path) -> None:
+def test_safetensors_reads_are_lazy_unmapped_and_in_file_order(tmp_path) -> None:
     path = tmp_path / "w.safetensors"
     write_safetensors(path, MIXED)
     source = open_safetensors(path)
     assert source.names == ["b", "a", "z", "i"]  # as written, not sorted
     assert source.shapes == {"b": (2, 3), "a": (5,), "z": (0, 4), "i": (3,)}
     b = source["b"]
-    assert isinstance(b, np.memmap) and not b.flags.writeable
+    # read with pread into an array of its own, never mapped (a truncated map is a SIGBUS)
+    assert not isinstance(b, np.memmap) and not isinstance(b.base, np.memmap)
+    assert np.array_equal(b, MIXED["b"])
     assert source["a"].dtype == ml_dtypes.bfloat16 and source["a"].tobytes() == MIXED["a"].tobytes()
     copies, _ = read_safetensors(path)
     assert all(v.flags.writeable and not isinstance(v, np.memmap) for v in copies.values())
@@ -97,7 +102,7 @@ def test_damaged_safetensors_are_one_line_errors(tmp_path, damage, message: str)
     )
 
 
-def test_npz_round_trip_maps_stored_members_and_refuses_pickles(tmp_path) -> None:
+def test_npz_round_trip_reads_stored_members_and_refuses_pickles(tmp_path) -> None:
     path = tmp_path / "w.npz"
     containers.write_npz(
         path, [("x/kernel", np.arange(12, dtype=np.float32).reshape(3, 4).T), ("y", MIXED["a"])]
@@ -106,7 +111,9 @@ def test_npz_round_trip_maps_stored_members_and_refuses_pickles(tmp_path) -> Non
         assert np.array_equal(theirs["x/kernel"], np.arange(12, dtype=np.float32).reshape(3, 4).T)
     assert sniff_container(path) == "npz"
     source = open_container(path)
-    assert isinstance(source["x/kernel"], np.memmap) and source.shape("x/kernel") == (4, 3)
+    kernel = source["x/kernel"]
+    assert not isinstance(kernel, np.memmap) and source.shape("x/kernel") == (4, 3)
+    assert np.array_equal(kernel, np.arange(12, dtype=np.float32).reshape(3, 4).T)
     assert source["y"].dtype == ml_dtypes.bfloat16  # stored as 2-byte voids, read back as bfloat16
     np.savez(tmp_path / "evil.npz", obj=np.array([{"a": 1}], dtype=object))
     with pytest.raises(FileFormatError, match="holds Python objects"):
@@ -134,3 +141,27 @@ def test_h5_datasets_by_path(tmp_path) -> None:
     with open_container(path) as source:
         assert source.names == ["layer/vars/0"] and source.metadata == {"note": "hi"}
         assert np.array_equal(source["layer/vars/0"], np.ones((2, 2)))
+
+
+def _npz_with_header(path, header: bytes) -> None:
+    """An .npz whose one member has the .npy header ``header`` (found by tests/fuzz)."""
+    magic = b"\x93NUMPY\x01\x00"
+    pad = -(len(magic) + 2 + len(header) + 1) % 64
+    npy = magic + (len(header) + pad + 1).to_bytes(2, "little") + header + b" " * pad + b"\n"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("w.npy", npy + bytes(8))
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"z'descr': '<f4', 'fortran_order': False, 'shape': ()}",  # tokenize.TokenError
+        b"{'descr': '<f4', 'fortran_order': False, 'shape': 7}",
+    ],
+)
+def test_a_garbled_npy_header_is_one_line(tmp_path, header: bytes) -> None:
+    path = tmp_path / "w.npz"
+    _npz_with_header(path, header)
+    with pytest.raises(FileFormatError, match=r"member 'w.npy' is not a valid .npy array") as info:
+        open_npz(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)

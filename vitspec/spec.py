@@ -465,7 +465,8 @@ def _describe_errors(exc: ValidationError, data: dict[str, Any]) -> list[str]:
                 f"{field} must be a positive integer or a pair [height, width], found {_kind(data.get(field))}"
             )
             continue
-        where = field if len(loc) == 1 else f"{field}[{loc[1]}]"
+        # pydantic gives no location for a string it cannot encode (a lone surrogate: tests/fuzz)
+        where = (field or "a value") if len(loc) <= 1 else f"{field}[{loc[1]}]"
         if kind in {"int_type", "int_parsing", "int_from_float"}:
             problems.append(f"{where} must be an integer, found {_kind(value)}")
         elif kind in {"float_type", "float_parsing"}:
@@ -528,6 +529,8 @@ def read_mapping(path: Path) -> Any:
             raise SpecError(
                 [f"line {exc.lineno} column {exc.colno}: invalid JSON: {exc.msg}"], name
             ) from None
+        except RecursionError:  # found by tests/fuzz: '[' * 100000
+            raise SpecError([_TOO_DEEP], name) from None
     else:
         data = _safe_yaml(text, name)
     if not isinstance(data, dict):
@@ -580,7 +583,16 @@ def _safe_yaml(text: str, name: str) -> Any:
 
     try:
         # Aliases are refused before anything is built: an alias bomb costs nothing to reject.
+        depth = 0
         for event in yaml.parse(text, Loader=_loader()):
+            # PyYAML's scanner slows quadratically with nesting (5000 levels: seconds) and its
+            # composer recurses: a spec is two levels deep, so deep nesting stops here (tests/fuzz).
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > _MAX_DEPTH:
+                    raise SpecError([_TOO_DEEP], name)
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
                 mark = event.start_mark
                 raise SpecError(
@@ -596,3 +608,9 @@ def _safe_yaml(text: str, name: str) -> Any:
         raise SpecError([f"{where}invalid YAML: {exc.problem or exc.context}"], name) from None
     except yaml.YAMLError as exc:
         raise SpecError([f"invalid YAML: {exc}"], name) from None
+    except RecursionError:  # found by tests/fuzz: 'a: ' + '[' * 5000
+        raise SpecError([_TOO_DEEP], name) from None
+
+
+_MAX_DEPTH = 32
+_TOO_DEEP = "nested too deeply to be a spec (lists or mappings more than 32 levels deep)"

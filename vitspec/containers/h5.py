@@ -32,6 +32,17 @@ def open_h5(path: str | os.PathLike[str]) -> Source:
     entries: dict[str, tuple[Shape, np.dtype]] = {}
 
     bf16: set[str] = set()
+    file_size = path.stat().st_size
+
+    def _check_size(obj: Any, name: str) -> None:
+        """Refuse, before reading, a dataset declaring more bytes than the file can hold (deflate
+        expands at most 1032-fold), so a corrupt shape never becomes a huge allocation."""
+        limit = file_size if obj.compression is None else 1032 * file_size
+        if obj.nbytes > limit:
+            raise FileFormatError(
+                f"{path}: dataset {name} declares shape {list(obj.shape)} ({obj.nbytes} bytes), "
+                f"more than a file of {file_size} bytes can hold (corrupt?)"
+            )
 
     def visit(name: str, obj: Any) -> None:
         if isinstance(obj, h5py.Dataset):
@@ -40,6 +51,7 @@ def open_h5(path: str | os.PathLike[str]) -> Source:
                 and obj.dtype.itemsize == 2
                 and BFLOAT16 is not None
             ):
+                _check_size(obj, name)
                 bf16.add(name)  # Keras stores bfloat16 as 2-byte opaque values marked this way
                 entries[name] = (tuple(obj.shape), BFLOAT16)
                 return
@@ -47,11 +59,17 @@ def open_h5(path: str | os.PathLike[str]) -> Source:
                 raise FileFormatError(
                     f"{path}: dataset {name} has dtype {obj.dtype}, expected numbers"
                 )
+            _check_size(obj, name)
             entries[name] = (tuple(obj.shape), np.dtype(obj.dtype))
 
     try:
         f.visititems(visit)
         metadata = {str(k): _attr_str(v) for k, v in f.attrs.items()}
+    except _H5_ERRORS as exc:  # found by tests/fuzz: a flipped byte in a symbol table node
+        f.close()
+        raise FileFormatError(
+            f"{path}: not a readable HDF5 file (corrupt?): {_first_line(exc)}"
+        ) from None
     except BaseException:
         f.close()
         raise
@@ -60,12 +78,22 @@ def open_h5(path: str | os.PathLike[str]) -> Source:
         try:
             array = np.asarray(f[name][()])
             return array.view(BFLOAT16) if name in bf16 and BFLOAT16 is not None else array
-        except OSError as exc:
+        except _H5_ERRORS as exc:
             raise FileFormatError(
-                f"{path}: dataset {name} cannot be read (corrupt?): {str(exc).splitlines()[0][:200]}"
+                f"{path}: dataset {name} cannot be read (corrupt?): {_first_line(exc)}"
             ) from None
 
     return Source(path, entries, read, metadata=metadata, close=f.close, container="h5")
+
+
+# What h5py raises on a corrupt file: OSError from HDF5's I/O, RuntimeError from a failed
+# traversal ("Object visitation failed"), KeyError/ValueError/TypeError from damaged metadata.
+_H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 def _attr_str(value: Any) -> str:

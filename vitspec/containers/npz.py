@@ -1,26 +1,40 @@
 """.npz archives (what ``np.savez`` writes), read member by member and written one array at a time.
 
-Members stored uncompressed (``np.savez``) are memory-mapped (``np.memmap``) and unmapped when
-dropped; compressed members (``np.savez_compressed``) are inflated one at a time. ``allow_pickle``
-is never set: a member holding Python objects is refused before anything is read. big_vision's
-bfloat16 arrays (stored as 2-byte voids) are read back as bfloat16 and written the same way.
+Members stored uncompressed (``np.savez``) are read with ``pread`` at their offsets (never mapped:
+see ``containers.source.FileReader``); compressed members (``np.savez_compressed``) are inflated
+one at a time. ``allow_pickle`` is never set: a member holding Python objects is refused before
+anything is read. big_vision's bfloat16 arrays (stored as 2-byte voids) are read back as bfloat16
+and written the same way.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import tokenize
 import zipfile
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from vitspec.containers.source import BFLOAT16, Progress, Shape, Source, fsync
+from vitspec.containers.source import (
+    BFLOAT16,
+    FileReader,
+    Progress,
+    Shape,
+    Source,
+    check_shape,
+    fsync,
+)
 from vitspec.errors import FileFormatError
-from vitspec.files import atomic_file
+from vitspec.files import atomic_file, hook
 
+# What zipfile raises on a damaged archive or member: a corrupt deflate stream is zlib.error, an
+# unknown compression method NotImplementedError, a name that is not UTF-8 UnicodeDecodeError.
+_ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, zlib.error)
 _LOCAL_HEADER = 30  # fixed part of a zip local file header; the name and extra field follow
 
 
@@ -29,6 +43,10 @@ def open_npz(path: str | os.PathLike[str]) -> Source:
     path = Path(path)
     try:
         archive = zipfile.ZipFile(path)
+    except _ZIP_ERRORS[1:]:  # a name that is not UTF-8, a bad zip64 record... (tests/fuzz)
+        raise FileFormatError(
+            f"{path}: not a valid .npz file (its zip directory is corrupt)"
+        ) from None
     except zipfile.BadZipFile:
         size = path.stat().st_size
         raise FileFormatError(
@@ -42,12 +60,20 @@ def open_npz(path: str | os.PathLike[str]) -> Source:
     try:
         with open(path, "rb") as raw:
             for info in archive.infolist():
-                if info.is_dir():
+                if info.filename.endswith(
+                    "/"
+                ):  # a folder (is_dir() fails on an empty name: tests/fuzz)
                     continue
                 if not info.filename.endswith(".npy"):
                     raise FileFormatError(f"{path}: member {info.filename!r} is not a .npy array")
                 name = info.filename[: -len(".npy")]
+                if info.header_offset + _LOCAL_HEADER + info.compress_size > file_size:
+                    # zipfile would allocate the declared size before finding it missing (tests/fuzz)
+                    raise FileFormatError(
+                        f"{path}: member {info.filename!r} declares {info.compress_size} bytes, past the end of the file ({file_size} bytes)"
+                    )
                 shape, fortran, dtype, header_len = _npy_header(archive, info, path)
+                check_shape(path, f"member {info.filename!r}", shape, dtype)
                 expected = header_len + math.prod(shape) * dtype.itemsize
                 if info.file_size != expected:
                     raise FileFormatError(
@@ -76,6 +102,7 @@ def open_npz(path: str | os.PathLike[str]) -> Source:
                     dtype_out = dtype
                 entries[name] = (shape, dtype_out)
                 where[name] = (info, header_len, fortran, offset)
+        reader = FileReader(path)
     except BaseException:
         archive.close()
         raise
@@ -85,22 +112,19 @@ def open_npz(path: str | os.PathLike[str]) -> Source:
         shape, dtype = entries[name]
         order: Literal["C", "F"] = "F" if fortran else "C"
         if offset is not None:
-            mapped = np.memmap(
-                path,
-                dtype=np.uint8,
-                mode="r",
-                offset=offset,
-                shape=(math.prod(shape) * dtype.itemsize,),
-            )
-            return mapped.view(dtype).reshape(shape, order=order)
+            return reader.read(offset, shape, dtype, order)
         try:
             with archive.open(info) as member:  # inflated and CRC-checked by zipfile
                 data = member.read()
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        except _ZIP_ERRORS as exc:
             raise FileFormatError(f"{path}: member {info.filename!r} is corrupt ({exc})") from None
         return np.frombuffer(memoryview(data)[header_len:], dtype=dtype).reshape(shape, order=order)
 
-    return Source(path, entries, read, close=archive.close, container="npz")
+    def close() -> None:
+        archive.close()
+        reader.close()
+
+    return Source(path, entries, read, close=close, container="npz")
 
 
 def _npy_header(
@@ -116,7 +140,8 @@ def _npy_header(
             else:
                 raise ValueError(f"unsupported .npy version {version}")
             header_len = member.tell()
-    except (ValueError, zipfile.BadZipFile, OSError, EOFError, SyntaxError) as exc:
+    # numpy parses the header with ast and, for old files, tokenize: either may refuse it
+    except (*_ZIP_ERRORS, TypeError, SyntaxError, tokenize.TokenError) as exc:
         raise FileFormatError(
             f"{path}: member {info.filename!r} is not a valid .npy array ({exc})"
         ) from None
@@ -153,4 +178,5 @@ def write_npz(
                     member.write(array.reshape(-1).view(np.uint8).data)
                 if progress is not None:
                     progress(array.nbytes)
+                hook("tensor")
         fsync(tmp)

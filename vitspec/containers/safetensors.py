@@ -1,4 +1,4 @@
-"""safetensors files: checked by the ``safetensors`` library, mapped and written by us.
+"""safetensors files: checked by the ``safetensors`` library, read and written by us.
 
 The format (https://github.com/huggingface/safetensors): an 8-byte little-endian header length,
 a JSON header ``{name: {dtype, shape, data_offsets}, "__metadata__": {str: str}}`` padded with
@@ -10,17 +10,17 @@ refuses a file, its message ("header too small", "incomplete metadata, file not 
 does not say what happened to the file; :func:`_diagnose` reads the first bytes and the header to
 say it in one line (too short, truncated, not JSON, bytes appended).
 
-Reading is not the library's ``get_tensor``, which copies each tensor out of its map into a new
-array that a conversion then transposes or writes, a second pass over every byte. Once the
-library has checked the header, each tensor is mapped in place with ``np.memmap`` at the header's
-offsets instead (the library does not expose them). Measured on a B/16 file (346 MB float32),
-CPU seconds, median of 11 interleaved runs on a shared 2-core VM: converting it canonical -> timm
-takes 0.77 s this way against 1.03 s through ``get_tensor`` (0.81 s with the former hand-written
-parser); reading every tensor and summing it costs the same either way (0.17 s), as does copying
-every tensor out (0.33 s). A mapped array is read-only and unmapped when dropped, so the resident
-memory of a conversion stays near one tensor; bfloat16 is mapped as bytes and viewed through
-ml_dtypes whichever library version is installed; the tensors keep the order they were written
-in (the library's ``keys()`` are sorted).
+Reading is not the library's ``get_tensor``, which maps the file. Once the library has checked
+the header, each tensor is read at the header's offsets with ``pread`` into an array of its own
+(``containers.source.FileReader``; the library does not expose the offsets). An earlier version
+mapped each tensor with ``np.memmap``; a mapped file truncated by another program meanwhile
+kills the process with SIGBUS, which a read turns into one line ("the file changed while it was
+being read"). On a ViT-L/16 timm file (1.2 GB), ``benchmarks/bench_convert.py --repeat 3``, median
+wall seconds before -> after on a shared 2-core VM: canonical 5.41 -> 5.12, torch 3.37 -> 3.65,
+keras 6.03 -> 6.05, flax 5.15 -> 5.14, hf 3.21 -> 3.15, google 6.16 -> 6.29 (within the noise);
+peak RSS 85 -> 82 MiB (0.07 of the file). Only the tensor being converted is held; bfloat16 is
+read as bytes and viewed through ml_dtypes; the tensors keep the order they were written in (the
+library's ``keys()`` are sorted).
 
 Writing is ours too: ``safetensors.numpy.save_file`` serialises a dict, so every tensor must be
 in memory at once, while a conversion produces one tensor at a time. The writer lays out the
@@ -40,9 +40,16 @@ from typing import Any
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from vitspec.containers.source import BFLOAT16, Progress, Shape, Source
+from vitspec.containers.source import (
+    BFLOAT16,
+    FileReader,
+    Progress,
+    Shape,
+    Source,
+    check_shape,
+)
 from vitspec.errors import FileFormatError
-from vitspec.files import atomic_file
+from vitspec.files import atomic_file, hook
 
 _DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
@@ -74,7 +81,7 @@ def dtype_code(dtype: Any) -> str:
 
 
 def open_safetensors(path: str | os.PathLike[str]) -> Source:
-    """One safetensors file: the table from its header now, each tensor memory-mapped when read."""
+    """One safetensors file: the table from its header now, each tensor read when asked for."""
     path = Path(path)
     with _safe_open(path) as handle:  # the library checks the whole header before we read it
         metadata = handle.metadata() or {}
@@ -90,21 +97,18 @@ def open_safetensors(path: str | os.PathLike[str]) -> Source:
                 f"{path}: tensor {name!r} has dtype {entry['dtype']}, which vitspec cannot read{hint}"
             )
         entries[name] = (tuple(entry["shape"]), _DTYPES[entry["dtype"]])
+        check_shape(path, f"tensor {name!r}", entries[name][0], entries[name][1])
         begin[name] = 8 + length + entry["data_offsets"][0]
+
+    reader = FileReader(path)
 
     def read(name: str) -> np.ndarray:
         shape, dtype = entries[name]
-        size = math.prod(shape) * dtype.itemsize
-        if size == 0:
-            return np.zeros(shape, dtype)
-        # Mapped as bytes and viewed: np.memmap cannot map bfloat16 by name.
-        return (
-            np.memmap(path, np.uint8, "r", offset=begin[name], shape=(size,))
-            .view(dtype)
-            .reshape(shape)
-        )
+        return reader.read(begin[name], shape, dtype)
 
-    return Source(path, entries, read, metadata=metadata, container="safetensors")
+    return Source(
+        path, entries, read, metadata=metadata, close=reader.close, container="safetensors"
+    )
 
 
 def _header(path: Path) -> tuple[int, Any]:
@@ -208,11 +212,17 @@ def open_sharded_safetensors(index_path: str | os.PathLike[str]) -> Source:
     if problems:
         raise FileFormatError(f"{index_path}: " + "; ".join(problems))
     metadata = next(iter(shards.values())).metadata if shards else {}
+
+    def close() -> None:
+        for source in shards.values():
+            source.close()
+
     return Source(
         index_path,
         entries,
         lambda name: owner[name]._read(name),
         metadata=metadata,
+        close=close,
         container="safetensors-sharded",
     )
 
@@ -264,7 +274,8 @@ def write_safetensors(
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with atomic_file(path, overwrite=overwrite) as tmp, open(tmp, "wb") as f:
+    size = 8 + len(blob) + offset
+    with atomic_file(path, overwrite=overwrite, size=size) as tmp, open(tmp, "wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
         written = 0
@@ -281,6 +292,7 @@ def write_safetensors(
             written += data.nbytes
             if progress is not None:
                 progress(data.nbytes)
+            hook("tensor")
         if written != offset:
             raise ValueError(f"wrote {written} bytes of tensor data, expected {offset}")
         f.flush()

@@ -7,6 +7,7 @@ one tensor at a time, never the model.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from vitspec.errors import FileFormatError
+from vitspec.files import hook
 
 Shape = tuple[int, ...]
 Progress = Callable[[int], None]  # told the bytes of each tensor as it is written
@@ -60,6 +62,82 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
+# No array may have a dimension whose bytes overflow NumPy's index type (2**63), even one with
+# no elements: NumPy refuses to make an array of shape (0, 2**63 - 1) with ValueError.
+_MAX_DIM_BYTES = 2**62
+
+
+def check_shape(path: Path, what: str, shape: Shape, dtype: np.dtype) -> None:
+    """Refuse a shape no array can have (found by tests/fuzz: an empty array with a huge dimension)."""
+    # each dimension and the product of the non-zero ones (an empty (0, 2**40, 2**40) too: tests/fuzz)
+    span = math.prod(d for d in shape if d) * max(dtype.itemsize, 1)
+    if any(d < 0 for d in shape) or span >= _MAX_DIM_BYTES:
+        raise FileFormatError(f"{path}: {what} has shape {list(shape)}, which no array can have")
+
+
+class FileReader:
+    """Byte ranges of one open file, read with ``pread`` into arrays of their own.
+
+    Not memory-mapped on purpose: a mapped file that another program truncates kills the reader
+    with SIGBUS when it touches a page past the new end, and nothing in Python can catch that.
+    A read copies each byte once (from the page cache, as a mapped read's page faults do), and
+    only the tensor being read is held. The file stays open from the start, so one deleted or
+    replaced meanwhile is still read as it was; one truncated or rewritten in place (its size or
+    modification time changed, or a read comes up short) is refused in one line.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._fd: int | None = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise FileFormatError(f"{path}: no such file") from None
+        except OSError as exc:
+            raise FileFormatError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        info = os.fstat(self._fd)
+        self.size, self._mtime = info.st_size, info.st_mtime_ns
+
+    def _check(self, fd: int) -> None:
+        info = os.fstat(fd)
+        if (info.st_size, info.st_mtime_ns) != (self.size, self._mtime):
+            self._changed(f"it was {self.size} bytes, now {info.st_size}")
+
+    def _changed(self, how: str) -> None:
+        raise FileFormatError(
+            f"{self.path}: the file changed while it was being read ({how}): another program "
+            "truncated or rewrote it; read it again once it is complete"
+        )
+
+    def read(self, offset: int, shape: Shape, dtype: np.dtype, order: str = "C") -> np.ndarray:
+        """The ``shape`` array of ``dtype`` stored at byte ``offset`` (a fresh, writable array)."""
+        fd = self._fd
+        if fd is None:
+            raise ValueError(f"{self.path} was closed")
+        nbytes = math.prod(shape) * dtype.itemsize
+        self._check(fd)
+        if (
+            offset + nbytes > self.size
+        ):  # the readers check this when opening; never allocate past the file
+            raise FileFormatError(
+                f"{self.path}: {nbytes} bytes at offset {offset} run past the end of the file ({self.size} bytes)"
+            )
+        out = np.empty(nbytes, np.uint8)
+        view = out.data  # a memoryview of the new array
+        done = 0
+        while done < nbytes:
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                self._changed(f"a read at byte {offset + done} found the end of the file")
+            done += got
+        self._check(fd)
+        return out.view(dtype).reshape(shape, order=order)  # type: ignore[call-overload]
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class Source(Mapping[str, np.ndarray]):
     """A checkpoint opened for reading: the table up front, arrays one at a time.
 
@@ -102,6 +180,7 @@ class Source(Mapping[str, np.ndarray]):
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self.entries:
             raise KeyError(name)
+        hook("read")
         array = self._read(name)
         if name not in self._checked:
             self._checked.add(name)

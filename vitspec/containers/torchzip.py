@@ -1,6 +1,6 @@
 """PyTorch checkpoints (``.pt``/``.pth``/``.bin``): what ``torch.save`` writes, a zip holding a pickle.
 
-Read only with ``torch.load(weights_only=True, mmap=True)``: a pickle that would build anything but
+Read only with ``torch.load(weights_only=True)``, into memory: a pickle that would build anything but
 tensors and plain containers is refused and runs nothing. The state_dict may sit under a key such
 as ``state_dict`` or ``model``, and a ``module.`` prefix (DistributedDataParallel) is dropped.
 ``torch.save`` needs the whole dict, so writing holds one copy of the model.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -51,16 +50,11 @@ def open_torch_pickle(path: str | os.PathLike[str]) -> Source:
 
 
 def _torch_load(torch: Any, path: Path) -> Any:
-    def load(mmap: bool) -> Any:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-
+    # Read into memory, not mapped (mmap=True): a mapped file truncated by another program while a
+    # conversion reads it kills the process with SIGBUS. The whole state_dict is held once, which
+    # the writers of this container do anyway (docs/reliability.md).
     try:
-        try:
-            return load(mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc) and "zipfile" not in str(exc):
-                raise
-            return load(mmap=False)  # the legacy (pre-1.6, non-zip) format cannot be mapped
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         detail = str(exc).strip().splitlines()
         reason = next(
@@ -71,7 +65,10 @@ def _torch_load(torch: Any, path: Path) -> Any:
             f"{path}: refused: the pickle holds more than tensors and would run code when loaded ({reason[:200]}); "
             "nothing was executed. Re-save it as a plain state_dict or as safetensors"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+    except Exception as exc:
+        # torch.load on damaged bytes raises whatever its parsers meet: RuntimeError, EOFError,
+        # zipfile.BadZipFile, and (found by tests/fuzz) IndexError from the unpickler's stack,
+        # UnicodeDecodeError, and safetensors' SafetensorError for a file that holds one.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FileFormatError(
             f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {first[:200]}"

@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from vitspec import containers
+from vitspec import containers, files
 from vitspec.errors import FileFormatError, SpecError, VitspecError, WeightsError
-from vitspec.files import OutputExistsError, check_destination
+from vitspec.files import OutputExistsError, check_destination, check_free_space
 from vitspec.formats import canonical, flax, flax_npz, hf, keras, timm, torch, unsupported
 from vitspec.formats.format import VARIANTS, Format
 from vitspec.formats.infer import Facts, Inference, load_partial_spec, resolve
@@ -337,6 +337,10 @@ def save(
     record.check(spec)
     _check_output(None, path, record, overwrite)
     dtype = _output_dtype({np.asarray(w).dtype for w in weights.values()})
+    layout = record.native_layout(spec)
+    check_free_space(
+        path, sum(int(np.prod(s)) * dtype.itemsize for _, s in layout) + _overhead(layout)
+    )
     record.write(path, spec, record.to_native(spec, weights), dtype, overwrite=overwrite)
 
 
@@ -402,6 +406,7 @@ def convert(
         dtype = _output_dtype({d for _, d in ckpt.source.entries.values()})
         layout = target.native_layout(out_spec)
         total = sum(int(np.prod(shape)) * dtype.itemsize for _, shape in layout)
+        check_free_space(dst, total + _overhead(layout))
         weights = ckpt.canonical()
         if ckpt.record.layout.dense != target.layout.dense:
             # The kernels change orientation: transpose each once, cache-blocked, as it is read.
@@ -433,6 +438,13 @@ def convert(
             str(dtype),
             how,
         )
+
+
+def _overhead(layout: list[tuple[str, tuple[int, ...]]]) -> int:
+    """Bytes an output holds beyond its tensors' data, generously: a safetensors header entry or a
+    zip member's headers and .npy header stay under 1 KiB per tensor, an HDF5 dataset with its
+    groups near 1.9 KiB (measured on Keras files); plus config.json and the containers' headers."""
+    return files.RESERVE_BASE + sum(files.RESERVE_PER_TENSOR + 2 * len(n) for n, _ in layout)
 
 
 def _resized(

@@ -149,13 +149,58 @@ def read_config(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FileFormatError(f"{path}: not a readable config.json ({exc})") from None
+    except RecursionError:  # found by tests/fuzz: '[' * 100000
+        raise FileFormatError(
+            f"{path}: not a readable config.json (nested past the recursion limit)"
+        ) from None
     if not isinstance(data, dict):
         raise FileFormatError(f"{path}: expected a JSON object")
     if data.get("model_type", "vit") != "vit":
         raise FileFormatError(
             f"{path}: model_type is {data.get('model_type')!r}, expected 'vit' (HF ViTModel)"
         )
+    for key, (ok, expected) in _CONFIG_TYPES.items():  # found by tests/fuzz: null, [], "x" values
+        if key in data and not ok(data[key]):
+            raise FileFormatError(
+                f"{path}: {key} must be {expected}, found {json.dumps(data[key])[:80]}"
+            )
     return data
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _is_size(v: Any) -> bool:
+    return _is_int(v) or (isinstance(v, list) and len(v) == 2 and all(_is_int(x) for x in v))
+
+
+# The value kinds of the config.json keys vitspec reads (others are passed by).
+_CONFIG_TYPES: dict[str, tuple[Any, str]] = {
+    **{
+        key: (_is_int, "an integer")
+        for key in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "num_channels",
+        )
+    },
+    **{
+        key: (_is_number, "a number")
+        for key in ("layer_norm_eps", "hidden_dropout_prob", "attention_probs_dropout_prob")
+    },
+    "image_size": (_is_size, "an integer or [height, width]"),
+    "patch_size": (_is_size, "an integer or [height, width]"),
+    "qkv_bias": (lambda v: isinstance(v, bool), "true or false"),
+    "hidden_act": (lambda v: isinstance(v, str), "a string"),
+    "pooler_act": (lambda v: isinstance(v, str), "a string"),
+}
 
 
 def read(path: Path) -> containers.Source:

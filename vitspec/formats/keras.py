@@ -11,6 +11,7 @@ embedding) sit in the root ``vars`` group. Where each weight lands is
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from vitspec import containers
+from vitspec import containers, files
 from vitspec.files import atomic_file
 from vitspec.formats import streaming
 from vitspec.formats.canonical import infer_from_shapes
@@ -145,7 +146,13 @@ def write(
     import h5py
 
     layout = h5_layout(spec)
+    native = KERAS.native_layout(spec)
+    size = files.RESERVE_BASE + sum(
+        math.prod(shape) * dtype.itemsize + files.RESERVE_PER_TENSOR for _, shape in native
+    )
     with atomic_file(path, overwrite=overwrite) as tmp:
+        # HDF5 crashes (SIGSEGV) when the disk fills under it: the space is reserved first.
+        files.reserve(tmp, size)
         with h5py.File(tmp, "w") as f:
             f.attrs["vitspec.spec"] = spec.to_json()
             _make_groups(f, spec, layout)
@@ -154,6 +161,7 @@ def write(
                 dataset = f.create_dataset(where[name], data=array)
                 if containers.BFLOAT16 is not None and array.dtype == containers.BFLOAT16:
                     dataset.attrs["dtype"] = "bfloat16"  # as Keras marks it
+        files.release_reserve(tmp)
         containers.fsync(tmp)
 
 
