@@ -66,6 +66,33 @@ def test_torch_file_with_its_first_byte_flipped(tmp_path: Path) -> None:
     _one_line(info, path)
 
 
+def test_torch_file_read_by_the_legacy_path_allocates_only_what_it_holds(tmp_path: Path) -> None:
+    """A byte inserted at the front sends torch.load down its legacy (non-zip) path, which read a
+    length the damaged pickle declared: 55 MB allocated for a 1.6 KB file (a real file's read(n)
+    allocates n bytes up front)."""
+    import tracemalloc
+
+    import torch
+    from harness import mutate
+
+    path = tmp_path / "w.pth"
+    torch.save({"w": torch.arange(6.0).reshape(2, 3), "h": torch.ones(2)}, path)
+    ops = [("insert", 0.0, b"\x00"), ("delete", 0.5, 2), ("dup", 0.09257455844541586, 1, 0.0)]
+    data = mutate(path.read_bytes(), ops)
+    path.write_bytes(data)
+    tracemalloc.start()
+    try:
+        with pytest.raises(
+            vitspec.FileFormatError, match="not a readable PyTorch checkpoint"
+        ) as info:
+            open_container(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    _one_line(info, path)
+    assert peak <= 2 * len(data) + (1 << 20), peak
+
+
 DEEP = "[" * 100_000 + "]" * 100_000
 
 
