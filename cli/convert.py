@@ -9,7 +9,17 @@ import click
 
 from vitspec.cli._ui import console, human
 
-FORMAT_NAMES = ["canonical", "torch", "keras", "flax", "timm", "hf", "google", "big_vision"]
+FORMAT_NAMES = [
+    "canonical",
+    "torch",
+    "keras",
+    "flax",
+    "timm",
+    "torchvision",
+    "hf",
+    "google",
+    "big_vision",
+]
 
 
 def parse_image_size(value: str | None) -> int | tuple[int, int] | None:

@@ -193,7 +193,7 @@ def _collapse_blocks(params: list, depth: int) -> list[tuple[str, str, str, str]
     "--from",
     "from_format",
     type=click.Choice(
-        ["canonical", "torch", "keras", "flax", "timm", "hf", "google", "big_vision"]
+        ["canonical", "torch", "keras", "flax", "timm", "torchvision", "hf", "google", "big_vision"]
     ),
     help="The file's format (default: detected).",
 )

@@ -361,6 +361,7 @@ PREPARED: dict[str, dict[str, Callable[[Path], None]]] = {
     "docs/convert.md": {
         "vit_base_patch16_224.safetensors": _checkpoint("timm", bare=True),
         "vit-base-patch16-224": _checkpoint("hf"),
+        "vit_b_16.pth": _checkpoint("torchvision"),
         "ViT-B_16.npz": _checkpoint("google", tanh=True),
         "vit_s16_i1k_300ep.npz": _checkpoint("big_vision", tanh=True),
         "checkpoint.pth": _training_checkpoint,

@@ -199,7 +199,7 @@ def test_destination_format_from_the_name(tmp_path: Path) -> None:
     assert formats.destination_format(tmp_path / "hf_folder") == "hf"
     with pytest.raises(vitspec.FileFormatError, match="--to google or --to big_vision"):
         formats.destination_format(tmp_path / "w.npz")
-    with pytest.raises(vitspec.FileFormatError, match="--to timm or --to torch"):
+    with pytest.raises(vitspec.FileFormatError, match="--to timm, --to torchvision or --to torch"):
         formats.destination_format(tmp_path / "w.pth")
 
 
@@ -674,6 +674,7 @@ def _stem(name: str) -> str:
         ("blocks_0", "blocks_{i}"),
         ("encoder.layer.0.", "encoder.layer.{i}."),
         ("encoderblock_0", "encoderblock_{i}"),
+        ("encoder_layer_0.", "encoder_layer_{i}."),
     ):
         name = name.replace(block, generic)
     name = name.removeprefix("vit.").removeprefix("params/")

@@ -26,7 +26,7 @@ def _expressible() -> list[tuple[str, str]]:
     for fmt, record in FORMATS.items():
         for fam in FAMILIES:
             try:
-                record.check_spec(family(fam, depth=2))
+                record.check(family(fam, depth=2))
             except SpecError:
                 continue
             pairs.append((fmt, fam))

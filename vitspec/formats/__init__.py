@@ -4,16 +4,17 @@ Every format is one record (``vitspec.formats.format.Format``) in ``FORMATS``: a
 (``vitspec.layouts``) plus the containers that hold it, how to recognise it, how to infer a spec
 from a file, a reader and a writer:
 
-==============  ===========================================================================
-``canonical``   vitspec's own safetensors file: canonical names, spec in the metadata
-``torch``       vitspec's PyTorch model ``state_dict`` (safetensors or .pt/.pth)
-``keras``       vitspec's Keras model ``.weights.h5``, as ``model.save_weights`` writes it
-``flax``        vitspec's Flax NNX model state, as safetensors of flattened ``nnx.state`` paths
-``timm``        timm ``VisionTransformer`` ``state_dict`` (safetensors or .pt/.pth)
-``hf``          HF transformers ``ViTModel`` / ``ViTForImageClassification`` (save_pretrained folder)
-``google``      the original ViT release's ``.npz``
-``big_vision``  big_vision's ViT ``.npz``
-==============  ===========================================================================
+===============  ===========================================================================
+``canonical``    vitspec's own safetensors file: canonical names, spec in the metadata
+``torch``        vitspec's PyTorch model ``state_dict`` (safetensors or .pt/.pth)
+``keras``        vitspec's Keras model ``.weights.h5``, as ``model.save_weights`` writes it
+``flax``         vitspec's Flax NNX model state, as safetensors of flattened ``nnx.state`` paths
+``timm``         timm ``VisionTransformer`` ``state_dict`` (safetensors or .pt/.pth)
+``torchvision``  torchvision ``VisionTransformer`` ``state_dict`` (safetensors or .pt/.pth)
+``hf``           HF transformers ``ViTModel`` / ``ViTForImageClassification`` (save_pretrained folder)
+``google``       the original ViT release's ``.npz``
+``big_vision``   big_vision's ViT ``.npz``
+===============  ===========================================================================
 
 A conversion never holds the model twice: the source is opened lazily (memory-mapped where the
 container allows), each canonical tensor is computed from the source tensor(s) when the writer asks
@@ -34,7 +35,17 @@ import numpy as np
 from vitspec import containers, files
 from vitspec.errors import FileFormatError, SpecError, VitspecError, WeightsError
 from vitspec.files import OutputExistsError, check_destination, check_free_space
-from vitspec.formats import canonical, flax, flax_npz, hf, keras, timm, torch, unsupported
+from vitspec.formats import (
+    canonical,
+    flax,
+    flax_npz,
+    hf,
+    keras,
+    timm,
+    torch,
+    torchvision,
+    unsupported,
+)
 from vitspec.formats.format import VARIANTS, Format
 from vitspec.formats.infer import Facts, Inference, load_partial_spec, resolve
 from vitspec.formats.streaming import Materialized
@@ -50,6 +61,7 @@ FORMATS: dict[str, Format] = {
         keras.FORMAT,
         flax.FORMAT,
         timm.FORMAT,
+        torchvision.FORMAT,
         hf.FORMAT,
         flax_npz.GOOGLE_FORMAT,
         flax_npz.BIG_VISION_FORMAT,
@@ -60,9 +72,9 @@ PROGRESS_BYTES = 100 * 1024 * 1024
 
 # Which formats a container may hold, in the order their names are tried.
 _CANDIDATES = {
-    "safetensors": ("hf", "torch", "timm", "flax", "canonical"),
-    "safetensors-index": ("hf", "torch", "timm", "flax", "canonical"),
-    "torch-pickle": ("hf", "torch", "timm"),
+    "safetensors": ("hf", "torch", "timm", "torchvision", "flax", "canonical"),
+    "safetensors-index": ("hf", "torch", "timm", "torchvision", "flax", "canonical"),
+    "torch-pickle": ("hf", "torch", "timm", "torchvision"),
     "npz": ("google", "big_vision"),
     "h5": ("keras",),
 }
@@ -149,7 +161,7 @@ def destination_format(path: str | os.PathLike[str]) -> str:
         )
     if name.endswith((".pt", ".pth")):
         raise FileFormatError(
-            f"{path}: a .pt/.pth output can be --to timm or --to torch; say which"
+            f"{path}: a .pt/.pth output can be --to timm, --to torchvision or --to torch; say which"
         )
     if path.suffix == "" or path.is_dir():
         return "hf"
@@ -255,11 +267,17 @@ def infer_spec(record: Format, source: containers.Source, given: dict[str, Any])
         except (SpecError, WeightsError) as exc:
             problems = list(exc.problems)
             family = unsupported.recognise(source.names)
+            other = _other_format(record, source)
             if family is not None:  # the file was read as a format it is not (--from)
                 problems.insert(
                     0, f"read as {record.name}, but {unsupported.not_supported(family)}"
                 )
-            if exc.source is not None and family is None:
+            elif other is not None:
+                problems.insert(
+                    0,
+                    f"read as {record.name}, but its tensor names are the {other} format's; try --from {other}",
+                )
+            if exc.source is not None and family is None and other is None:
                 raise
             raise type(exc)(
                 problems, exc.source or str(source.path)
@@ -272,6 +290,14 @@ def infer_spec(record: Format, source: containers.Source, given: dict[str, Any])
                 facts.known[name] = Spec.model_fields[name].default
                 facts.defaults.pop(name, None)
     return resolve(facts, given, str(source.path))
+
+
+def _other_format(record: Format, source: containers.Source) -> str | None:
+    """The format whose names the file has, when it was read (--from) as another that failed."""
+    for name in _CANDIDATES.get(source.container, ()):
+        if name not in (record.name, "canonical") and get_format(name).looks_like(source.names):
+            return name
+    return None
 
 
 def check_layout(record: Format, spec: Spec, source: containers.Source) -> None:

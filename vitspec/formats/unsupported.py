@@ -19,22 +19,11 @@ class Family:
     looks_like: Callable[[list[str]], bool]
 
 
-def _torchvision(names: list[str]) -> bool:
-    return "conv_proj.weight" in names and any(
-        n.startswith("encoder.layers.encoder_layer_") for n in names
-    )
-
-
 def _keras_hub(names: list[str]) -> bool:
     return any("vi_t_patching_and_embedding/" in n for n in names)
 
 
 FAMILIES = (
-    Family(
-        "torchvision",
-        "a torchvision VisionTransformer state_dict (torchvision.models.vit_*: conv_proj, encoder.layers.encoder_layer_{i})",
-        _torchvision,
-    ),
     Family(
         "keras-hub",
         "a keras-hub ViT .weights.h5 (keras_hub.models.ViTBackbone or ViTImageClassifier: vi_t_patching_and_embedding, vi_t_encoder)",
