@@ -132,10 +132,31 @@ def main(argv: list[str] | None = None) -> Any:
         files.set_notifier(previous)
 
 
+# A framework a command needs but this installation lacks, and the extra that installs it.
+_EXTRAS = {
+    "torch": "torch",
+    "tensorflow": "tensorflow",
+    "keras": "tensorflow",
+    "h5py": "tensorflow",
+    "jax": "jax",
+    "jaxlib": "jax",
+    "flax": "jax",
+}
+
+
 def _report(exc: Exception) -> int:
     """Print ``exc`` for the user; return the exit status it means."""
     from vitspec.errors import VitspecError
 
+    missing = (exc.name or "").split(".")[0] if isinstance(exc, ModuleNotFoundError) else ""
+    if missing in _EXTRAS:
+        click.secho(
+            f"error: this needs {missing}, which is not installed here "
+            f"(pip install 'vitspec[{_EXTRAS[missing]}]')",
+            err=True,
+            fg="red",
+        )
+        return 1
     if isinstance(exc, VitspecError | OSError):
         for line in (str(exc) or type(exc).__name__).splitlines():
             click.secho(f"error: {line}", err=True, fg="red")

@@ -208,6 +208,38 @@ def test_an_internal_error_exits_2_with_a_hint_not_blaming_the_user(
         _main(capsys, "layout", "B/16")
 
 
+@pytest.mark.parametrize(
+    ("module", "extra"), [("torch", "torch"), ("h5py", "tensorflow"), ("flax.nnx", "jax")]
+)
+def test_a_missing_framework_is_the_users_to_install(
+    capsys, monkeypatch, module: str, extra: str
+) -> None:
+    import vitspec.layout
+
+    def absent(spec: object) -> None:
+        raise ModuleNotFoundError(f"No module named {module!r}", name=module)
+
+    monkeypatch.setattr(vitspec.layout, "param_table", absent)
+    monkeypatch.delenv("VITSPEC_DEBUG", raising=False)
+    code, err = _main(capsys, "layout", "B/16")
+    top = module.split(".")[0]
+    assert code == 1 and err.splitlines() == [
+        f"error: this needs {top}, which is not installed here (pip install 'vitspec[{extra}]')"
+    ]
+
+
+def test_a_missing_module_of_vitspec_itself_is_a_bug(capsys, monkeypatch) -> None:
+    import vitspec.layout
+
+    def absent(spec: object) -> None:
+        raise ModuleNotFoundError("No module named 'vitspec.nothing'", name="vitspec.nothing")
+
+    monkeypatch.setattr(vitspec.layout, "param_table", absent)
+    monkeypatch.delenv("VITSPEC_DEBUG", raising=False)
+    code, err = _main(capsys, "layout", "B/16")
+    assert code == 2 and err.startswith("internal error: ModuleNotFoundError")
+
+
 def test_an_operating_system_refusal_exits_1(capsys, monkeypatch) -> None:
     import vitspec.layout
 

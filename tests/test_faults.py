@@ -179,7 +179,15 @@ def test_a_file_size_limit_hit_while_writing_is_one_user_error(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no output, no staging file
 
 
-@pytest.mark.parametrize("to", ["timm", "timm.pth", "google", "keras"])
+@pytest.mark.parametrize(
+    "to",
+    [
+        "timm",
+        pytest.param("timm.pth", marks=pytest.mark.needs("torch")),
+        "google",
+        pytest.param("keras", marks=pytest.mark.needs("h5py")),
+    ],
+)
 def test_a_disk_that_fills_while_writing_is_one_user_error(
     capsys, tmp_path: Path, canonical: Path, monkeypatch, to: str
 ) -> None:
