@@ -35,7 +35,7 @@ from typing import Any
 
 from vitspec import containers
 from vitspec.errors import WeightsError
-from vitspec.formats import streaming
+from vitspec.formats import streaming, timm
 from vitspec.formats.format import Format, refuse
 from vitspec.formats.infer import Facts, add_default_heads, block_count, need, place_positions
 from vitspec.layouts.torchvision import TORCHVISION
@@ -142,12 +142,7 @@ def infer(source: containers.Source, given: dict[str, Any]) -> Facts:
 
 
 def read(path: Path) -> containers.Source:
-    container = containers.sniff_container(path)
-    source = (
-        containers.open_torch_pickle(path)
-        if container == "torch-pickle"
-        else containers.open_safetensors(path)
-    )
+    source = timm.read(path)  # a state_dict in safetensors or a torch.save file, as timm's
     legacy = {
         n: f"{m.group(1)}{0 if m.group(2) == '1' else 3}.{m.group(3)}"
         for n in source.names
