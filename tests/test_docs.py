@@ -7,7 +7,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -370,24 +369,6 @@ PREPARED: dict[str, dict[str, Callable[[Path], None]]] = {
 }
 
 
-# CI once saw exec fail with EFAULT ("Bad address") when this pool's threads spawned page runs
-# while the main thread ran other tests: vfork shares the parent's memory with the child until
-# exec. Spawning is therefore one at a time and by fork (conftest.py switches vfork off).
-_SPAWN_LOCK = threading.Lock()
-
-
-def _run_page_process(cmd: list[str]) -> subprocess.CompletedProcess[str]:
-    with _SPAWN_LOCK:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=900)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
 @pytest.fixture(scope="module")
 def page_runs(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -407,7 +388,15 @@ def page_runs(
             f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from pathlib import Path; "
             f"from test_docs import run_page; run_page(Path({str(page)!r}), Path({str(workdir)!r}))"
         )
-        runs[page] = pool.submit(_run_page_process, [sys.executable, "-c", code])
+        # Started by fork, not vfork (tests/conftest.py): CI once saw exec fail with EFAULT when
+        # these threads vforked while the main thread ran other tests.
+        runs[page] = pool.submit(
+            subprocess.run,
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
     yield runs
     pool.shutdown(cancel_futures=True)
 
